@@ -1,0 +1,187 @@
+"""The run config: one typed object, loaded from TOML and command-line flags, validated.
+
+Every field has the same name in three places, with dashes: a CLI flag (``--num-clients``),
+a key of a ``simulations/*.toml`` file (``num-clients = 4``) and a key of Flower's run
+config (``[tool.flwr.app.config]`` in pyproject.toml). Values there are plain bool, int,
+float or str, so a config travels unchanged through ``flwr run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedlora.errors import FedLoraError
+
+# Bounds of numeric fields: (lowest, highest, whether the lowest is allowed).
+_BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "num_clients": (1, 10_000, True),
+    "rounds": (1, 100_000, True),
+    "fraction_train": (0.0, 1.0, False),
+    "min_clients": (1, 10_000, True),
+    "rank": (1, 4096, True),
+    "alpha": (0.0, 1e6, False),
+    "local_steps": (1, 1_000_000, True),
+    "batch_size": (1, 65_536, True),
+    "lr": (0.0, 1.0, False),
+    "max_length": (8, 32_768, True),
+    "dirichlet_alpha": (0.0, 1e6, False),
+    "eval_size": (1, 1_000_000, True),
+    "eval_batch_size": (1, 65_536, True),
+    "seed": (0, 2**31 - 1, True),
+    "round_timeout": (0.0, 1e7, False),
+}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "partitioning": ("iid", "dirichlet"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything a federated run needs; see each field's ``help``."""
+
+    strategy: str = field(default="fedavg", metadata={"help": "aggregation method"})
+    model: str = field(
+        default="smollm2-135m",
+        metadata={"help": "smollm2-135m, tiny-llama, a Hugging Face folder or a .gguf file"},
+    )
+    dataset: str = field(
+        default="rotten-tomatoes",
+        metadata={"help": "rotten-tomatoes, imdb, or a .jsonl / .csv file"},
+    )
+    text_column: str = field(default="text", metadata={"help": "input text column of a user file"})
+    label_column: str = field(default="label", metadata={"help": "label column of a user file"})
+    prompt_column: str = field(
+        default="", metadata={"help": "prompt column of a user file (instead of text/label)"}
+    )
+    response_column: str = field(
+        default="", metadata={"help": "response column of a user file (with --prompt-column)"}
+    )
+    num_clients: int = field(default=4, metadata={"help": "number of clients (data partitions)"})
+    rounds: int = field(default=3, metadata={"help": "federated rounds"})
+    fraction_train: float = field(
+        default=1.0, metadata={"help": "fraction of clients that train each round"}
+    )
+    min_clients: int = field(
+        default=1, metadata={"help": "a round fails unless at least this many clients reply"}
+    )
+    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    target_modules: str = field(
+        default="q_proj,v_proj", metadata={"help": "comma-separated module names to adapt"}
+    )
+    local_steps: int = field(default=10, metadata={"help": "optimizer steps per client per round"})
+    batch_size: int = field(default=8, metadata={"help": "local batch size"})
+    lr: float = field(default=3e-3, metadata={"help": "local AdamW learning rate"})
+    max_length: int = field(default=96, metadata={"help": "max tokens of a prompt and answer"})
+    partitioning: str = field(default="iid", metadata={"help": "iid or dirichlet (label skew)"})
+    dirichlet_alpha: float = field(
+        default=0.5, metadata={"help": "Dirichlet concentration; smaller is more skewed"}
+    )
+    eval_size: int = field(
+        default=200, metadata={"help": "held-out examples for central evaluation"}
+    )
+    eval_batch_size: int = field(default=32, metadata={"help": "batch size of evaluation"})
+    seed: int = field(default=0, metadata={"help": "seed of data split, init and training"})
+    round_timeout: float = field(
+        default=3600.0, metadata={"help": "seconds to wait for client replies in a round"}
+    )
+    device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cpu or cuda"})
+    output: str = field(default="runs", metadata={"help": "folder that holds run folders"})
+    name: str = field(
+        default="", metadata={"help": "run folder name (default: strategy and a timestamp)"}
+    )
+
+    # ---- construction -------------------------------------------------------------------
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The dashed names of all fields, as flags and TOML keys spell them."""
+        return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Build a validated config from dashed (or underscored) keys; values may be strings."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise FedLoraError(
+                    f"unknown config key '{key}'; valid keys: {', '.join(cls.keys())}"
+                )
+            kwargs[name] = _convert(key, value, type(fields[name].default))
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> dict[str, Any]:
+        """Read a config file's values (not yet validated, so flags can override them)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FedLoraError(f"config file not found: {path}")
+        try:
+            return tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise FedLoraError(f"config file {path} is not valid TOML: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Dashed keys and plain values: a TOML file, a Flower run config, a plan."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    # ---- validation ---------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise FedLoraError naming the first bad value and what would be valid."""
+        for name, (low, high, low_ok) in _BOUNDS.items():
+            value = getattr(self, name)
+            if value < low or (value == low and not low_ok) or value > high:
+                lower = "[" if low_ok else "("
+                raise FedLoraError(
+                    f"--{name.replace('_', '-')} must be in {lower}{low:g}, {high:g}], got {value:g}"
+                )
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise FedLoraError(
+                    f"unknown {name} '{value}'; valid choices: {', '.join(choices)}"
+                )
+        if self.min_clients > self.num_clients:
+            raise FedLoraError(
+                f"--min-clients {self.min_clients} exceeds --num-clients {self.num_clients}"
+            )
+        if not self.target_module_list:
+            raise FedLoraError("--target-modules is empty; give e.g. q_proj,v_proj")
+        if bool(self.prompt_column) != bool(self.response_column):
+            raise FedLoraError("--prompt-column and --response-column go together; give both")
+        # Model and dataset names are checked where they are resolved, against their registries.
+        from fedlora.data import check_dataset_name
+        from fedlora.models import check_model_name
+
+        check_model_name(self.model)
+        check_dataset_name(self.dataset)
+
+    @property
+    def target_module_list(self) -> list[str]:
+        """``target_modules`` split at commas."""
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+def _convert(key: str, value: Any, kind: type) -> Any:
+    """Turn a flag string or TOML value into the field's type, or say why it cannot be."""
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    try:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and kind in (int, float):
+            return kind(value)
+    except ValueError:
+        pass
+    raise FedLoraError(f"--{key.replace('_', '-')} must be a {kind.__name__}, got {value!r}")

