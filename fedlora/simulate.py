@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
@@ -23,6 +24,7 @@ for _name, _value in {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }.items():
     os.environ.setdefault(_name, _value)
 
@@ -65,13 +67,15 @@ def simulate(config: RunConfig):
     import torch
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
+    from transformers.utils import logging as hf_logging
 
     from client.app import app as client_app
     from fedlora.models import resolve_model
     from server.run import run_federation
-    from strategies import build_strategy
+    from strategies import strategy_class
 
-    build_strategy(config)  # an unknown strategy fails here, before Ray starts
+    strategy_class(config.strategy)  # an unknown strategy fails here, before Ray starts
+    hf_logging.disable_progress_bar()  # "Loading weights" bars; ours is the round's
     resolve_model(config.model)  # convert a GGUF once, before clients ask for it
 
     outcome: dict = {}
@@ -107,6 +111,8 @@ def simulate(config: RunConfig):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedlora").setLevel(logging.INFO)
+    logging.getLogger("flwr").propagate = False  # Flower has its own console handler
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes of deps
     try:
         config = parse_config(argv)
         start = time.perf_counter()

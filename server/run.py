@@ -66,7 +66,8 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     plan = ConfigRecord(config.to_dict())
 
     def central_evaluation() -> dict[str, float]:
-        return evaluate(
+        begin = time.perf_counter()
+        metrics = evaluate(
             global_model,
             tokenizer,
             task.eval,
@@ -75,6 +76,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             max_length=config.max_length,
             device=device,
         )
+        return {**metrics, "eval_seconds": time.perf_counter() - begin}
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     start = time.perf_counter()

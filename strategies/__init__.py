@@ -9,13 +9,16 @@ from strategies.fedavg import FedAvgLoRA
 STRATEGIES: dict[str, type[LoraStrategy]] = {cls.name: cls for cls in (FedAvgLoRA,)}
 
 
+def strategy_class(name: str) -> type[LoraStrategy]:
+    """The strategy class registered as ``name``."""
+    if name not in STRATEGIES:
+        raise FedLoraError(f"unknown strategy '{name}'; valid choices: {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
 def build_strategy(config) -> LoraStrategy:
     """The strategy named by ``config.strategy``, built from the config."""
-    if config.strategy not in STRATEGIES:
-        raise FedLoraError(
-            f"unknown strategy '{config.strategy}'; valid choices: {', '.join(STRATEGIES)}"
-        )
-    return STRATEGIES[config.strategy].from_config(config)
+    return strategy_class(config.strategy).from_config(config)
 
 
-__all__ = ["STRATEGIES", "LoraStrategy", "build_strategy"]
+__all__ = ["STRATEGIES", "LoraStrategy", "build_strategy", "strategy_class"]

@@ -1,0 +1,73 @@
+"""Run ``python -m fedlora.simulate`` and measure it: wall time, peak memory, accuracy per
+round, and the share of each round's wall time spent outside local training.
+
+    python benchmarks/measure_run.py [simulate flags...]
+
+Peak memory is the largest sum of resident memory over the whole process tree (the
+simulate process, Ray's daemons and the client actors), sampled every 0.2 s. The
+framework overhead of a round is the round's wall time minus central evaluation minus the
+clients' training time divided by the number of clients that train in parallel (one per
+CPU core in simulation), as a share of the round's wall time: what Flower, Ray, model
+loading, data loading and (de)serialisation cost on top of the training itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+
+def tree_rss(process: psutil.Process) -> int:
+    """Resident bytes of a process and all its descendants."""
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def main(flags: list[str]) -> None:
+    name = f"measure-{int(time.time())}"
+    command = [sys.executable, "-m", "fedlora.simulate", *flags, "--output", "runs",
+               "--name", name]
+    print("$", " ".join(command[1:]), flush=True)
+    start = time.perf_counter()
+    child = subprocess.Popen(command)
+    watched = psutil.Process(child.pid)
+    peak = 0
+    while child.poll() is None:
+        peak = max(peak, tree_rss(watched))
+        time.sleep(0.2)
+    wall = time.perf_counter() - start
+    if child.returncode != 0:
+        sys.exit(child.returncode)
+
+    rows = [json.loads(line) for line in (Path("runs") / name / "metrics.jsonl").open()]
+    parallel = min(os.cpu_count() or 1, rows[1]["clients"])
+    print(f"\nwall time {wall:.0f} s, peak memory {peak / 2**30:.2f} GiB "
+          f"(process tree), {parallel} clients train in parallel")
+    print("round  accuracy  eval_loss  round_s  eval_s  train_s(sum)  overhead")
+    overheads = []
+    for r in rows:
+        line = f"{r['round']:>5}  {r.get('eval_accuracy', float('nan')):>8.3f}  " \
+               f"{r['eval_loss']:>9.4f}  {r['seconds']:>7.1f}  {r['eval_seconds']:>6.1f}"
+        if r["round"] > 0:
+            training = r["client_train_seconds"] / parallel
+            overhead = (r["seconds"] - r["eval_seconds"] - training) / r["seconds"]
+            overheads.append(overhead)
+            line += f"  {r['client_train_seconds']:>12.1f}  {overhead:>8.1%}"
+        print(line)
+    print(f"mean framework overhead per round: {sum(overheads) / len(overheads):.1%}")
+    print(f"run folder: runs/{name}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

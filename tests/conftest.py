@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny Llama built and saved here, and Flower reply messages."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+WORDS = (
+    "a the movie film is was good bad great awful fun boring not very plot actors "
+    "Question: which label fits this text negative or positive ? Answer : ."
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer Llama with random weights and a word-level tokenizer, saved as an HF folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", *dict.fromkeys(WORDS)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+        bos_token="<s>", eos_token="</s>",
+    )
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_reply(node_id: int, content=None, error: str | None = None):
+    """A train reply from ``node_id`` as the server receives it."""
+    from flwr.app import Error, Message, Metadata
+
+    metadata = Metadata(
+        run_id=1, message_id=f"reply-{node_id}", src_node_id=node_id, dst_node_id=0,
+        reply_to_message_id=f"msg-{node_id}", group_id="1", created_at=time.time(),
+        ttl=60.0, message_type="train",
+    )
+    if error is not None:
+        return Message(error=Error(code=1, reason=error), metadata=metadata)
+    return Message(content=content, metadata=metadata)
+
+
+def train_reply(node_id: int, state: dict, num_examples: int, loss: float = 1.0):
+    """A well-formed reply carrying an adapter state."""
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+    metrics = MetricRecord(
+        {"num-examples": num_examples, "train-loss": loss, "train-seconds": 0.1}
+    )
+    return make_reply(node_id, RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}))

@@ -1,0 +1,74 @@
+"""Attaching, reading, loading and saving LoRA adapters on a real (tiny) HF model."""
+
+import pytest
+import torch
+from peft import PeftModel
+
+from fedlora.adapters import adapter_state, attach_lora, load_adapter_state, save_adapter
+from fedlora.errors import FedLoraError
+from fedlora.models import load_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def model_and_tokenizer(tiny_model_dir):
+    return load_model(str(tiny_model_dir), CPU)
+
+
+def test_fresh_lora_is_seeded_trains_only_adapters_and_starts_at_zero(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    adapted = attach_lora(model, rank=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=7)
+    state = adapter_state(adapted)
+    assert len(state) == 2 * 2 * 2  # layers x modules x (A, B)
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    for key, value in state.items():
+        if "lora_B" in key:
+            assert torch.count_nonzero(value) == 0
+        else:
+            assert value.shape[0] == 4 and value.abs().sum() > 0
+
+    other, _ = load_model(str(model_and_tokenizer[0].config._name_or_path), CPU)
+    same_seed = adapter_state(attach_lora(other, 4, 8, ["q_proj", "v_proj"], seed=7))
+    assert all(torch.equal(state[k], same_seed[k]) for k in state)
+
+
+def test_load_round_trips_and_rejects_mismatches(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    adapted = attach_lora(model, 4, 8, ["q_proj", "v_proj"], seed=0)
+    state = {k: torch.randn_like(v) for k, v in adapter_state(adapted).items()}
+    load_adapter_state(adapted, state)
+    assert all(torch.equal(adapter_state(adapted)[k], state[k]) for k in state)
+
+    key = next(iter(state))
+    with pytest.raises(FedLoraError, match="adapter keys differ"):
+        load_adapter_state(adapted, {k: v for k, v in state.items() if k != key})
+    with pytest.raises(FedLoraError, match="has shape"):
+        load_adapter_state(adapted, {**state, key: torch.zeros(3, 3)})
+    with pytest.raises(FedLoraError, match="NaN or Inf"):
+        load_adapter_state(adapted, {**state, key: torch.full_like(state[key], float("nan"))})
+    with pytest.raises(FedLoraError, match="expected a float"):
+        load_adapter_state(adapted, {**state, key: state[key].long()})
+
+
+def test_unknown_target_module_lists_the_model_linear_layers(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    with pytest.raises(FedLoraError, match="matches no module of the model; its linear modules: .*q_proj"):
+        attach_lora(model, 4, 8, ["query"], seed=0)
+
+
+def test_saved_adapter_loads_with_peft_and_changes_the_output(model_and_tokenizer, tmp_path, tiny_model_dir):
+    model, tokenizer = model_and_tokenizer
+    adapted = attach_lora(model, 4, 8, ["q_proj", "v_proj"], seed=0)
+    load_adapter_state(adapted, {k: torch.randn_like(v) for k, v in adapter_state(adapted).items()})
+    save_adapter(adapted, tmp_path / "adapter")
+
+    ids = tokenizer("the movie was good", return_tensors="pt").input_ids
+    base, _ = load_model(str(tiny_model_dir), CPU)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        expected = adapted(ids).logits
+        loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")(ids).logits
+    torch.testing.assert_close(loaded, expected)
+    assert (loaded - base_logits).abs().max() > 1e-3

@@ -1,0 +1,86 @@
+"""Config loading, validation and the one-line errors of the CLI."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fedlora.config import RunConfig
+from fedlora.errors import FedLoraError
+from fedlora.simulate import parse_config
+from strategies import build_strategy
+
+
+def test_defaults_are_valid_and_round_trip_through_a_flat_dict():
+    config = RunConfig.from_dict({})
+    again = RunConfig.from_dict(config.to_dict())
+    assert again == config
+    assert all(isinstance(v, (bool, int, float, str)) for v in config.to_dict().values())
+
+
+def test_flags_override_the_config_file(tmp_path):
+    file = tmp_path / "run.toml"
+    file.write_text('rounds = 7\nrank = 4\nlr = 0.01\nstrategy = "fedavg"\n')
+    config = parse_config(["--config", str(file), "--rank", "16"])
+    assert (config.rounds, config.rank, config.lr) == (7, 16, 0.01)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"rank": 0}, "--rank must be in [1, 4096], got 0"),
+        ({"num-clients": 0}, "--num-clients must be in [1, 10000], got 0"),
+        ({"rounds": -1}, "--rounds must be in [1, 100000], got -1"),
+        ({"lr": 0.0}, "--lr must be in (0, 1], got 0"),
+        ({"lr": 5}, "--lr must be in (0, 1], got 5"),
+        ({"lr": "fast"}, "--lr must be a float, got 'fast'"),
+        ({"rank": "2.5"}, "--rank must be a int, got '2.5'"),
+        ({"fraction-train": 0}, "--fraction-train must be in (0, 1], got 0"),
+        ({"partitioning": "random"}, "unknown partitioning 'random'; valid choices: iid, dirichlet"),
+        ({"min-clients": 5, "num-clients": 4}, "--min-clients 5 exceeds --num-clients 4"),
+        ({"model": "gpt-17"}, "unknown model 'gpt-17'; valid choices: smollm2-135m, tiny-llama"),
+        ({"model": "/nowhere/model.gguf"}, "model not found: /nowhere/model.gguf"),
+        ({"dataset": "squad"}, "unknown dataset 'squad'; valid choices: rotten-tomatoes, imdb"),
+        ({"dataset": "/nowhere/data.csv"}, "dataset file not found: /nowhere/data.csv"),
+        ({"colour": "red"}, "unknown config key 'colour'; valid keys: strategy, model"),
+    ],
+)
+def test_bad_values_name_the_value_and_the_choices(values, message):
+    with pytest.raises(FedLoraError) as err:
+        RunConfig.from_dict(values)
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_strategy_lists_the_registered_ones():
+    with pytest.raises(FedLoraError, match="unknown strategy 'fedsgd'; valid choices: fedavg"):
+        build_strategy(RunConfig.from_dict({"strategy": "fedsgd"}))
+
+
+def test_missing_config_file_and_bad_toml(tmp_path):
+    with pytest.raises(FedLoraError, match="config file not found"):
+        parse_config(["--config", str(tmp_path / "none.toml")])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = = 3")
+    with pytest.raises(FedLoraError, match="is not valid TOML"):
+        parse_config(["--config", str(bad)])
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--strategy", "nope"], "error: unknown strategy 'nope'; valid choices: fedavg"),
+        (["--rank", "0"], "error: --rank must be in [1, 4096], got 0"),
+        (["--dataset", "missing.jsonl"], "error: dataset file not found: missing.jsonl"),
+        (["--no-such-flag", "1"], "error: unrecognized arguments: --no-such-flag 1"),
+    ],
+)
+def test_cli_prints_one_line_and_exits_2(flags, expected):
+    result = subprocess.run(
+        [sys.executable, "-m", "fedlora.simulate", *flags],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(expected), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
