@@ -6,6 +6,7 @@ An adapter state is a plain ``dict[str, torch.Tensor]`` keyed by peft's state-di
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,7 +33,9 @@ def attach_lora(
     )
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as err:
         if "not found in the base model" in str(err):
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})

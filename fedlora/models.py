@@ -80,7 +80,9 @@ def resolve_model(name: str) -> Path:
 def load_model(name: str, device: torch.device):
     """Load (model, tokenizer) for ``name`` on ``device``, in eval mode, weights frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a cached load takes well under a second
     folder = resolve_model(name)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:

@@ -67,7 +67,6 @@ def simulate(config: RunConfig):
     import torch
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
-    from transformers.utils import logging as hf_logging
 
     from client.app import app as client_app
     from fedlora.models import resolve_model
@@ -75,7 +74,6 @@ def simulate(config: RunConfig):
     from strategies import strategy_class
 
     strategy_class(config.strategy)  # an unknown strategy fails here, before Ray starts
-    hf_logging.disable_progress_bar()  # "Loading weights" bars; ours is the round's
     resolve_model(config.model)  # convert a GGUF once, before clients ask for it
 
     outcome: dict = {}
