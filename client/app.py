@@ -1,8 +1,17 @@
 """The Flower ClientApp: a generic executor of the plan the server sends.
 
-It knows no method by name. The plan (the message's ConfigRecord) says which model,
-data and adapter to use and how to train; the ArrayRecord holds the global adapter.
-The client trains locally and replies with its adapter and metrics.
+It knows adapter kinds (peft LoRA, LoRA-SB), not methods. A message carries:
+
+- ``config``: the plan: the run config, plus ``server-round``, ``task`` ("train" or
+  "gradient"), ``adapter``, ``trainable`` (which adapter tensors to train and upload) and
+  ``kept-batches``;
+- ``arrays``: global adapter tensors to load (any subset of the adapter's);
+- ``keep``: tensors to keep for the whole run, in numbered batches: ``<i>/frozen/<key>``
+  (loaded into every adapter, never trained) and ``<i>/merge/<key>`` (LoRA factors whose
+  product is merged into the base weights, in batch order).
+
+Kept tensors live in Flower's per-node ``context.state``, which outlives a message even in
+deployment, where each message starts a fresh process.
 """
 
 from __future__ import annotations
@@ -11,13 +20,23 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.adapters import adapter_state, attach_lora, load_adapter_state
+from fedlora.adapters import (
+    adapter_state,
+    attach_lora,
+    attach_lora_sb,
+    load_adapter_state,
+    lora_sb_state,
+    merge_lora,
+    target_linears,
+)
 from fedlora.config import RunConfig
 from fedlora.data import client_examples, load_task
+from fedlora.errors import FedLoraError
 from fedlora.models import load_model, pick_device
-from fedlora.train import train_local
+from fedlora.train import train_local, weight_gradients
 
 app = ClientApp()
+KEPT = "fedlora-kept"  # the context.state record that holds kept tensors
 
 
 def plan_to_config(plan) -> RunConfig:
@@ -26,40 +45,99 @@ def plan_to_config(plan) -> RunConfig:
     return RunConfig.from_dict({k: v for k, v in plan.items() if k in keys})
 
 
+def client_rank(plan, node_config, partition_id: int) -> int:
+    """This client's LoRA rank: its ``rank`` node setting, else the plan's ``ranks`` list
+    cycled by partition id, else the run's rank."""
+    if "rank" in node_config:
+        return int(node_config["rank"])
+    ranks = [int(r) for r in str(plan.get("ranks", "")).split(",") if r.strip()]
+    return ranks[partition_id % len(ranks)] if ranks else int(plan["rank"])
+
+
+def keep_tensors(context: Context, message_keep: ArrayRecord | None, batches: int):
+    """Add the message's kept tensors to the node's store; return (frozen, merges).
+
+    Raises FedLoraError if the store lacks a batch the plan says exists (the node lost its
+    state): the server then sends everything again next time.
+    """
+    store = context.state.get(KEPT)
+    if not isinstance(store, ArrayRecord):
+        store = ArrayRecord()
+    for key, value in (message_keep or {}).items():
+        store[key] = value
+    context.state[KEPT] = store
+    held = {int(key.split("/", 1)[0]) for key in store}
+    missing = sorted(set(range(batches)) - held)
+    if missing:
+        raise FedLoraError(f"this client lacks kept batches {missing}; the server resends them")
+    frozen, merges = {}, [{} for _ in range(batches)]
+    for key, array in store.items():
+        batch, kind, name = key.split("/", 2)
+        tensor = torch.from_numpy(array.numpy().copy())
+        if kind == "frozen":
+            frozen[name] = tensor
+        elif int(batch) < batches:
+            merges[int(batch)][name] = tensor
+    return frozen, merges
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Attach the global adapter to the base model, train on this node's data, reply."""
+    """Run the plan: train an adapter (or estimate gradients) on this node's data."""
     plan = msg.content["config"]
     config = plan_to_config(plan)
-    server_round = int(plan["server-round"])
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     device = pick_device(str(context.node_config.get("device", config.device)))
+    frozen, merges = keep_tensors(context, msg.content.get("keep"), int(plan["kept-batches"]))
 
     model, tokenizer = load_model(config.model, device)
-    adapter = attach_lora(model, config.rank, config.alpha, config.target_module_list, config.seed)
-    load_adapter_state(adapter, msg.content["arrays"].to_torch_state_dict())
     examples = client_examples(load_task(config), config, partition_id, num_partitions)
+    if plan["task"] == "gradient":
+        arrays = weight_gradients(
+            model, tokenizer, examples[: int(plan["gradient-examples"])],
+            target_linears(model, config.target_module_list),
+            batch_size=config.batch_size, max_length=config.max_length, device=device,
+        )
+        metrics = {"num-examples": min(len(examples), int(plan["gradient-examples"]))}
+        return reply(msg, arrays, metrics, device)
+
+    for merge in merges:  # FLoRA: the global base is the base plus every round's stack
+        merge_lora(model, merge)
+    received = msg.content["arrays"].to_torch_state_dict()
+    rank = client_rank(plan, context.node_config, partition_id)
+    if plan["adapter"] == "lorasb":
+        adapted = attach_lora_sb(model, {**frozen, **received}, config.target_module_list)
+    elif plan["adapter"] == "lora":
+        seed = int(plan.get("init-seed", config.seed)) + partition_id
+        adapted = attach_lora(model, rank, config.alpha, config.target_module_list, seed)
+        load_adapter_state(adapted, {**frozen, **received}, partial=True)
+    else:
+        raise FedLoraError(f"unknown adapter '{plan['adapter']}'; valid choices: lora, lorasb")
+    trainable = [f".{name}." for name in str(plan["trainable"]).split(",")]
+    for name, parameter in adapted.named_parameters():
+        parameter.requires_grad_(any(t in name for t in trainable))
+
     stats = train_local(
-        adapter,
-        tokenizer,
-        examples,
-        steps=config.local_steps,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        max_length=config.max_length,
-        seed=config.seed + 1000 * server_round + partition_id,
+        adapted, tokenizer, examples,
+        steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
+        max_length=config.max_length, seed=config.seed + 1000 * int(plan["server-round"]) + partition_id,
         device=device,
     )
-    metrics = MetricRecord(
-        {
-            "num-examples": len(examples),
-            "train-loss": stats["train_loss"],
-            "train-seconds": stats["train_seconds"],
-        }
-    )
-    reply = RecordDict({"arrays": ArrayRecord(adapter_state(adapter)), "metrics": metrics})
-    del adapter, model
+    state = lora_sb_state(adapted) if plan["adapter"] == "lorasb" else adapter_state(adapted)
+    upload = {k: v for k, v in state.items() if any(t in k for t in trainable)}
+    metrics = {
+        "num-examples": len(examples),
+        "train-loss": stats["train_loss"],
+        "train-seconds": stats["train_seconds"],
+        "rank": rank,
+    }
+    return reply(msg, upload, metrics, device)
+
+
+def reply(msg: Message, arrays: dict, metrics: dict, device: torch.device) -> Message:
+    """The reply message; GPU memory is given back before the process waits again."""
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Message(content=reply, reply_to=msg)
+    return Message(content=content, reply_to=msg)

@@ -7,12 +7,15 @@ An adapter state is a plain ``dict[str, torch.Tensor]`` keyed by peft's state-di
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from fedlora.aggregate import module_path
 from fedlora.errors import FedLoraError
 
 
@@ -31,19 +34,33 @@ def attach_lora(
         bias="none",
         task_type="CAUSAL_LM",
     )
+    target_linears(model, target_modules)  # a clear error when nothing matches
     torch.manual_seed(seed)
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config)
+
+
+@contextmanager
+def lora_applied(model, state: dict[str, torch.Tensor], rank: int, alpha: float,
+                 target_modules: list[str]) -> Iterator[PeftModel]:
+    """``model`` with the PEFT LoRA ``state`` attached, for the duration of a ``with``;
+    afterwards the model is as it was."""
+    adapted = attach_lora(model, rank, alpha, target_modules, seed=0)
     try:
-        with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
-            warnings.simplefilter("ignore", FutureWarning)
-            return get_peft_model(model, config)
-    except ValueError as err:
-        if "not found in the base model" in str(err):
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-            raise FedLoraError(
-                f"--target-modules {','.join(target_modules)} matches no module of the model; "
-                f"its linear modules: {', '.join(names)}"
-            ) from None
-        raise
+        load_adapter_state(adapted, state)
+        yield adapted
+    finally:
+        adapted.unload()
+
+
+def fresh_lora_state(model, rank: int, alpha: float, target_modules: list[str], seed: int):
+    """The state of a fresh seeded LoRA on ``model`` (A Kaiming-uniform, B = 0), leaving
+    the model as it was."""
+    adapted = attach_lora(model, rank, alpha, target_modules, seed)
+    state = adapter_state(adapted)
+    adapted.unload()
+    return state
 
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -54,28 +71,33 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     }
 
 
-def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` into the model's adapter; its keys and shapes must match exactly."""
-    check_adapter_state(state, adapter_state(model))
+def load_adapter_state(
+    model: PeftModel, state: dict[str, torch.Tensor], partial: bool = False
+) -> None:
+    """Copy ``state`` into the model's adapter; keys and shapes must match (with
+    ``partial``, ``state`` may hold a subset of the keys: the rest keep their values)."""
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    check_adapter_state(state, expected, partial)
     set_peft_model_state_dict(model, state)
 
 
 def check_adapter_state(
-    state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], partial: bool = False
 ) -> None:
-    """Raise FedLoraError unless ``state`` has the reference's keys and shapes, all finite."""
-    missing = sorted(set(reference) - set(state))
-    extra = sorted(set(state) - set(reference))
+    """Raise FedLoraError unless ``state`` has the expected keys (a subset of them with
+    ``partial``) and shapes, all finite floats."""
+    missing = [] if partial else sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
     if missing or extra:
         raise FedLoraError(
             f"adapter keys differ: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
         )
     for key, value in state.items():
-        if tuple(value.shape) != tuple(reference[key].shape):
+        if tuple(value.shape) != tuple(expected[key]):
             raise FedLoraError(
                 f"adapter tensor {key} has shape {tuple(value.shape)}, "
-                f"expected {tuple(reference[key].shape)}"
+                f"expected {tuple(expected[key])}"
             )
         if not value.is_floating_point():
             raise FedLoraError(f"adapter tensor {key} has dtype {value.dtype}, expected a float")
@@ -86,3 +108,104 @@ def check_adapter_state(
 def save_adapter(model: PeftModel, folder: str | Path) -> None:
     """Write the adapter in PEFT format: ``PeftModel.from_pretrained(base, folder)`` loads it."""
     model.save_pretrained(str(folder))
+
+
+# ---- LoRA-SB (Fed-SB): h = W x + B R A x, only R trained ---------------------------------
+
+
+class LoraSBLinear(torch.nn.Module):
+    """A frozen linear layer plus B R A, with B (out x r) and A (r x in) frozen and only the
+    r x r matrix R trained (LoRA-SB, scale 1).
+
+    A, R and B are bias-free ``nn.Linear`` layers, so per-sample-gradient tools (Opacus)
+    handle R like any linear layer.
+    """
+
+    def __init__(self, base: torch.nn.Linear, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor):
+        super().__init__()
+        rank = A.shape[0]
+        self.base = base
+        self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.lora_R = torch.nn.Linear(rank, rank, bias=False)
+        self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False)
+        dtype, device = base.weight.dtype, base.weight.device
+        for layer, value in ((self.lora_A, A), (self.lora_R, R), (self.lora_B, B)):
+            layer.weight.data = value.to(device, dtype).clone()
+        self.lora_A.weight.requires_grad_(False)
+        self.lora_B.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_B(self.lora_R(self.lora_A(x)))
+
+
+def target_linears(model, target_modules: list[str]) -> dict[str, torch.nn.Linear]:
+    """The model's linear layers whose last name part is in ``target_modules``, by path."""
+    found = {
+        path: module
+        for path, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and path.rsplit(".", 1)[-1] in target_modules
+    }
+    if not found:
+        names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear)})
+        raise FedLoraError(
+            f"--target-modules {','.join(target_modules)} matches no module of the model; "
+            f"its linear modules: {', '.join(names)}"
+        )
+    return found
+
+
+def attach_lora_sb(model, factors: dict[str, torch.Tensor], target_modules: list[str]):
+    """Replace each target linear layer of ``model`` (in place) by a LoraSBLinear.
+
+    ``factors`` holds ``<path>.lora_A.weight``, ``<path>.lora_B.weight`` and
+    ``<path>.lora_R.weight`` for every target path. Returns the model.
+    """
+    for path, linear in target_linears(model, target_modules).items():
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        try:
+            A, B, R = (factors[f"{path}.lora_{x}.weight"] for x in "ABR")
+        except KeyError as err:
+            raise FedLoraError(f"LoRA-SB factors lack {err.args[0]}") from None
+        setattr(parent, name, LoraSBLinear(linear, A=A, B=B, R=R))
+    return model
+
+
+def lora_sb_state(model) -> dict[str, torch.Tensor]:
+    """A, B and R of every LoraSBLinear of the model, as fp32 CPU copies."""
+    return {
+        f"{path}.lora_{x}.weight": getattr(module, f"lora_{x}").weight.detach().to("cpu", torch.float32).clone()
+        for path, module in model.named_modules()
+        if isinstance(module, LoraSBLinear)
+        for x in "ABR"
+    }
+
+
+def lora_sb_to_peft(factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LoRA-SB factors as a standard PEFT LoRA state: lora_B = B R, lora_A = A (scale 1,
+    so the PEFT config needs lora_alpha = r)."""
+    state = {}
+    for key in factors:
+        if key.endswith(".lora_R.weight"):
+            path = key[: -len(".lora_R.weight")]
+            state[f"base_model.model.{path}.lora_A.weight"] = factors[f"{path}.lora_A.weight"]
+            state[f"base_model.model.{path}.lora_B.weight"] = (
+                factors[f"{path}.lora_B.weight"] @ factors[key]
+            )
+    return state
+
+
+@torch.no_grad()
+def merge_lora(model, factors: dict[str, torch.Tensor]) -> None:
+    """W <- W + B @ A for every (lora_A, lora_B) pair of ``factors`` (keys as module_path
+    reads them), computed in fp32: FLoRA's merge of a round's stacked delta."""
+    modules = dict(model.named_modules())
+    for key, A in factors.items():
+        if key.endswith(".lora_A.weight"):
+            B = factors[key.replace(".lora_A.", ".lora_B.")]
+            path = module_path(key)
+            if path not in modules:
+                raise FedLoraError(f"cannot merge into {path}: the model has no such module")
+            weight = modules[path].weight
+            weight.copy_((weight.float() + B.float().to(weight.device) @ A.float().to(weight.device)).to(weight.dtype))

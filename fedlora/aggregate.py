@@ -9,6 +9,12 @@ from fedlora.errors import FedLoraError
 State = dict[str, torch.Tensor]
 
 
+def module_path(key: str) -> str:
+    """The module a LoRA tensor belongs to: ``base_model.model.x.q_proj.lora_A.weight`` and
+    ``x.q_proj.lora_A.weight`` both give ``x.q_proj``."""
+    return key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+
+
 def example_weights(num_examples: list[int]) -> list[float]:
     """p_k = n_k / sum(n): each client's share of the examples that answered this round."""
     if not num_examples or any(n <= 0 for n in num_examples):
@@ -29,3 +35,77 @@ def weighted_average(states: list[State], weights: list[float]) -> State:
         key: sum(w * s[key].double() for s, w in zip(states, weights)).float()
         for key in states[0]
     }
+
+
+def stack_lora(states: list[State], weights: list[float], scales: list[float]) -> State:
+    """FLoRA's stacking: per module, A = [p_1 s_1 A_1; ...; p_K s_K A_K] (rows) and
+    B = [B_1, ..., B_K] (columns), so that B A = sum_k p_k s_k B_k A_k exactly, for any
+    ranks r_k. Keys end in ``lora_A.weight`` / ``lora_B.weight``; the result has rank
+    sum r_k and scale 1 (Wang et al., FLoRA, NeurIPS 2024).
+    """
+    if not (len(states) == len(weights) == len(scales)) or not states:
+        raise FedLoraError(f"{len(states)} states, {len(weights)} weights, {len(scales)} scales")
+    stacked = {}
+    for key in states[0]:
+        if key.endswith("lora_A.weight"):
+            parts = [w * s * state[key].double() for state, w, s in zip(states, weights, scales)]
+            stacked[key] = torch.cat(parts, dim=0).float()
+        elif key.endswith("lora_B.weight"):
+            stacked[key] = torch.cat([state[key] for state in states], dim=1).float()
+        else:
+            raise FedLoraError(f"cannot stack {key}: not a lora_A or lora_B tensor")
+    return stacked
+
+
+def concat_lora(states: list[State]) -> State:
+    """Several scale-1 LoRAs as one: A's rows and B's columns concatenated, so the
+    product is the sum of the products (FLoRA's accumulated delta over rounds)."""
+    return {
+        key: torch.cat([s[key] for s in states], dim=0 if key.endswith("lora_A.weight") else 1)
+        for key in states[0]
+    }
+
+
+def delta_weights(state: State, scale: float = 1.0) -> State:
+    """The weight change of each adapted module, by module path: scale * B @ A for LoRA,
+    B @ R @ A for LoRA-SB (keys ``<path>.lora_{A,B,R}.weight``, optionally peft-prefixed)."""
+    deltas = {}
+    for key, A in state.items():
+        if not key.endswith("lora_A.weight"):
+            continue
+        B = state[key.replace("lora_A.weight", "lora_B.weight")].double()
+        R = state.get(key.replace("lora_A.weight", "lora_R.weight"))
+        product = B @ R.double() @ A.double() if R is not None else scale * B @ A.double()
+        deltas[module_path(key)] = product
+    return deltas
+
+
+def aggregation_error(global_delta: State, client_deltas: list[State], weights: list[float]) -> float:
+    """||D - sum_k p_k D_k||_F / ||sum_k p_k D_k||_F over all modules together: how far the
+    aggregated weight change is from the weighted mean of the clients' weight changes."""
+    error = reference = 0.0
+    for path, delta in global_delta.items():
+        target = sum(w * d[path].double() for d, w in zip(client_deltas, weights))
+        error += float((delta.double() - target).pow(2).sum())
+        reference += float(target.pow(2).sum())
+    return (error / reference) ** 0.5 if reference > 0 else error**0.5
+
+
+def lora_sb_from_gradient(gradient: torch.Tensor, rank: int, eta: float) -> tuple[torch.Tensor, ...]:
+    """LoRA-SB's initialisation from a full-weight gradient G (out x in).
+
+    G_hat = -eta * sign(G) approximates Adam's first step; the truncated SVD
+    G_hat^T ~ U S V^T of rank r gives B = V (out x r), A = U^T (r x in), R = diag(S), so
+    that B R A is the best rank-r approximation of G_hat (Ponkshe et al., LoRA-SB, 2024).
+    Seed torch beforehand: svd_lowrank is randomised.
+    """
+    G_hat = -eta * torch.sign(gradient.double())
+    U, S, V = torch.svd_lowrank(G_hat.T, q=rank, niter=10)
+    return V.float(), U.T.float(), torch.diag(S).float()  # B, A, R
+
+
+def random_lora_sb(out_features: int, in_features: int, rank: int, generator: torch.Generator):
+    """LoRA-SB's fallback initialisation: B and A with orthonormal columns / rows, R = 0."""
+    B, _ = torch.linalg.qr(torch.randn(out_features, rank, generator=generator, dtype=torch.float64))
+    A, _ = torch.linalg.qr(torch.randn(in_features, rank, generator=generator, dtype=torch.float64))
+    return B.float(), A.T.float(), torch.zeros(rank, rank)

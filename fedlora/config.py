@@ -30,14 +30,19 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {
     "max_length": (8, 32_768, True),
     "dirichlet_alpha": (0.0, 1e6, False),
     "eval_size": (1, 1_000_000, True),
+    "fedsb_init_examples": (1, 1_000_000, True),
     "eval_batch_size": (1, 65_536, True),
     "seed": (0, 2**31 - 1, True),
     "round_timeout": (0.0, 1e7, False),
 }
 
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "partitioning": ("iid", "dirichlet"),
     "device": ("auto", "cpu", "cuda"),
+    "fedsb_init": ("gradient", "random"),
+    "fedsb_weighting": ("examples", "uniform"),
 }
 
 
@@ -71,6 +76,10 @@ class RunConfig:
         default=1, metadata={"help": "a round fails unless at least this many clients reply"}
     )
     rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    ranks: str = field(
+        default="",
+        metadata={"help": "per-client ranks for flora, e.g. 16,8,4 (cycled over clients)"},
+    )
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     target_modules: str = field(
         default="q_proj,v_proj", metadata={"help": "comma-separated module names to adapt"}
@@ -82,6 +91,19 @@ class RunConfig:
     partitioning: str = field(default="iid", metadata={"help": "iid or dirichlet (label skew)"})
     dirichlet_alpha: float = field(
         default=0.5, metadata={"help": "Dirichlet concentration; smaller is more skewed"}
+    )
+    fedsb_init: str = field(
+        default="gradient", metadata={"help": "Fed-SB init: gradient (a federated round) or random"}
+    )
+    fedsb_weighting: str = field(
+        default="examples", metadata={"help": "Fed-SB R average: examples (weighted) or uniform"}
+    )
+    fedsb_init_examples: int = field(
+        default=64, metadata={"help": "examples per client for Fed-SB's gradient estimate"}
+    )
+    check_exactness: bool = field(
+        default=False,
+        metadata={"help": "log each round's aggregation_error against sum_k p_k DeltaW_k"},
     )
     eval_size: int = field(
         default=200, metadata={"help": "held-out examples for central evaluation"}
@@ -158,6 +180,7 @@ class RunConfig:
             )
         if not self.target_module_list:
             raise FedLoraError("--target-modules is empty; give e.g. q_proj,v_proj")
+        self.rank_list  # parses --ranks
         if bool(self.prompt_column) != bool(self.response_column):
             raise FedLoraError("--prompt-column and --response-column go together; give both")
         # Model and dataset names are checked where they are resolved, against their registries.
@@ -166,6 +189,19 @@ class RunConfig:
 
         check_model_name(self.model)
         check_dataset_name(self.dataset)
+
+    @property
+    def rank_list(self) -> list[int]:
+        """``ranks`` parsed (every client gets ``rank`` when it is empty)."""
+        if not self.ranks.strip():
+            return [self.rank]
+        try:
+            ranks = [int(r) for r in self.ranks.split(",")]
+        except ValueError:
+            raise FedLoraError(f"--ranks must be comma-separated integers, got '{self.ranks}'") from None
+        if any(not 1 <= r <= 4096 for r in ranks):
+            raise FedLoraError(f"--ranks must all be in [1, 4096], got '{self.ranks}'")
+        return ranks
 
     @property
     def target_module_list(self) -> list[str]:
@@ -177,6 +213,8 @@ def _convert(key: str, value: Any, kind: type) -> Any:
     """Turn a flag string or TOML value into the field's type, or say why it cannot be."""
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
+    if kind is bool and isinstance(value, str) and value.lower() in _BOOLEANS:
+        return _BOOLEANS[value.lower()]
     try:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)

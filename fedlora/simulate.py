@@ -44,11 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", help="TOML file of settings; flags override it")
     for field in dataclasses.fields(RunConfig):
+        flag, help = "--" + field.name.replace("_", "-"), field.metadata["help"]
+        if isinstance(field.default, bool):  # --check-exactness / --no-check-exactness
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help)
+            continue
         parser.add_argument(
-            "--" + field.name.replace("_", "-"),
+            flag,
             default=argparse.SUPPRESS,  # only flags that were given override the file
             metavar=type(field.default).__name__.upper(),
-            help=f"{field.metadata['help']} (default: {field.default!r})",
+            help=f"{help} (default: {field.default!r})",
         )
     return parser
 

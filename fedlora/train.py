@@ -174,3 +174,31 @@ def label_token_ids(tokenizer, label_words: list[str]) -> torch.Tensor:
             "accuracy needs distinct first tokens"
         )
     return torch.tensor(ids)
+
+
+def weight_gradients(
+    model,
+    tokenizer,
+    examples: list[Example],
+    linears: dict[str, torch.nn.Module],
+    *,
+    batch_size: int,
+    max_length: int,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """sum over batches of d(mean batch loss)/dW for each linear layer W in ``linears``
+    (by path): the full-weight gradient LoRA-SB's initialisation starts from."""
+    if not examples:
+        raise FedLoraError("this client has no training examples")
+    weights = {path: linear.weight for path, linear in linears.items()}
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    try:
+        for begin in range(0, len(examples), batch_size):
+            batch = make_batch(examples[begin : begin + batch_size], tokenizer, max_length)
+            answer_loss(model, batch.to(device)).backward()
+        return {f"{path}.weight": w.grad.detach().to("cpu", torch.float32) for path, w in weights.items()}
+    finally:
+        for weight in weights.values():
+            weight.requires_grad_(False)
+            weight.grad = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from tqdm import tqdm
 
-from fedlora.adapters import adapter_state, attach_lora, load_adapter_state, save_adapter
+from fedlora.adapters import lora_applied, save_adapter
 from fedlora.config import RunConfig
 from fedlora.data import load_task
 from fedlora.errors import FedLoraError
@@ -59,31 +60,40 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     model, tokenizer = load_model(config.model, device)
     task = load_task(config)
     strategy = build_strategy(config)
-    global_model = attach_lora(
-        model, config.rank, config.alpha, config.target_module_list, config.seed
-    )
-    arrays = ArrayRecord(adapter_state(global_model))
     plan = ConfigRecord(config.to_dict())
 
-    def central_evaluation() -> dict[str, float]:
+    def central_evaluation(arrays: ArrayRecord | None) -> dict[str, float]:
+        """Evaluate the base model with the global adapter (none for round 0)."""
         begin = time.perf_counter()
-        metrics = evaluate(
-            global_model,
-            tokenizer,
-            task.eval,
-            task.label_words,
-            batch_size=config.eval_batch_size,
-            max_length=config.max_length,
-            device=device,
-        )
+        with global_adapter(arrays) as evaluated:
+            metrics = evaluate(
+                evaluated, tokenizer, task.eval, task.label_words,
+                batch_size=config.eval_batch_size, max_length=config.max_length, device=device,
+            )
         return {**metrics, "eval_seconds": time.perf_counter() - begin}
+
+    @contextmanager
+    def global_adapter(arrays: ArrayRecord | None):
+        if arrays is None:
+            yield model
+            return
+        state, rank, alpha = strategy.peft_adapter(arrays)
+        with lora_applied(model, state, rank, alpha, config.target_module_list) as adapted:
+            yield adapted
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     start = time.perf_counter()
-    with global_model.disable_adapter():  # round 0: the base model alone
-        metrics_log.write({"round": 0, "strategy": config.strategy, "clients": 0,
-                           **central_evaluation(), "bytes_up": 0, "bytes_down": 0,
-                           "seconds": time.perf_counter() - start})
+    arrays = strategy.initialize(model)
+    init_messages = strategy.configure_init(arrays, plan, grid)
+    init_replies = exchange(grid, init_messages, config.round_timeout, "initialisation")
+    if init_messages:
+        arrays = strategy.aggregate_init(init_replies)
+    metrics_log.write({
+        "round": 0, "strategy": config.strategy, "clients": len(init_replies),
+        **central_evaluation(None),  # round 0: the base model alone
+        "bytes_up": traffic(init_replies), "bytes_down": traffic(init_messages),
+        "seconds": time.perf_counter() - start,
+    })
     for server_round in range(1, config.rounds + 1):
         start = time.perf_counter()
         messages = list(strategy.configure_train(server_round, arrays, plan, grid))
@@ -96,26 +106,31 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                 f"{config.min_clients}; outputs so far are in {run_dir}"
             )
         arrays = new_arrays
-        load_adapter_state(global_model, arrays.to_torch_state_dict())
-        client_seconds = [
-            float(r.content["metrics"]["train-seconds"])
-            for r in replies
-            if not r.has_error() and "metrics" in r.content
-        ]
-        metrics_log.write({
+        row = {
             "round": server_round,
             "strategy": config.strategy,
             "clients": len(replies) - len(strategy.dropped),
             "train_loss": float(train_metrics["train-loss"]),
-            **central_evaluation(),
-            "bytes_up": sum(payload_bytes(r) for r in replies if not r.has_error()),
-            "bytes_down": sum(payload_bytes(m) for m in messages),
-            "client_train_seconds": sum(client_seconds),
-            "seconds": time.perf_counter() - start,
-        })
-    save_adapter(global_model, run_dir / "adapter")
+            **central_evaluation(arrays),
+            "bytes_up": traffic(replies),
+            "bytes_down": traffic(messages),
+            "client_train_seconds": sum(
+                float(r.content["metrics"]["train-seconds"])
+                for r in replies if not r.has_error() and "metrics" in r.content
+            ),
+        }
+        if "aggregation-error" in train_metrics:
+            row["aggregation_error"] = float(train_metrics["aggregation-error"])
+        metrics_log.write({**row, "seconds": time.perf_counter() - start})
+    with global_adapter(arrays) as adapted:
+        save_adapter(adapted, run_dir / "adapter")
     plot_report(metrics_log.rows, run_dir / "report.png")
     return run_dir
+
+
+def traffic(messages: list[Message]) -> int:
+    """Payload bytes of the messages that carry content (error replies carry none)."""
+    return sum(payload_bytes(m) for m in messages if not m.has_error())
 
 
 def make_run_dir(config: RunConfig) -> Path:
@@ -135,6 +150,8 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, label: str) ->
 
     Like ``Grid.send_and_receive``, but polls every half second and shows a progress bar.
     """
+    if not messages:
+        return []
     pending = set(grid.push_messages(messages))
     replies: list[Message] = []
     deadline = time.monotonic() + timeout

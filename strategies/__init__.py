@@ -5,8 +5,13 @@ from __future__ import annotations
 from fedlora.errors import FedLoraError
 from strategies.base import LoraStrategy
 from strategies.fedavg import FedAvgLoRA
+from strategies.fedsb import FedSB
+from strategies.ffa import FFALoRA
+from strategies.flora import FLoRA
 
-STRATEGIES: dict[str, type[LoraStrategy]] = {cls.name: cls for cls in (FedAvgLoRA,)}
+STRATEGIES: dict[str, type[LoraStrategy]] = {
+    cls.name: cls for cls in (FedAvgLoRA, FFALoRA, FLoRA, FedSB)
+}
 
 
 def strategy_class(name: str) -> type[LoraStrategy]:

@@ -10,11 +10,12 @@ class FedAvgLoRA(LoraStrategy):
     """Average A and B separately, weighted by each client's number of examples.
 
     A = sum p_k A_k, B = sum p_k B_k. The product of the averages is not the average of
-    the products, so the global update differs from sum p_k B_k A_k; it is kept as the
-    baseline the exact methods are measured against. Parameters: see LoraStrategy.
+    the products, so the global update differs from sum p_k B_k A_k (``--check-exactness``
+    measures by how much); it is the baseline the exact methods are measured against.
+    Parameters: see LoraStrategy.
     """
 
     name = "fedavg"
 
-    def aggregate_states(self, states: list[State], weights: list[float]) -> State:
+    def aggregate_states(self, states, weights, metrics) -> State:
         return weighted_average(states, weights)

@@ -1,0 +1,149 @@
+"""Fed-SB: LoRA-SB adapters; only the r x r matrix R is trained and averaged, exactly."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from fedlora.adapters import lora_sb_to_peft, target_linears
+from fedlora.aggregate import State, lora_sb_from_gradient, random_lora_sb, weighted_average
+from fedlora.errors import FedLoraError
+from strategies.base import LoraStrategy
+
+
+class FedSB(LoraStrategy):
+    """Train and average only R of h = W x + B R A x, with B and A frozen and shared.
+
+    sum_k p_k B R_k A = B (sum_k p_k R_k) A, so averaging R is exact, and each client
+    uploads r^2 values per module whatever the number of clients (Singhal et al.,
+    Fed-SB, 2025). B and A go to each client once and are kept for the run.
+
+    Initialisation ``gradient`` (LoRA-SB): a first federated round in which each client
+    sends the gradient of the loss with respect to every adapted weight W on a few of
+    its examples; the server sums them into G and sets B, A, R from the truncated SVD of
+    -eta * sign(G). ``random``: B and A random orthonormal, R = 0.
+
+    Parameters
+    ----------
+    init : str (default: "gradient")
+        "gradient" or "random".
+    weighting : str (default: "examples")
+        Average R weighted by examples ("examples") or uniformly ("uniform", the paper's
+        choice); both are exact.
+    init_examples : int (default: 64)
+        Examples per client for the gradient estimate.
+    init_eta : float (default: 1e-3)
+        eta of G_hat = -eta * sign(G): the size of Adam's first step (the learning rate).
+    **kwargs
+        See LoraStrategy; alpha is ignored (LoRA-SB's scale is 1).
+    """
+
+    name = "fedsb"
+    adapter = "lorasb"
+    trainable = ("lora_R",)
+
+    def __init__(
+        self,
+        init: str = "gradient",
+        weighting: str = "examples",
+        init_examples: int = 64,
+        init_eta: float = 1e-3,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if init not in ("gradient", "random"):
+            raise FedLoraError(f"unknown Fed-SB init '{init}'; valid choices: gradient, random")
+        if weighting not in ("examples", "uniform"):
+            raise FedLoraError(f"unknown Fed-SB weighting '{weighting}'; valid choices: examples, uniform")
+        self.init, self.weighting = init, weighting
+        self.init_examples, self.init_eta = init_examples, init_eta
+        self.module_shapes: dict[str, tuple[int, int]] = {}
+        self.frozen: State = {}
+
+    @classmethod
+    def config_arguments(cls, config) -> dict:
+        return {
+            **super().config_arguments(config),
+            "init": config.fedsb_init,
+            "weighting": config.fedsb_weighting,
+            "init_examples": config.fedsb_init_examples,
+            "init_eta": config.lr,
+        }
+
+    @property
+    def scale(self) -> float:
+        return 1.0
+
+    def initialize(self, model) -> ArrayRecord:
+        self.module_shapes = {
+            path: (linear.out_features, linear.in_features)
+            for path, linear in target_linears(model, list(self.target_modules)).items()
+        }
+        smallest = min(min(shape) for shape in self.module_shapes.values())
+        if self.rank > smallest:
+            raise FedLoraError(
+                f"--rank {self.rank} exceeds the smallest adapted dimension ({smallest}); "
+                f"LoRA-SB needs rank <= {smallest}"
+            )
+        if self.init == "gradient":
+            return ArrayRecord()  # set by the initialisation round
+        generator = torch.Generator().manual_seed(self.seed)
+        factors = {
+            path: random_lora_sb(out_features, in_features, self.rank, generator)
+            for path, (out_features, in_features) in self.module_shapes.items()
+        }
+        return self.set_factors(factors)
+
+    def configure_init(self, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+        """Ask every connected client for its gradient estimate (init "gradient")."""
+        if self.init != "gradient":
+            return []
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
+        plan = self.plan(config, 0, task="gradient")
+        plan["gradient-examples"] = self.init_examples
+        return [
+            Message(content=RecordDict({"config": plan}), message_type=MessageType.TRAIN,
+                    dst_node_id=node)
+            for node in node_ids
+        ]
+
+    def aggregate_init(self, replies: list[Message]) -> ArrayRecord:
+        """Sum the clients' gradients and set B, A, R by the LoRA-SB rule."""
+        shapes = {f"{path}.weight": shape for path, shape in self.module_shapes.items()}
+        valid, gradients = self.valid_replies(0, replies, expected_shapes=lambda _: shapes)
+        if not valid:
+            reasons = "; ".join(reason for _, reason in self.dropped) or "no client replied"
+            raise FedLoraError(f"Fed-SB's gradient initialisation got no usable reply: {reasons}")
+        torch.manual_seed(self.seed)  # svd_lowrank is randomised
+        factors = {
+            path: lora_sb_from_gradient(
+                sum(g[f"{path}.weight"].double() for g in gradients), self.rank, self.init_eta
+            )
+            for path in self.module_shapes
+        }
+        return self.set_factors(factors)
+
+    def set_factors(self, factors: dict[str, tuple[torch.Tensor, ...]]) -> ArrayRecord:
+        """Keep B and A (sent once to each client); return R as the global state."""
+        self.frozen = {}
+        for path, (B, A, _) in factors.items():
+            self.frozen[f"{path}.lora_A.weight"] = A
+            self.frozen[f"{path}.lora_B.weight"] = B
+        self.kept_batches = [{f"frozen/{k}": v for k, v in self.frozen.items()}]
+        return ArrayRecord({f"{path}.lora_R.weight": R for path, (_, _, R) in factors.items()})
+
+    def weights(self, metrics: list[MetricRecord]) -> list[float]:
+        if self.weighting == "uniform":
+            return [1.0 / len(metrics)] * len(metrics)
+        return super().weights(metrics)
+
+    def aggregate_states(self, states, weights, metrics) -> State:
+        return weighted_average(states, weights)  # a fresh average each round, no carry-over
+
+    def complete(self, state: State) -> State:
+        return {**self.frozen, **state}
+
+    def peft_adapter(self, arrays: ArrayRecord) -> tuple[State, int, float]:
+        return lora_sb_to_peft(self.complete(arrays.to_torch_state_dict())), self.rank, float(self.rank)

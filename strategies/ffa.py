@@ -1,0 +1,33 @@
+"""FFA-LoRA: A frozen at its seeded initialisation, only B trained and averaged."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord
+
+from fedlora.aggregate import State, weighted_average
+from strategies.base import LoraStrategy
+
+
+class FFALoRA(LoraStrategy):
+    """Freeze A at a shared random initialisation; train and average B only.
+
+    With A shared, sum p_k B_k A = (sum p_k B_k) A: the average is exact, and clients
+    upload half of LoRA (Sun et al., "Improving LoRA in privacy-preserving federated
+    learning", ICLR 2024). The server sends A to each client once (kept for the run),
+    then only B each round. Parameters: see LoraStrategy.
+    """
+
+    name = "ffa"
+    trainable = ("lora_B",)
+
+    def initialize(self, model) -> ArrayRecord:
+        state = super().initialize(model).to_torch_state_dict()
+        self.frozen = {k: v for k, v in state.items() if ".lora_A." in k}
+        self.kept_batches = [{f"frozen/{k}": v for k, v in self.frozen.items()}]
+        return ArrayRecord({k: v for k, v in state.items() if ".lora_B." in k})
+
+    def aggregate_states(self, states, weights, metrics) -> State:
+        return weighted_average(states, weights)
+
+    def complete(self, state: State) -> State:
+        return {**self.frozen, **state}

@@ -1,0 +1,90 @@
+"""FLoRA: stacking aggregation, exact for clients of different LoRA ranks."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+from fedlora.adapters import target_linears
+from fedlora.aggregate import State, concat_lora, delta_weights, stack_lora
+from fedlora.errors import FedLoraError
+from strategies.base import LoraStrategy
+
+
+class FLoRA(LoraStrategy):
+    """Stack the clients' LoRA factors and merge the stack into the global base weights.
+
+    Each round every sampled client attaches a fresh LoRA of its own rank r_k to the
+    current global base model, trains it and uploads A_k, B_k. The server stacks
+    A = [p_1 s_1 A_1; ...; p_K s_K A_K] and B = [B_1, ..., B_K], so that
+    B A = sum_k p_k s_k B_k A_k exactly for any ranks (s_k = alpha / r_k), and keeps the
+    stack. Every client merges all stacks into its base weights before the next round;
+    a client that missed rounds is sent every stack it lacks (Wang et al., FLoRA, 2024).
+
+    The global adapter is the concatenation of all rounds' stacks: a PEFT LoRA of rank
+    sum over rounds of sum_k r_k and scale 1.
+
+    Parameters
+    ----------
+    ranks : tuple of int (default: (8,))
+        Client ranks, cycled over the clients by partition id; a client's ``rank``
+        node-config value overrides it. Each client announces its rank in its reply.
+    **kwargs
+        See LoraStrategy.
+    """
+
+    name = "flora"
+    heterogeneous_ranks = True
+
+    def __init__(self, ranks: tuple[int, ...] = (8,), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.ranks = tuple(ranks)
+        self.module_shapes: dict[str, tuple[int, int]] = {}
+        self.round_stacks: list[State] = []
+
+    @classmethod
+    def config_arguments(cls, config) -> dict:
+        return {**super().config_arguments(config), "ranks": tuple(config.rank_list)}
+
+    def initialize(self, model) -> ArrayRecord:
+        self.module_shapes = {
+            path: (linear.out_features, linear.in_features)
+            for path, linear in target_linears(model, list(self.target_modules)).items()
+        }
+        return ArrayRecord()  # no global adapter yet: the base model is the global state
+
+    def arrays_to_send(self, arrays: ArrayRecord) -> ArrayRecord:
+        return ArrayRecord()  # clients start a fresh LoRA; the stacks travel as kept batches
+
+    def plan(self, config: ConfigRecord, server_round: int, task: str) -> ConfigRecord:
+        plan = super().plan(config, server_round, task)
+        plan["ranks"] = ",".join(map(str, self.ranks))
+        plan["init-seed"] = self.seed + 1000 * server_round  # a fresh LoRA every round
+        return plan
+
+    def expected_shapes(self, metrics: MetricRecord) -> dict[str, tuple[int, ...]]:
+        rank = metrics.get("rank")
+        if not isinstance(rank, int) or not 1 <= rank <= 4096:
+            raise FedLoraError(f"the reply announces no valid 'rank' (got {rank!r})")
+        shapes = {}
+        for path, (out_features, in_features) in self.module_shapes.items():
+            shapes[f"base_model.model.{path}.lora_A.weight"] = (rank, in_features)
+            shapes[f"base_model.model.{path}.lora_B.weight"] = (out_features, rank)
+        return shapes
+
+    def aggregate_states(self, states, weights, metrics) -> State:
+        scales = [self.alpha / int(m["rank"]) for m in metrics]
+        stack = stack_lora(states, weights, scales)
+        self.round_stacks.append(stack)
+        self.kept_batches.append({f"merge/{k}": v for k, v in stack.items()})
+        return concat_lora(self.round_stacks)
+
+    def client_delta(self, state: State, metrics: MetricRecord) -> State:
+        return delta_weights(state, self.alpha / int(metrics["rank"]))
+
+    def round_delta(self, new_state: State) -> State:
+        return delta_weights(self.round_stacks[-1])
+
+    def peft_adapter(self, arrays: ArrayRecord) -> tuple[State, int, float]:
+        state = arrays.to_torch_state_dict()
+        rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
+        return state, rank, float(rank)  # scale 1: the stacks carry p_k s_k
