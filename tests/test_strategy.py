@@ -15,7 +15,8 @@ def states(n, seed=0):
 
 def strategy_after_sending(global_state, min_clients=1):
     strategy = FedAvgLoRA(min_train_nodes=min_clients)
-    strategy.sent_state = global_state  # what configure_train records when it sends
+    # what configure_train records when it sends the global state
+    strategy.sent_shapes = {k: tuple(v.shape) for k, v in global_state.items()}
     return strategy
 
 
