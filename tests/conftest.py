@@ -57,11 +57,11 @@ def make_reply(node_id: int, content=None, error: str | None = None):
     return Message(content=content, metadata=metadata)
 
 
-def train_reply(node_id: int, state: dict, num_examples: int, loss: float = 1.0):
+def train_reply(node_id: int, state: dict, num_examples: int, loss: float = 1.0, rank: int = 8):
     """A well-formed reply carrying an adapter state."""
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
     metrics = MetricRecord(
-        {"num-examples": num_examples, "train-loss": loss, "train-seconds": 0.1}
+        {"num-examples": num_examples, "train-loss": loss, "train-seconds": 0.1, "rank": rank}
     )
     return make_reply(node_id, RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}))

@@ -1,0 +1,217 @@
+"""FFA-LoRA, FLoRA and Fed-SB: exact aggregation, checked against sum_k p_k DeltaW_k computed
+here from the client updates; FedAvg's error measured by the same test."""
+
+import pytest
+import torch
+from conftest import train_reply
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedlora.aggregate import delta_weights
+from fedlora.config import RunConfig
+from fedlora.errors import FedLoraError
+from fedlora.models import load_model
+from server.run import payload_bytes
+from strategies import build_strategy
+from strategies.fedavg import FedAvgLoRA
+from strategies.fedsb import FedSB
+from strategies.ffa import FFALoRA
+from strategies.flora import FLoRA
+
+EXAMPLES = [120, 300, 580]  # three clients with different amounts of data
+TARGETS = ("q_proj", "v_proj")
+
+
+class FakeGrid:
+    """The part of Flower's Grid that configure_train uses."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Flower messages need a run to belong to; a unit test has none."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_model_dir):
+    return load_model(str(tiny_model_dir), torch.device("cpu"))[0]
+
+
+def perturbed(state, seed):
+    """A client's trained version of ``state`` (random, different per client)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+
+
+def p(examples):
+    return [n / sum(examples) for n in examples]
+
+
+def global_delta(strategy, arrays):
+    state, rank, alpha = strategy.peft_adapter(arrays)
+    return delta_weights(state, alpha / rank)
+
+
+def relative_error(got, expected):
+    num = sum(float((got[m] - expected[m].double()).pow(2).sum()) for m in expected)
+    den = sum(float(expected[m].double().pow(2).sum()) for m in expected)
+    return (num / den) ** 0.5
+
+
+def one_round(strategy, base_model, client_states, ranks=None):
+    arrays = strategy.initialize(base_model)
+    messages = list(strategy.configure_train(1, arrays, RunConfig().to_dict(), FakeGrid([1, 2, 3])))
+    replies = [
+        train_reply(i + 1, state, n, rank=(ranks[i] if ranks else strategy.rank))
+        for i, (state, n) in enumerate(zip(client_states(arrays), EXAMPLES))
+    ]
+    new_arrays, metrics = strategy.aggregate_train(1, replies)
+    return messages, replies, new_arrays, metrics
+
+
+def test_ffa_average_of_b_is_exact(base_model):
+    strategy = FFALoRA(rank=4, alpha=8, target_modules=TARGETS, check_exactness=True)
+    states = lambda arrays: [perturbed(arrays.to_torch_state_dict(), s) for s in range(3)]  # noqa: E731
+    _, replies, arrays, metrics = one_round(strategy, base_model, states)
+    A = strategy.frozen
+    expected = {}
+    for reply, w in zip(replies, p(EXAMPLES)):
+        B = reply.content["arrays"].to_torch_state_dict()
+        for key, value in B.items():
+            a = A[key.replace("lora_B", "lora_A")]
+            module = key.removeprefix("base_model.model.").rsplit(".lora_B", 1)[0]
+            expected[module] = expected.get(module, 0) + w * 2.0 * value.double() @ a.double()
+    assert relative_error(global_delta(strategy, arrays), expected) < 1e-5
+    assert metrics["aggregation-error"] < 1e-5
+    assert all(".lora_B." in k for k in replies[0].content["arrays"])  # half the upload
+
+
+def test_flora_stacking_is_exact_with_three_different_ranks(base_model):
+    ranks = [8, 4, 2]
+    strategy = FLoRA(ranks=tuple(ranks), rank=8, alpha=16, target_modules=TARGETS, check_exactness=True)
+
+    def states(_):
+        out = []
+        for i, r in enumerate(ranks):
+            g = torch.Generator().manual_seed(i)
+            out.append({
+                f"base_model.model.{path}.lora_{x}.weight": torch.randn(shape, generator=g)
+                for path, (m, n) in strategy.module_shapes.items()
+                for x, shape in (("A", (r, n)), ("B", (m, r)))
+            })
+        return out
+
+    _, replies, arrays, metrics = one_round(strategy, base_model, states, ranks)
+    expected = {}
+    for reply, w, r in zip(replies, p(EXAMPLES), ranks):
+        for module, delta in delta_weights(reply.content["arrays"].to_torch_state_dict(), 16 / r).items():
+            expected[module] = expected.get(module, 0) + w * delta
+    assert relative_error(global_delta(strategy, arrays), expected) < 1e-5
+    assert metrics["aggregation-error"] < 1e-5
+    state, rank, alpha = strategy.peft_adapter(arrays)
+    assert rank == alpha == sum(ranks)
+
+
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+def test_fedsb_average_of_r_is_exact(base_model, weighting):
+    strategy = FedSB(init="random", weighting=weighting, rank=4, target_modules=TARGETS,
+                     check_exactness=True)
+    states = lambda arrays: [perturbed(arrays.to_torch_state_dict(), s) for s in range(3)]  # noqa: E731
+    _, replies, arrays, metrics = one_round(strategy, base_model, states)
+    weights = p(EXAMPLES) if weighting == "examples" else [1 / 3] * 3
+    expected = {}
+    for reply, w in zip(replies, weights):
+        for key, R in reply.content["arrays"].to_torch_state_dict().items():
+            path = key.rsplit(".lora_R", 1)[0]
+            B, A = strategy.frozen[f"{path}.lora_B.weight"], strategy.frozen[f"{path}.lora_A.weight"]
+            expected[path] = expected.get(path, 0) + w * (B.double() @ R.double() @ A.double())
+    assert relative_error(global_delta(strategy, arrays), expected) < 1e-5
+    assert metrics["aggregation-error"] < 1e-5
+
+
+def test_fedavg_is_not_exact_and_its_error_is_reported(base_model, capsys):
+    strategy = FedAvgLoRA(rank=4, alpha=8, target_modules=TARGETS, check_exactness=True)
+
+    def states(arrays):  # trained clients: B moved away from zero, A moved too
+        return [{k: v + torch.randn(v.shape, generator=torch.Generator().manual_seed(s))
+                 for k, v in arrays.to_torch_state_dict().items()} for s in range(3)]
+
+    _, replies, arrays, metrics = one_round(strategy, base_model, states)
+    expected = {}
+    for reply, w in zip(replies, p(EXAMPLES)):
+        for module, delta in delta_weights(reply.content["arrays"].to_torch_state_dict(), 2.0).items():
+            expected[module] = expected.get(module, 0) + w * delta
+    error = relative_error(global_delta(strategy, arrays), expected)
+    assert error > 0.05
+    assert abs(metrics["aggregation-error"] - error) < 1e-6
+    with capsys.disabled():
+        print(f"\n[fedavg] relative aggregation error of FedAvg-LoRA, one round, 3 clients: {error:.3f}")
+
+
+def test_fedsb_upload_is_r_squared_per_module_and_independent_of_clients(base_model):
+    modules = 2 * 2  # 2 layers x (q_proj, v_proj)
+    sizes = {}
+    for rank in (2, 4, 8):
+        for clients in (2, 3):
+            strategy = FedSB(init="random", rank=rank, target_modules=TARGETS)
+            arrays = strategy.initialize(base_model)
+            replies = [train_reply(i, perturbed(arrays.to_torch_state_dict(), i), 10)
+                       for i in range(clients)]
+            per_client = {payload_bytes(r) for r in replies}
+            assert len(per_client) == 1  # every client uploads the same number of bytes
+            sizes[rank, clients] = per_client.pop()
+    for rank in (2, 4, 8):
+        assert sizes[rank, 2] == sizes[rank, 3]
+    # bytes = r^2 x modules x 4 bytes + an overhead that does not depend on r
+    overheads = {sizes[rank, 2] - rank**2 * modules * 4 for rank in (2, 4, 8)}
+    assert len(overheads) == 1
+
+
+def test_flora_download_grows_with_the_sum_of_the_clients_ranks(base_model):
+    downloads = {}
+    for ranks in ((2, 2, 2), (8, 4, 2), (16, 16, 16)):
+        strategy = FLoRA(ranks=ranks, rank=8, alpha=16, target_modules=TARGETS)
+
+        def states(_):
+            return [{f"base_model.model.{path}.lora_{x}.weight": torch.randn(shape)
+                     for path, (m, n) in strategy.module_shapes.items()
+                     for x, shape in (("A", (r, n)), ("B", (m, r)))} for r in ranks]
+
+        one_round(strategy, base_model, states, list(ranks))
+        messages = list(strategy.configure_train(2, None, RunConfig().to_dict(), FakeGrid([1, 2, 3])))
+        downloads[sum(ranks)] = payload_bytes(messages[0])
+    (r1, b1), (r2, b2), (r3, b3) = sorted(downloads.items())
+    assert b1 < b2 < b3
+    # linear in the sum of ranks: (m + n) values of 4 bytes per rank and module
+    assert (b3 - b2) / (r3 - r2) == pytest.approx((b2 - b1) / (r2 - r1), rel=0.01)
+
+
+def test_flora_drops_a_reply_whose_rank_differs_from_the_announced_one(base_model):
+    strategy = FLoRA(ranks=(4,), rank=4, target_modules=TARGETS)
+    strategy.initialize(base_model)
+
+    def lora(r):
+        return {f"base_model.model.{path}.lora_{x}.weight": torch.randn(shape)
+                for path, (m, n) in strategy.module_shapes.items()
+                for x, shape in (("A", (r, n)), ("B", (m, r)))}
+
+    replies = [train_reply(1, lora(4), 10, rank=4), train_reply(2, lora(8), 10, rank=4),
+               train_reply(3, lora(4), 10, rank=4)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None and [node for node, _ in strategy.dropped] == [2]
+    assert "expected (4," in strategy.dropped[0][1]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "ffa", "fedsb"])
+def test_heterogeneous_ranks_are_refused_except_by_flora(name):
+    config = RunConfig.from_dict({"strategy": name, "ranks": "16,8,4"})
+    with pytest.raises(FedLoraError, match=f"--strategy {name} cannot aggregate; use --strategy flora"):
+        build_strategy(config)
+    assert isinstance(build_strategy(RunConfig.from_dict({"strategy": "flora", "ranks": "16,8,4"})), FLoRA)
