@@ -14,6 +14,8 @@ import os
 import sys
 import time
 import warnings
+from datetime import datetime
+from pathlib import Path
 
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
@@ -58,13 +60,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: list[str] | None = None) -> RunConfig:
-    """The validated RunConfig of a command line."""
+def parse_configs(argv: list[str] | None = None) -> list[RunConfig]:
+    """The validated RunConfigs of a command line: one per strategy of ``--strategy a,b``.
+
+    Values come from the config file, then its table named after the strategy (e.g.
+    ``[fedsb]`` with ``rank = 32``), then the flags. With several strategies, each run goes
+    to ``<output>/<name>/<strategy>/`` on the same data partitions and seed.
+    """
     args = vars(build_parser().parse_args(argv))
     file = args.pop("config", None)
     values = RunConfig.from_toml(file) if file else {}
-    values.update(args)
-    return RunConfig.from_dict(values)
+    tables = {k: values.pop(k) for k in list(values) if isinstance(values[k], dict)}
+    strategy = str(args.get("strategy", values.get("strategy", "fedavg")))
+    strategies = [s.strip() for s in strategy.split(",") if s.strip()]
+    stray = sorted(set(tables) - set(strategies))
+    if stray:
+        raise FedLoraError(
+            f"config table [{stray[0]}] names no strategy of --strategy {strategy}"
+        )
+    name = args.get("name", values.get("name", "")) or default_run_name(strategies)
+    configs = []
+    for each in strategies:
+        merged = {**values, **tables.get(each, {}), **args, "strategy": each, "name": name}
+        if len(strategies) > 1:
+            merged["name"] = f"{name}/{each}"
+        configs.append(RunConfig.from_dict(merged))
+    return configs
+
+
+def default_run_name(strategies: list[str]) -> str:
+    return f"{'-'.join(strategies)}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def simulate(config: RunConfig):
@@ -117,14 +142,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").propagate = False  # Flower has its own console handler
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes of deps
     try:
-        config = parse_config(argv)
+        configs = parse_configs(argv)
+        from strategies import strategy_class
+
+        for config in configs:  # every name is checked before the first run starts
+            strategy_class(config.strategy)
         start = time.perf_counter()
-        run_dir = simulate(config)
+        run_dirs = []
+        for config in configs:
+            if len(configs) > 1:
+                print(f"\n== {config.strategy} ==")
+            run_dirs.append(simulate(config))
     except FedLoraError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"done in {time.perf_counter() - start:.0f}s: {run_dir}/ "
+    print(f"done in {time.perf_counter() - start:.0f}s: {run_dirs[-1]}/ "
           "(config.toml, metrics.jsonl, adapter/, report.png)")
+    if len(run_dirs) > 1:
+        from server.report import write_comparison
+
+        folder = Path(run_dirs[0]).parent
+        print("\n" + write_comparison(run_dirs, folder))
+        print(f"comparison: {folder}/comparison.md, {folder}/comparison.png")
     return 0
 
 

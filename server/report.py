@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -34,3 +35,40 @@ def plot_report(rows: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def write_comparison(run_dirs: list[Path], folder: Path) -> str:
+    """comparison.md (one row per run) and comparison.png (accuracy against cumulative
+    upload bytes) in ``folder``; returns the table."""
+    runs = {Path(d).name: [json.loads(line) for line in (Path(d) / "metrics.jsonl").open()]
+            for d in run_dirs}
+    quality = "eval_accuracy" if all("eval_accuracy" in rows[-1] for rows in runs.values()) else "eval_loss"
+    lines = [
+        f"| strategy | rounds | round-0 {quality} | final {quality} | final eval_loss "
+        "| upload bytes | download bytes | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in runs.items():
+        last = rows[-1]
+        lines.append(
+            f"| {name} | {last['round']} | {rows[0][quality]:.3f} | {last[quality]:.3f} "
+            f"| {last['eval_loss']:.4f} | {last['cumulative_bytes_up']:,} "
+            f"| {last['cumulative_bytes_down']:,} | {sum(r['seconds'] for r in rows):.0f} |"
+        )
+    table = "\n".join(lines)
+    (folder / "comparison.md").write_text(table + "\n")
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, rows in runs.items():
+        trained = rows[1:]  # round 0 has uploaded nothing (or only an initialisation)
+        axis.plot([r["cumulative_bytes_up"] for r in trained], [r[quality] for r in trained],
+                  marker="o", label=name)
+    axis.set_xscale("log")
+    axis.set(xlabel="cumulative upload bytes (all clients, log scale)",
+             ylabel=quality.replace("_", " "), title="quality per communication")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(folder / "comparison.png", dpi=100)
+    plt.close(figure)
+    return table

@@ -7,7 +7,7 @@ import pytest
 
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
-from fedlora.simulate import parse_config
+from fedlora.simulate import parse_configs
 from strategies import build_strategy
 
 
@@ -21,8 +21,24 @@ def test_defaults_are_valid_and_round_trip_through_a_flat_dict():
 def test_flags_override_the_config_file(tmp_path):
     file = tmp_path / "run.toml"
     file.write_text('rounds = 7\nrank = 4\nlr = 0.01\nstrategy = "fedavg"\n')
-    config = parse_config(["--config", str(file), "--rank", "16"])
+    [config] = parse_configs(["--config", str(file), "--rank", "16"])
     assert (config.rounds, config.rank, config.lr) == (7, 16, 0.01)
+
+
+def test_a_comparison_gives_one_config_per_strategy_with_its_table(tmp_path):
+    file = tmp_path / "compare.toml"
+    file.write_text('strategy = "fedavg,flora,fedsb"\nrank = 8\nname = "cmp"\n'
+                    '[flora]\nranks = "16,8,4"\n[fedsb]\nrank = 32\n')
+    configs = parse_configs(["--config", str(file), "--rounds", "2"])
+    assert [(c.strategy, c.rank, c.ranks, c.rounds, c.name) for c in configs] == [
+        ("fedavg", 8, "", 2, "cmp/fedavg"),
+        ("flora", 8, "16,8,4", 2, "cmp/flora"),
+        ("fedsb", 32, "", 2, "cmp/fedsb"),
+    ]
+    stray = tmp_path / "stray.toml"
+    stray.write_text('strategy = "fedavg"\n[fedsb]\nrank = 32\n')
+    with pytest.raises(FedLoraError, match=r"config table \[fedsb\] names no strategy of --strategy fedavg"):
+        parse_configs(["--config", str(stray)])
 
 
 @pytest.mark.parametrize(
@@ -59,11 +75,11 @@ def test_unknown_strategy_lists_the_registered_ones():
 
 def test_missing_config_file_and_bad_toml(tmp_path):
     with pytest.raises(FedLoraError, match="config file not found"):
-        parse_config(["--config", str(tmp_path / "none.toml")])
+        parse_configs(["--config", str(tmp_path / "none.toml")])
     bad = tmp_path / "bad.toml"
     bad.write_text("rounds = = 3")
     with pytest.raises(FedLoraError, match="is not valid TOML"):
-        parse_config(["--config", str(bad)])
+        parse_configs(["--config", str(bad)])
 
 
 @pytest.mark.parametrize(
