@@ -215,3 +215,46 @@ def test_heterogeneous_ranks_are_refused_except_by_flora(name):
     with pytest.raises(FedLoraError, match=f"--strategy {name} cannot aggregate; use --strategy flora"):
         build_strategy(config)
     assert isinstance(build_strategy(RunConfig.from_dict({"strategy": "flora", "ranks": "16,8,4"})), FLoRA)
+
+
+def test_flora_client_that_missed_a_round_catches_up_exactly(tiny_model_dir):
+    """Round 1: nodes 1-3 train; round 2: only nodes 1-2; round 3: node 3 returns and must be
+    sent both stacks, so that its merged base equals the server's global base."""
+    from flwr.app import Context, RecordDict
+
+    from client.app import keep_tensors
+    from fedlora.adapters import merge_lora
+
+    model = load_model(str(tiny_model_dir), torch.device("cpu"))[0]
+    strategy = FLoRA(ranks=(4, 2), rank=4, alpha=8, target_modules=TARGETS)
+    arrays = strategy.initialize(model)
+
+    def lora(r, seed):
+        g = torch.Generator().manual_seed(seed)
+        return {f"base_model.model.{path}.lora_{x}.weight": torch.randn(shape, generator=g)
+                for path, (m, n) in strategy.module_shapes.items()
+                for x, shape in (("A", (r, n)), ("B", (m, r)))}
+
+    context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
+    for server_round, nodes in ((1, [1, 2, 3]), (2, [1, 2]), (3, [3])):
+        messages = strategy.configure_train(server_round, arrays, RunConfig().to_dict(), FakeGrid(nodes))
+        for message in messages:
+            if message.metadata.dst_node_id == 3:
+                plan = message.content["config"]
+                kept_keys = {k.split("/")[0] for k in message.content["keep"]}
+                assert kept_keys == ({"0", "1"} if server_round == 3 else set())
+                _, merges = keep_tensors(context, message.content["keep"], int(plan["kept-batches"]))
+        if server_round < 3:
+            replies = [train_reply(n, lora(4 if n % 2 else 2, 10 * server_round + n), 100 * n,
+                                   rank=4 if n % 2 else 2) for n in nodes]
+            arrays, _ = strategy.aggregate_train(server_round, replies)
+
+    client_model = load_model(str(tiny_model_dir), torch.device("cpu"))[0]
+    for merge in merges:
+        merge_lora(client_model, merge)
+    state, rank, alpha = strategy.peft_adapter(arrays)
+    weights = dict(model.named_parameters())
+    for path, delta in delta_weights(state, alpha / rank).items():
+        expected = weights[f"{path}.weight"].double() + delta
+        got = client_model.get_submodule(path).weight.double()
+        assert ((got - expected).norm() / expected.norm()) < 1e-6
