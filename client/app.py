@@ -45,13 +45,13 @@ def plan_to_config(plan) -> RunConfig:
     return RunConfig.from_dict({k: v for k, v in plan.items() if k in keys})
 
 
-def client_rank(plan, node_config, partition_id: int) -> int:
-    """This client's LoRA rank: its ``rank`` node setting, else the plan's ``ranks`` list
-    cycled by partition id, else the run's rank."""
+def client_rank(config: RunConfig, node_config, partition_id: int) -> int:
+    """This client's LoRA rank: its ``rank`` node setting, else ``--ranks`` cycled by
+    partition id (which is ``--rank`` when ``--ranks`` is not given)."""
     if "rank" in node_config:
         return int(node_config["rank"])
-    ranks = [int(r) for r in str(plan.get("ranks", "")).split(",") if r.strip()]
-    return ranks[partition_id % len(ranks)] if ranks else int(plan["rank"])
+    ranks = config.rank_list
+    return ranks[partition_id % len(ranks)]
 
 
 def keep_tensors(context: Context, message_keep: ArrayRecord | None, batches: int):
@@ -105,7 +105,7 @@ def train(msg: Message, context: Context) -> Message:
     for merge in merges:  # FLoRA: the global base is the base plus every round's stack
         merge_lora(model, merge)
     received = msg.content["arrays"].to_torch_state_dict()
-    rank = client_rank(plan, context.node_config, partition_id)
+    rank = client_rank(config, context.node_config, partition_id)
     if plan["adapter"] == "lorasb":
         adapted = attach_lora_sb(model, {**frozen, **received}, config.target_module_list)
     elif plan["adapter"] == "lora":

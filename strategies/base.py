@@ -149,9 +149,14 @@ class LoraStrategy(FedAvg):
         return arrays
 
     def plan(self, config: ConfigRecord, server_round: int, task: str) -> ConfigRecord:
-        """The run config plus what the client must do this round."""
+        """The run config plus what the client must do this round (the adapter settings
+        are the strategy's own, so a strategy built by hand need not match the config)."""
         return ConfigRecord({
             **config,
+            "rank": self.rank,
+            "alpha": float(self.alpha),
+            "target-modules": ",".join(self.target_modules),
+            "seed": self.seed,
             "server-round": server_round,
             "task": task,
             "adapter": self.adapter,
