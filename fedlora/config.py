@@ -180,7 +180,7 @@ class RunConfig:
             )
         if not self.target_module_list:
             raise FedLoraError("--target-modules is empty; give e.g. q_proj,v_proj")
-        self.rank_list  # raises on a malformed --ranks
+        _ = self.rank_list  # raises on a malformed --ranks
         if bool(self.prompt_column) != bool(self.response_column):
             raise FedLoraError("--prompt-column and --response-column go together; give both")
         # Model and dataset names are checked where they are resolved, against their registries.

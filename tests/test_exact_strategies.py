@@ -179,7 +179,7 @@ def test_flora_download_grows_with_the_sum_of_the_clients_ranks(base_model):
     for ranks in ((2, 2, 2), (8, 4, 2), (16, 16, 16)):
         strategy = FLoRA(ranks=ranks, rank=8, alpha=16, target_modules=TARGETS)
 
-        def states(_):
+        def states(_, strategy=strategy, ranks=ranks):
             return [{f"base_model.model.{path}.lora_{x}.weight": torch.randn(shape)
                      for path, (m, n) in strategy.module_shapes.items()
                      for x, shape in (("A", (r, n)), ("B", (m, r)))} for r in ranks]
