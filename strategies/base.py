@@ -11,13 +11,14 @@ small steps: :meth:`initialize`, :meth:`aggregate_states`, and where needed
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlora.adapters import check_adapter_state, fresh_lora_state
 from fedlora.aggregate import State, aggregation_error, delta_weights, example_weights
@@ -181,7 +182,9 @@ class LoraStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate every reply, drop the bad ones, aggregate the rest.
 
-        Returns ``(None, None)`` when fewer than ``min_train_nodes`` replies are valid.
+        Returns ``(None, None)`` when fewer than ``min_train_nodes`` replies are valid;
+        else the new global state and the metrics ``train-loss`` (mean weighted by p_k),
+        ``train-seconds`` (sum) and, with ``check_exactness``, ``aggregation-error``.
         """
         valid, states = self.valid_replies(server_round, replies)
         if not valid or len(valid) < self.min_train_nodes:
@@ -189,7 +192,10 @@ class LoraStrategy(FedAvg):
         metrics = [r.content["metrics"] for r in valid]
         weights = self.weights(metrics)
         new_state = self.aggregate_states(states, weights, metrics)
-        aggregated = aggregate_metricrecords([r.content for r in valid], self.weighted_by_key)
+        aggregated = MetricRecord({
+            "train-loss": sum(w * float(m.get("train-loss", 0.0)) for m, w in zip(metrics, weights)),
+            "train-seconds": sum(float(m.get("train-seconds", 0.0)) for m in metrics),
+        })
         if self.check_exactness:
             error = aggregation_error(
                 self.round_delta(new_state),
@@ -234,6 +240,10 @@ class LoraStrategy(FedAvg):
         num_examples = metrics.get(self.weighted_by_key)
         if not isinstance(num_examples, int) or num_examples <= 0:
             raise FedLoraError(f"'{self.weighted_by_key}' must be a positive int, got {num_examples!r}")
+        for key in ("train-loss", "train-seconds"):
+            value = metrics.get(key, 0.0)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise FedLoraError(f"'{key}' must be a finite number, got {value!r}")
         try:
             state = content["arrays"].to_torch_state_dict()
         except Exception as err:  # a hostile payload can fail in many ways inside Flower

@@ -71,3 +71,19 @@ def test_too_few_valid_replies_fail_the_round():
     strategy = strategy_after_sending(template, min_clients=2)
     replies = [train_reply(1, template, 10), make_reply(2, error="killed")]
     assert strategy.aggregate_train(1, replies) == (None, None)
+
+
+def test_hostile_metrics_are_dropped_not_fatal():
+    template = states(1)[0]
+    strategy = strategy_after_sending(template)
+
+    def reply_with(node, **metrics):
+        values = {"num-examples": 10, "train-loss": 1.0, "train-seconds": 0.1, **metrics}
+        return make_reply(node, RecordDict({"arrays": ArrayRecord(template),
+                                            "metrics": MetricRecord(values)}))
+
+    replies = [reply_with(1), reply_with(2, **{"train-loss": float("nan")}),
+               reply_with(3, **{"train-seconds": [1.0, 2.0]}), reply_with(4, **{"num-examples": 2.5})]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and sorted(n for n, _ in strategy.dropped) == [2, 3, 4]
+    assert metrics["train-loss"] == 1.0 and abs(metrics["train-seconds"] - 0.1) < 1e-12
