@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_report(rows: list[dict], path: Path) -> None:
@@ -31,6 +32,8 @@ def plot_report(rows: list[dict], path: Path) -> None:
              title="quality per communication")
     for axis in (acc, loss, comm):
         axis.grid(alpha=0.3)
+    for axis in (acc, loss):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.suptitle(f"{rows[-1]['strategy']}: {len(rows) - 1} rounds")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
