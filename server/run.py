@@ -44,13 +44,18 @@ COLUMNS = [  # (metrics key, table heading, width, format spec)
 
 
 def payload_bytes(message: Message) -> int:
-    """Exact serialized size of a message's content, as Flower sends it.
+    """Exact serialized size of a message's content, as Flower sends it: see serialized_bytes."""
+    return serialized_bytes(message.content)
 
-    Flower stores a message as content-addressed objects (records, arrays, array
-    chunks); an object that occurs twice is sent once. This is the sum of their
-    serialized sizes, without the ~1 KB of message metadata.
+
+def serialized_bytes(record) -> int:
+    """Exact serialized size of a Flower record (a RecordDict, ArrayRecord, ...).
+
+    Flower stores a message as content-addressed objects (records, arrays, array chunks);
+    an object that occurs twice is sent once. This is the sum of their serialized sizes,
+    without the ~1 KB of message metadata.
     """
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message.content).values())
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
 
 
 def run_federation(grid: Grid, config: RunConfig) -> Path:

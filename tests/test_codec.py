@@ -1,0 +1,124 @@
+"""Payload codecs: round trips, error bounds, top-k selection, bytes, hostile payloads."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from fedlora.codec import Codec, decode, encode, index_dtype
+from fedlora.errors import FedLoraError
+
+SHAPES = {"b.lora_B.weight": (64, 8), "a.lora_A.weight": (8, 96), "c.lora_R.weight": (8, 8)}
+
+
+@pytest.fixture
+def state():
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.randn(shape, generator=g) for k, shape in SHAPES.items()}
+
+
+def round_trip(state, text):
+    codec = Codec.parse(text)
+    return decode(encode(state, codec), codec, {k: tuple(v.shape) for k, v in state.items()})
+
+
+def test_fp32_is_exact(state):
+    out = round_trip(state, "fp32")
+    assert all(torch.equal(out[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("text, relative", [("fp16", 2**-11), ("bf16", 2**-8)])
+def test_half_precisions_within_their_rounding(state, text, relative):
+    out = round_trip(state, text)
+    for k in state:
+        assert ((out[k] - state[k]).abs() <= relative * state[k].abs() + 1e-7).all()
+        assert out[k].dtype == torch.float32
+
+
+def test_int8_error_is_at_most_half_a_step(state):
+    out = round_trip(state, "int8")
+    for k in state:
+        step = state[k].abs().max() / 127
+        assert (out[k] - state[k]).abs().max() <= step / 2 + 1e-7
+
+
+@pytest.mark.parametrize("text", ["topk:0.1,fp32", "topk:0.25,fp32,per-tensor"])
+def test_topk_keeps_exactly_the_k_largest_magnitudes(state, text):
+    codec = Codec.parse(text)
+    out = round_trip(state, text)
+    groups = [[k] for k in sorted(state)] if codec.per_tensor else [sorted(state)]
+    for names in groups:
+        sent = torch.cat([state[k].flatten() for k in names])
+        got = torch.cat([out[k].flatten() for k in names])
+        k = int(np.ceil(codec.density * sent.numel()))
+        kept = got != 0
+        assert int(kept.sum()) == k
+        assert torch.equal(got[kept], sent[kept])  # kept entries are exact in fp32
+        assert sent[kept].abs().min() >= sent[~kept].abs().max()  # and they are the largest
+
+
+def test_sparse_payload_bytes_are_values_plus_indices_plus_fixed_overhead(state):
+    """Serialized bytes = kept entries x (value size + index size) + an overhead that is
+    fixed but for protobuf's varint length prefix of each array's data (one more byte once
+    an array's data passes 128, 16384, ... bytes)."""
+    from flwr.app import Array
+
+    from server.run import serialized_bytes  # the count the run reports
+
+    total = sum(v.numel() for v in state.values())  # 1352 entries: indices fit uint16
+    assert index_dtype(total) == np.uint16
+
+    def size(density, values):
+        arrays = encode(state, Codec.parse(f"topk:{density},{values}"))
+        assert arrays["indices"].dtype == np.uint16
+        return serialized_bytes(RecordDict({"arrays": ArrayRecord(
+            {k: Array(a) for k, a in arrays.items()})}))
+
+    for values, value_size in (("fp32", 4), ("fp16", 2)):
+        overheads = []
+        for density in (0.1, 0.2, 0.3, 0.6):
+            k = int(np.ceil(density * total))
+            overheads.append(size(density, values) - k * (value_size + 2))
+        assert max(overheads) - min(overheads) <= 2  # two arrays: values and indices
+
+
+def test_index_type_is_the_smallest_that_fits():
+    assert index_dtype(256) == np.uint8 and index_dtype(257) == np.uint16
+    assert index_dtype(65536) == np.uint16 and index_dtype(65537) == np.uint32
+
+
+@pytest.mark.parametrize("text, message", [
+    ("gzip", "unknown codec 'gzip'; valid choices: fp32, fp16, bf16, int8, topk"),
+    ("topk:1.5", "top-k density must be in (0, 1]"),
+    ("topk:abc", "top-k density must be in (0, 1]"),
+    ("topk:0.1,fp8", "unknown top-k option 'fp8'"),
+    ("fp16:0.5", "codec fp16 takes no options"),
+])
+def test_bad_codec_names(text, message):
+    with pytest.raises(FedLoraError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Codec.parse(text)
+
+
+def test_names_are_canonical():
+    assert Codec.parse("topk:0.10,fp16").name == "topk:0.1,fp16"
+    assert Codec.parse(Codec.parse("topk:0.5,per-tensor").name) == Codec.parse("topk:0.5,fp32,per-tensor")
+
+
+def test_hostile_payloads_are_rejected_with_a_reason(state):
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    sparse = Codec.parse("topk:0.1,fp32")
+    good = encode(state, sparse)
+    cases = {
+        "missing": {"values": good["values"]},
+        "short": {**good, "values": good["values"][:-1]},
+        "wrong type": {**good, "indices": good["indices"].astype(np.int64)},
+        "out of range": {**good, "indices": np.full_like(good["indices"], 60000)},
+        "repeated": {**good, "indices": np.zeros_like(good["indices"])},
+    }
+    for case, arrays in cases.items():
+        with pytest.raises(FedLoraError):
+            decode(arrays, sparse, shapes)
+    dense = encode(state, Codec.parse("fp16"))
+    with pytest.raises(FedLoraError, match="expected float16"):
+        decode({**dense, "c.lora_R.weight": dense["c.lora_R.weight"].astype(np.float32)},
+               Codec.parse("fp16"), shapes)
