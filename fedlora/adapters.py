@@ -128,14 +128,16 @@ class LoraSBLinear(torch.nn.Module):
         self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False)
         self.lora_R = torch.nn.Linear(rank, rank, bias=False)
         self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False)
-        dtype, device = base.weight.dtype, base.weight.device
+        # The factors stay fp32 even under a bf16 base model (as peft keeps LoRA weights),
+        # so that R's small updates are not rounded away.
         for layer, value in ((self.lora_A, A), (self.lora_R, R), (self.lora_B, B)):
-            layer.weight.data = value.to(device, dtype).clone()
+            layer.weight.data = value.to(base.weight.device, torch.float32).clone()
         self.lora_A.weight.requires_grad_(False)
         self.lora_B.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora_B(self.lora_R(self.lora_A(x)))
+        update = self.lora_B(self.lora_R(self.lora_A(x.to(torch.float32))))
+        return self.base(x) + update.to(x.dtype)
 
 
 def target_linears(model, target_modules: list[str]) -> dict[str, torch.nn.Linear]:

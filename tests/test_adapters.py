@@ -72,3 +72,35 @@ def test_saved_adapter_loads_with_peft_and_changes_the_output(model_and_tokenize
         loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")(ids).logits
     torch.testing.assert_close(loaded, expected)
     assert (loaded - base_logits).abs().max() > 1e-3
+
+
+def test_lora_sb_layer_computes_w_plus_b_r_a_and_trains_only_r(model_and_tokenizer):
+    from fedlora.adapters import attach_lora_sb, lora_sb_state, lora_sb_to_peft
+
+    model, tokenizer = model_and_tokenizer
+    ids = tokenizer("the movie was good", return_tensors="pt").input_ids
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    g = torch.Generator().manual_seed(0)
+    factors = {}
+    for path, module in model.named_modules():
+        if path.endswith(("q_proj", "v_proj")):
+            m, n = module.weight.shape
+            factors.update({f"{path}.lora_A.weight": torch.randn(3, n, generator=g),
+                            f"{path}.lora_B.weight": torch.randn(m, 3, generator=g),
+                            f"{path}.lora_R.weight": torch.randn(3, 3, generator=g)})
+    attach_lora_sb(model, factors, ["q_proj", "v_proj"])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        k for k in factors if k.endswith("lora_R.weight")}
+    state = lora_sb_state(model)
+    assert all(torch.equal(state[k], factors[k]) for k in factors)
+    with torch.no_grad():
+        sb_logits = model(ids).logits
+    assert (sb_logits - base_logits).abs().max() > 1e-3
+    # The exported PEFT LoRA (B R, A, scale 1) computes the same function.
+    base, _ = load_model(str(model.config._name_or_path), CPU)
+    from fedlora.adapters import lora_applied
+
+    with lora_applied(base, lora_sb_to_peft(state), 3, 3.0, ["q_proj", "v_proj"]) as peft_model:
+        with torch.no_grad():
+            torch.testing.assert_close(peft_model(ids).logits, sb_logits, rtol=1e-4, atol=1e-5)
