@@ -3,9 +3,11 @@
 It knows adapter kinds (peft LoRA, LoRA-SB), not methods. A message carries:
 
 - ``config``: the plan: the run config, plus ``server-round``, ``task`` ("train" or
-  "gradient"), ``adapter``, ``trainable`` (which adapter tensors to train and upload) and
+  "gradient"), ``adapter``, ``trainable`` (which adapter tensors to train and upload),
+  ``upload`` ("delta": trained minus received, or "weights"), ``upload-codec`` and
   ``kept-batches``;
-- ``arrays``: global adapter tensors to load (any subset of the adapter's);
+- ``arrays`` and ``codec``: global adapter tensors to load (any subset of the adapter's),
+  encoded by the codec the ``codec`` header names (fedlora.codec);
 - ``keep``: tensors to keep for the whole run, in numbered batches: ``<i>/frozen/<key>``
   (loaded into every adapter, never trained) and ``<i>/merge/<key>`` (LoRA factors whose
   product is merged into the base weights, in batch order).
@@ -17,7 +19,7 @@ deployment, where each message starts a fresh process.
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora.adapters import (
@@ -29,6 +31,7 @@ from fedlora.adapters import (
     merge_lora,
     target_linears,
 )
+from fedlora.codec import Codec, decode_payload, encode_payload
 from fedlora.config import RunConfig
 from fedlora.data import client_examples, load_task
 from fedlora.errors import FedLoraError
@@ -100,11 +103,13 @@ def train(msg: Message, context: Context) -> Message:
             batch_size=config.batch_size, max_length=config.max_length, device=device,
         )
         metrics = {"num-examples": min(len(examples), int(plan["gradient-examples"]))}
-        return reply(msg, arrays, metrics, device)
+        return reply(msg, arrays, metrics, Codec.parse(config.upload_codec), device)
 
     for merge in merges:  # FLoRA: the global base is the base plus every round's stack
         merge_lora(model, merge)
-    received = msg.content["arrays"].to_torch_state_dict()
+    received = decode_payload(
+        {k: a.numpy() for k, a in msg.content["arrays"].items()}, dict(msg.content["codec"])
+    )
     rank = client_rank(config, context.node_config, partition_id)
     if plan["adapter"] == "lorasb":
         adapted = attach_lora_sb(model, {**frozen, **received}, config.target_module_list)
@@ -126,18 +131,26 @@ def train(msg: Message, context: Context) -> Message:
     )
     state = lora_sb_state(adapted) if plan["adapter"] == "lorasb" else adapter_state(adapted)
     upload = {k: v for k, v in state.items() if any(t in k for t in trainable)}
+    if plan["upload"] == "delta":  # what training changed, relative to what was received
+        upload = {k: v - received[k] for k, v in upload.items()}
     metrics = {
         "num-examples": len(examples),
         "train-loss": stats["train_loss"],
         "train-seconds": stats["train_seconds"],
         "rank": rank,
     }
-    return reply(msg, upload, metrics, device)
+    return reply(msg, upload, metrics, Codec.parse(config.upload_codec), device)
 
 
-def reply(msg: Message, arrays: dict, metrics: dict, device: torch.device) -> Message:
-    """The reply message; GPU memory is given back before the process waits again."""
-    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
+def reply(msg: Message, tensors: dict, metrics: dict, codec: Codec, device: torch.device) -> Message:
+    """The reply: tensors encoded by ``codec``, its header, and the metrics. GPU memory is
+    given back before the process waits for the next message."""
+    payload, header = encode_payload(tensors, codec)
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
+        "codec": ConfigRecord(header),
+        "metrics": MetricRecord(metrics),
+    })
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return Message(content=content, reply_to=msg)

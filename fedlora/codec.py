@@ -190,3 +190,39 @@ def _scatter(values: np.ndarray, indices: np.ndarray, value_type, size: int, cod
     flat = torch.zeros(size)
     flat[index] = torch.from_numpy(values.reshape(-1).astype(np.float32))
     return flat
+
+
+def encode_payload(state: dict[str, torch.Tensor], codec: Codec) -> tuple[dict[str, np.ndarray], dict]:
+    """``state`` as arrays plus the header that names the codec, the tensors and their shapes
+    (so the receiver decodes without guessing)."""
+    names = sorted(state)
+    header = {
+        "codec": codec.name,
+        "keys": names,
+        "shapes": ["x".join(map(str, state[n].shape)) for n in names],
+    }
+    return encode(state, codec), header
+
+
+def decode_payload(arrays: dict[str, np.ndarray], header: dict,
+                   expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a payload. With ``expected`` (names and shapes the receiver expects),
+    a header that names other tensors or shapes is rejected before anything is decoded."""
+    codec = Codec.parse(str(header.get("codec", "")))
+    keys, shapes = list(header.get("keys", [])), list(header.get("shapes", []))
+    if len(keys) != len(shapes):
+        raise FedLoraError(f"payload header lists {len(keys)} tensors but {len(shapes)} shapes")
+    try:
+        declared = {k: tuple(int(d) for d in str(s).split("x") if d) for k, s in zip(keys, shapes)}
+    except ValueError:
+        raise FedLoraError(f"payload header has a malformed shape among {shapes[:3]}") from None
+    if expected is not None:
+        missing = sorted(set(expected) - set(declared))
+        extra = sorted(set(declared) - set(expected))
+        if missing or extra:
+            raise FedLoraError(f"payload tensors differ: missing {missing[:3]}, unexpected {extra[:3]}")
+        for key, shape in declared.items():
+            if shape != tuple(expected[key]):
+                raise FedLoraError(f"payload tensor {key} has shape {shape}, "
+                                   f"expected {tuple(expected[key])}")
+    return decode(arrays, codec, declared)

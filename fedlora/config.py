@@ -101,6 +101,13 @@ class RunConfig:
     fedsb_init_examples: int = field(
         default=64, metadata={"help": "examples per client for Fed-SB's gradient estimate"}
     )
+    upload_codec: str = field(
+        default="fp32",
+        metadata={"help": "how updates travel: fp32, fp16, bf16, int8, topk:D[,fp16][,per-tensor]"},
+    )
+    download_codec: str = field(
+        default="fp32", metadata={"help": "how the global adapter travels (same choices)"}
+    )
     check_exactness: bool = field(
         default=False,
         metadata={"help": "log each round's aggregation_error against sum_k p_k DeltaW_k"},
@@ -181,6 +188,10 @@ class RunConfig:
         if not self.target_module_list:
             raise FedLoraError("--target-modules is empty; give e.g. q_proj,v_proj")
         _ = self.rank_list  # raises on a malformed --ranks
+        from fedlora.codec import Codec
+
+        Codec.parse(self.upload_codec)
+        Codec.parse(self.download_codec)
         if bool(self.prompt_column) != bool(self.response_column):
             raise FedLoraError("--prompt-column and --response-column go together; give both")
         # Model and dataset names are checked where they are resolved, against their registries.

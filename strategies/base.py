@@ -15,13 +15,14 @@ import math
 from collections.abc import Iterable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlora.adapters import check_adapter_state, fresh_lora_state
 from fedlora.aggregate import State, aggregation_error, delta_weights, example_weights
+from fedlora.codec import Codec, decode_payload, encode_payload
 from fedlora.errors import FedLoraError
 
 log = logging.getLogger("fedlora")
@@ -49,6 +50,11 @@ class LoraStrategy(FedAvg):
     check_exactness : bool (default: False)
         Compute each round's ``aggregation-error``: the relative distance between the
         aggregated weight change and sum_k p_k DeltaW_k of the clients.
+    upload_codec, download_codec : str (default: "fp32")
+        How replies and the global tensors travel (fedlora.codec): fp32, fp16, bf16, int8,
+        topk:DENSITY[,fp16][,per-tensor]. A lossy download sends the clients an
+        approximation; the server keeps the dense global state and adds the clients' updates
+        to it.
     weighted_by_key : str (default: "num-examples")
         The reply metric that holds a client's number of training examples.
     """
@@ -56,6 +62,7 @@ class LoraStrategy(FedAvg):
     name = "base"
     adapter = "lora"  # what the client attaches: "lora" (peft) or "lorasb"
     trainable: tuple[str, ...] = ("lora_A", "lora_B")  # what it trains and uploads
+    upload = "delta"  # clients send trained - received ("delta") or what they trained
     heterogeneous_ranks = False  # whether clients may use different ranks
 
     def __init__(
@@ -68,6 +75,8 @@ class LoraStrategy(FedAvg):
         min_train_nodes: int = 1,
         min_available_nodes: int = 1,
         check_exactness: bool = False,
+        upload_codec: str = "fp32",
+        download_codec: str = "fp32",
         weighted_by_key: str = "num-examples",
     ) -> None:
         super().__init__(
@@ -81,6 +90,9 @@ class LoraStrategy(FedAvg):
         self.rank, self.alpha, self.seed = rank, alpha, seed
         self.target_modules = tuple(target_modules)
         self.check_exactness = check_exactness
+        self.upload_codec = Codec.parse(upload_codec)
+        self.download_codec = Codec.parse(download_codec)
+        self.global_state: State = {}  # the dense global tensors of the round being run
         self.sent_shapes: dict[str, tuple[int, ...]] = {}
         self.dropped: list[tuple[int, str]] = []  # (node id, reason) of the last round
         # Tensors every client keeps for the whole run (frozen factors, merged deltas), as
@@ -110,6 +122,8 @@ class LoraStrategy(FedAvg):
             min_train_nodes=config.min_clients,
             min_available_nodes=config.num_clients,
             check_exactness=config.check_exactness,
+            upload_codec=config.upload_codec,
+            download_codec=config.download_codec,
         )
 
     @property
@@ -141,9 +155,11 @@ class LoraStrategy(FedAvg):
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
         plan = self.plan(config, server_round, task="train")
-        arrays = self.arrays_to_send(arrays)
-        self.sent_shapes = {k: tuple(v.shape) for k, v in arrays.items()}
-        return [self.message(node, plan, arrays) for node in node_ids]
+        self.global_state = arrays.to_torch_state_dict() if arrays is not None else {}
+        sent = self.arrays_to_send(arrays).to_torch_state_dict()
+        self.sent_shapes = {k: tuple(v.shape) for k, v in sent.items()}
+        payload, header = encode_payload(sent, self.download_codec)
+        return [self.message(node, plan, payload, header) for node in node_ids]
 
     def arrays_to_send(self, arrays: ArrayRecord) -> ArrayRecord:
         """What of the global state goes to the clients each round: by default all of it."""
@@ -162,11 +178,13 @@ class LoraStrategy(FedAvg):
             "task": task,
             "adapter": self.adapter,
             "trainable": ",".join(self.trainable),
+            "upload": self.upload,
+            "upload-codec": self.upload_codec.name,
             "kept-batches": len(self.kept_batches),
         })
 
-    def message(self, node_id: int, plan: ConfigRecord, arrays: ArrayRecord) -> Message:
-        """One node's message: plan, global arrays and the kept batches it does not hold."""
+    def message(self, node_id: int, plan: ConfigRecord, payload: dict, header: dict) -> Message:
+        """One node's message: plan, encoded global tensors and the kept batches it lacks."""
         first = self.node_batches.get(node_id, 0)
         keep = {
             f"{i}/{key}": value
@@ -174,7 +192,12 @@ class LoraStrategy(FedAvg):
             for key, value in batch.items()
         }
         self.node_batches[node_id] = len(self.kept_batches)
-        content = RecordDict({"config": plan, "arrays": arrays, "keep": ArrayRecord(keep)})
+        content = RecordDict({
+            "config": plan,
+            "arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
+            "codec": ConfigRecord(header),
+            "keep": ArrayRecord(keep),
+        })
         return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
 
     def aggregate_train(
@@ -186,9 +209,11 @@ class LoraStrategy(FedAvg):
         else the new global state and the metrics ``train-loss`` (mean weighted by p_k),
         ``train-seconds`` (sum) and, with ``check_exactness``, ``aggregation-error``.
         """
-        valid, states = self.valid_replies(server_round, replies)
+        valid, states = self.valid_replies(server_round, replies)  # as sent: updates
         if not valid or len(valid) < self.min_train_nodes:
             return None, None
+        if self.upload == "delta":  # a client's state: the dense global plus its update
+            states = [{k: self.global_state[k] + u for k, u in update.items()} for update in states]
         metrics = [r.content["metrics"] for r in valid]
         weights = self.weights(metrics)
         new_state = self.aggregate_states(states, weights, metrics)
@@ -228,7 +253,7 @@ class LoraStrategy(FedAvg):
         return example_weights([int(m[self.weighted_by_key]) for m in metrics])
 
     def check_reply(self, reply: Message, expected_shapes) -> dict[str, torch.Tensor]:
-        """The reply's state, or FedLoraError saying why the reply is unusable."""
+        """The reply's decoded tensors, or FedLoraError saying why the reply is unusable."""
         if reply.has_error():
             raise FedLoraError(f"the client failed: {reply.error.reason}")
         content = reply.content
@@ -244,12 +269,16 @@ class LoraStrategy(FedAvg):
             value = metrics.get(key, 0.0)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise FedLoraError(f"'{key}' must be a finite number, got {value!r}")
+        if not isinstance(content.get("codec"), ConfigRecord):
+            raise FedLoraError("the reply has no ConfigRecord 'codec'")
         try:
-            state = content["arrays"].to_torch_state_dict()
+            arrays = {k: a.numpy() for k, a in content["arrays"].items()}
         except Exception as err:  # a hostile payload can fail in many ways inside Flower
             raise FedLoraError(f"the arrays do not decode: {err}") from None
-        check_adapter_state(state, expected_shapes(metrics))
-        return {k: v.to(torch.float32) for k, v in state.items()}
+        expected = expected_shapes(metrics)
+        state = decode_payload(arrays, dict(content["codec"]), expected)
+        check_adapter_state(state, expected)
+        return state
 
     def expected_shapes(self, metrics: MetricRecord) -> dict[str, tuple[int, ...]]:
         """Keys and shapes a client's reply must have: by default, those sent."""

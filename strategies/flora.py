@@ -34,6 +34,7 @@ class FLoRA(LoraStrategy):
 
     name = "flora"
     heterogeneous_ranks = True
+    upload = "weights"  # each client's fresh LoRA, whose initial state the server never saw
 
     def __init__(self, ranks: tuple[int, ...] = (8,), **kwargs) -> None:
         super().__init__(**kwargs)

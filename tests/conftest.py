@@ -57,11 +57,20 @@ def make_reply(node_id: int, content=None, error: str | None = None):
     return Message(content=content, metadata=metadata)
 
 
-def train_reply(node_id: int, state: dict, num_examples: int, loss: float = 1.0, rank: int = 8):
-    """A well-formed reply carrying an adapter state."""
-    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+def train_reply(node_id: int, tensors: dict, num_examples: int, loss: float = 1.0, rank: int = 8,
+                codec: str = "fp32"):
+    """A well-formed reply, as the client builds it, carrying ``tensors`` (an update or
+    weights) encoded by ``codec``."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from fedlora.codec import Codec, encode_payload
 
     metrics = MetricRecord(
         {"num-examples": num_examples, "train-loss": loss, "train-seconds": 0.1, "rank": rank}
     )
-    return make_reply(node_id, RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}))
+    payload, header = encode_payload(tensors, Codec.parse(codec))
+    return make_reply(node_id, RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
+        "codec": ConfigRecord(header),
+        "metrics": metrics,
+    }))

@@ -59,6 +59,8 @@ def test_a_comparison_gives_one_config_per_strategy_with_its_table(tmp_path):
         ({"dataset": "squad"}, "unknown dataset 'squad'; valid choices: rotten-tomatoes, imdb"),
         ({"dataset": "/nowhere/data.csv"}, "dataset file not found: /nowhere/data.csv"),
         ({"colour": "red"}, "unknown config key 'colour'; valid keys: strategy, model"),
+        ({"upload-codec": "gzip"}, "unknown codec 'gzip'; valid choices: fp32, fp16, bf16, int8, topk"),
+        ({"download-codec": "topk:2"}, "top-k density must be in (0, 1], got '2'"),
     ],
 )
 def test_bad_values_name_the_value_and_the_choices(values, message):

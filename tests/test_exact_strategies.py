@@ -66,31 +66,35 @@ def relative_error(got, expected):
 
 
 def one_round(strategy, base_model, client_states, ranks=None):
+    """Initialise, send round 1 to nodes 1-3, and aggregate their replies, which carry what
+    a client sends for ``client_states(arrays)``: the update (trained - received) or, for
+    FLoRA, the trained tensors. Returns (messages, trained states, new arrays, metrics)."""
     arrays = strategy.initialize(base_model)
     messages = list(strategy.configure_train(1, arrays, RunConfig().to_dict(), FakeGrid([1, 2, 3])))
-    replies = [
-        train_reply(i + 1, state, n, rank=(ranks[i] if ranks else strategy.rank))
-        for i, (state, n) in enumerate(zip(client_states(arrays), EXAMPLES))
-    ]
+    trained = client_states(arrays)
+    received = arrays.to_torch_state_dict()
+    replies = []
+    for i, (state, n) in enumerate(zip(trained, EXAMPLES)):
+        sent = {k: v - received[k] for k, v in state.items()} if strategy.upload == "delta" else state
+        replies.append(train_reply(i + 1, sent, n, rank=(ranks[i] if ranks else strategy.rank)))
     new_arrays, metrics = strategy.aggregate_train(1, replies)
-    return messages, replies, new_arrays, metrics
+    return messages, trained, new_arrays, metrics
 
 
 def test_ffa_average_of_b_is_exact(base_model):
     strategy = FFALoRA(rank=4, alpha=8, target_modules=TARGETS, check_exactness=True)
     states = lambda arrays: [perturbed(arrays.to_torch_state_dict(), s) for s in range(3)]  # noqa: E731
-    _, replies, arrays, metrics = one_round(strategy, base_model, states)
+    _, trained, arrays, metrics = one_round(strategy, base_model, states)
     A = strategy.frozen
     expected = {}
-    for reply, w in zip(replies, p(EXAMPLES)):
-        B = reply.content["arrays"].to_torch_state_dict()
+    for B, w in zip(trained, p(EXAMPLES)):
         for key, value in B.items():
             a = A[key.replace("lora_B", "lora_A")]
             module = key.removeprefix("base_model.model.").rsplit(".lora_B", 1)[0]
             expected[module] = expected.get(module, 0) + w * 2.0 * value.double() @ a.double()
     assert relative_error(global_delta(strategy, arrays), expected) < 1e-5
     assert metrics["aggregation-error"] < 1e-5
-    assert all(".lora_B." in k for k in replies[0].content["arrays"])  # half the upload
+    assert all(".lora_B." in k for k in trained[0])  # half the upload
 
 
 def test_flora_stacking_is_exact_with_three_different_ranks(base_model):
@@ -108,10 +112,10 @@ def test_flora_stacking_is_exact_with_three_different_ranks(base_model):
             })
         return out
 
-    _, replies, arrays, metrics = one_round(strategy, base_model, states, ranks)
+    _, trained, arrays, metrics = one_round(strategy, base_model, states, ranks)
     expected = {}
-    for reply, w, r in zip(replies, p(EXAMPLES), ranks):
-        for module, delta in delta_weights(reply.content["arrays"].to_torch_state_dict(), 16 / r).items():
+    for state, w, r in zip(trained, p(EXAMPLES), ranks):
+        for module, delta in delta_weights(state, 16 / r).items():
             expected[module] = expected.get(module, 0) + w * delta
     assert relative_error(global_delta(strategy, arrays), expected) < 1e-5
     assert metrics["aggregation-error"] < 1e-5
@@ -124,11 +128,11 @@ def test_fedsb_average_of_r_is_exact(base_model, weighting):
     strategy = FedSB(init="random", weighting=weighting, rank=4, target_modules=TARGETS,
                      check_exactness=True)
     states = lambda arrays: [perturbed(arrays.to_torch_state_dict(), s) for s in range(3)]  # noqa: E731
-    _, replies, arrays, metrics = one_round(strategy, base_model, states)
+    _, trained, arrays, metrics = one_round(strategy, base_model, states)
     weights = p(EXAMPLES) if weighting == "examples" else [1 / 3] * 3
     expected = {}
-    for reply, w in zip(replies, weights):
-        for key, R in reply.content["arrays"].to_torch_state_dict().items():
+    for state, w in zip(trained, weights):
+        for key, R in state.items():
             path = key.rsplit(".lora_R", 1)[0]
             B, A = strategy.frozen[f"{path}.lora_B.weight"], strategy.frozen[f"{path}.lora_A.weight"]
             expected[path] = expected.get(path, 0) + w * (B.double() @ R.double() @ A.double())
@@ -143,10 +147,10 @@ def test_fedavg_is_not_exact_and_its_error_is_reported(base_model, capsys):
         return [{k: v + torch.randn(v.shape, generator=torch.Generator().manual_seed(s))
                  for k, v in arrays.to_torch_state_dict().items()} for s in range(3)]
 
-    _, replies, arrays, metrics = one_round(strategy, base_model, states)
+    _, trained, arrays, metrics = one_round(strategy, base_model, states)
     expected = {}
-    for reply, w in zip(replies, p(EXAMPLES)):
-        for module, delta in delta_weights(reply.content["arrays"].to_torch_state_dict(), 2.0).items():
+    for state, w in zip(trained, p(EXAMPLES)):
+        for module, delta in delta_weights(state, 2.0).items():
             expected[module] = expected.get(module, 0) + w * delta
     error = relative_error(global_delta(strategy, arrays), expected)
     assert error > 0.05

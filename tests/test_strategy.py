@@ -2,7 +2,7 @@
 
 import torch
 from conftest import make_reply, train_reply
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from strategies.fedavg import FedAvgLoRA
 
@@ -14,8 +14,10 @@ def states(n, seed=0):
 
 
 def strategy_after_sending(global_state, min_clients=1):
+    """A strategy as configure_train leaves it, having sent zero tensors shaped like
+    ``global_state``: a client's update then equals its trained state."""
     strategy = FedAvgLoRA(min_train_nodes=min_clients)
-    # what configure_train records when it sends the global state
+    strategy.global_state = {k: torch.zeros_like(v) for k, v in global_state.items()}
     strategy.sent_shapes = {k: tuple(v.shape) for k, v in global_state.items()}
     return strategy
 
@@ -44,7 +46,8 @@ def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on():
         9: train_reply(9, {**template, key: torch.full((2, 6), float("inf"))}, 10),
         10: train_reply(10, {k: v for k, v in template.items() if k != key}, 10),
         11: train_reply(11, template, 0),
-        12: make_reply(12, RecordDict({"arrays": ArrayRecord(template)})),
+        12: make_reply(12, RecordDict({"arrays": ArrayRecord(template),
+                                        "codec": ConfigRecord({"codec": "fp32"})})),
         13: make_reply(13, RecordDict({"metrics": MetricRecord({"num-examples": 5})})),
         14: train_reply(14, {**template, "extra.lora_A.weight": torch.zeros(1)}, 10),
     }
@@ -78,12 +81,40 @@ def test_hostile_metrics_are_dropped_not_fatal():
     strategy = strategy_after_sending(template)
 
     def reply_with(node, **metrics):
+        reply = train_reply(node, template, 10)
         values = {"num-examples": 10, "train-loss": 1.0, "train-seconds": 0.1, **metrics}
-        return make_reply(node, RecordDict({"arrays": ArrayRecord(template),
-                                            "metrics": MetricRecord(values)}))
+        reply.content["metrics"] = MetricRecord(values)
+        return reply
 
     replies = [reply_with(1), reply_with(2, **{"train-loss": float("nan")}),
                reply_with(3, **{"train-seconds": [1.0, 2.0]}), reply_with(4, **{"num-examples": 2.5})]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and sorted(n for n, _ in strategy.dropped) == [2, 3, 4]
     assert metrics["train-loss"] == 1.0 and abs(metrics["train-seconds"] - 0.1) < 1e-12
+
+
+def test_sparse_updates_are_added_to_the_dense_global_state():
+    """With a top-k upload, the new global state is the global plus the weighted mean of the
+    clients' sparse updates: entries no client sent keep their global value."""
+    global_state = {k: v + 1.0 for k, v in states(1, seed=5)[0].items()}
+    strategy = FedAvgLoRA(upload_codec="topk:0.25,fp32")
+    strategy.global_state = global_state
+    strategy.sent_shapes = {k: tuple(v.shape) for k, v in global_state.items()}
+    updates = states(2, seed=6)
+    replies = [train_reply(1, updates[0], 10, codec="topk:0.25,fp32"),
+               train_reply(2, updates[1], 30, codec="topk:0.25,fp32")]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    result = arrays.to_torch_state_dict()
+
+    def sparsified(update):  # what the client's codec kept of an update
+        flat = torch.cat([update[k].flatten() for k in sorted(update)])
+        kept = torch.zeros_like(flat)
+        top = torch.topk(flat.abs(), int(0.25 * flat.numel() + 0.999)).indices
+        kept[top] = flat[top]
+        parts = torch.split(kept, [update[k].numel() for k in sorted(update)])
+        return {k: part.reshape(update[k].shape) for k, part in zip(sorted(update), parts)}
+
+    sent = [sparsified(u) for u in updates]
+    for key in global_state:
+        expected = global_state[key] + 0.25 * sent[0][key] + 0.75 * sent[1][key]
+        torch.testing.assert_close(result[key], expected)
