@@ -40,6 +40,7 @@ from fedlora.train import train_local, weight_gradients
 
 app = ClientApp()
 KEPT = "fedlora-kept"  # the context.state record that holds kept tensors
+RESIDUAL = "fedlora-residual"  # and the one that holds the error-feedback residual
 
 
 def plan_to_config(plan) -> RunConfig:
@@ -103,7 +104,7 @@ def train(msg: Message, context: Context) -> Message:
             batch_size=config.batch_size, max_length=config.max_length, device=device,
         )
         metrics = {"num-examples": min(len(examples), int(plan["gradient-examples"]))}
-        return reply(msg, arrays, metrics, Codec.parse(config.upload_codec), device)
+        return reply(msg, *encode_payload(arrays, Codec.parse(config.upload_codec)), metrics, device)
 
     for merge in merges:  # FLoRA: the global base is the base plus every round's stack
         merge_lora(model, merge)
@@ -139,13 +140,30 @@ def train(msg: Message, context: Context) -> Message:
         "train-seconds": stats["train_seconds"],
         "rank": rank,
     }
-    return reply(msg, upload, metrics, Codec.parse(config.upload_codec), device)
+    codec = Codec.parse(config.upload_codec)
+    if plan.get("error-feedback", False):
+        payload, header = encode_with_feedback(context, upload, codec)
+    else:
+        payload, header = encode_payload(upload, codec)
+    return reply(msg, payload, header, metrics, device)
 
 
-def reply(msg: Message, tensors: dict, metrics: dict, codec: Codec, device: torch.device) -> Message:
-    """The reply: tensors encoded by ``codec``, its header, and the metrics. GPU memory is
-    given back before the process waits for the next message."""
-    payload, header = encode_payload(tensors, codec)
+def encode_with_feedback(context: Context, update: dict, codec: Codec):
+    """Encode the update plus the residual kept from earlier rounds, and keep as the new
+    residual what the codec did not send: after any number of rounds, everything sent plus
+    the residual equals the sum of the updates (error feedback)."""
+    stored = context.state.get(RESIDUAL)
+    residual = stored.to_torch_state_dict() if isinstance(stored, ArrayRecord) else {}
+    total = {k: v + residual[k] if k in residual else v for k, v in update.items()}
+    payload, header = encode_payload(total, codec)
+    sent = decode_payload(payload, header)
+    context.state[RESIDUAL] = ArrayRecord({k: total[k] - sent[k] for k in total})
+    return payload, header
+
+
+def reply(msg: Message, payload: dict, header: dict, metrics: dict, device: torch.device) -> Message:
+    """The reply: the encoded tensors, the codec header and the metrics. GPU memory is given
+    back before the process waits for the next message."""
     content = RecordDict({
         "arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
         "codec": ConfigRecord(header),

@@ -31,6 +31,11 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {
     "dirichlet_alpha": (0.0, 1e6, False),
     "eval_size": (1, 1_000_000, True),
     "fedsb_init_examples": (1, 1_000_000, True),
+    "upload_density": (0.0, 1.0, False),
+    "download_density": (0.0, 1.0, False),
+    "density_decay": (0.0, 1.0, False),
+    "density_decay_every": (1, 1_000_000, True),
+    "server_lr": (0.0, 10.0, False),
     "eval_batch_size": (1, 65_536, True),
     "seed": (0, 2**31 - 1, True),
     "round_timeout": (0.0, 1e7, False),
@@ -43,6 +48,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "fedsb_init": ("gradient", "random"),
     "fedsb_weighting": ("examples", "uniform"),
+    "server_optimizer": ("avg", "adam"),
 }
 
 
@@ -107,6 +113,26 @@ class RunConfig:
     )
     download_codec: str = field(
         default="fp32", metadata={"help": "how the global adapter travels (same choices)"}
+    )
+    upload_density: float = field(
+        default=0.1, metadata={"help": "sparse: fraction of the update each client uploads"}
+    )
+    download_density: float = field(
+        default=1.0, metadata={"help": "sparse: fraction of the global adapter sent down"}
+    )
+    density_decay: float = field(
+        default=1.0, metadata={"help": "sparse: densities shrink by this factor every ..."}
+    )
+    density_decay_every: int = field(
+        default=1, metadata={"help": "sparse: ... this many rounds: d_t = d_0 * decay^(t // every)"}
+    )
+    server_optimizer: str = field(
+        default="avg", metadata={"help": "sparse: avg (FedAvg) or adam (FedOpt) on the global adapter"}
+    )
+    server_lr: float = field(default=1e-3, metadata={"help": "sparse: the server Adam's learning rate"})
+    error_feedback: bool = field(
+        default=False,
+        metadata={"help": "sparse: clients keep what they did not send and add it next round"},
     )
     check_exactness: bool = field(
         default=False,

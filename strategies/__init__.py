@@ -8,9 +8,10 @@ from strategies.fedavg import FedAvgLoRA
 from strategies.fedsb import FedSB
 from strategies.ffa import FFALoRA
 from strategies.flora import FLoRA
+from strategies.sparse import SparseLoRA
 
 STRATEGIES: dict[str, type[LoraStrategy]] = {
-    cls.name: cls for cls in (FedAvgLoRA, FFALoRA, FLoRA, FedSB)
+    cls.name: cls for cls in (FedAvgLoRA, FFALoRA, FLoRA, FedSB, SparseLoRA)
 }
 
 

@@ -71,7 +71,7 @@ def test_bad_values_name_the_value_and_the_choices(values, message):
 
 
 def test_unknown_strategy_lists_the_registered_ones():
-    with pytest.raises(FedLoraError, match="unknown strategy 'fedsgd'; valid choices: fedavg, ffa, flora, fedsb"):
+    with pytest.raises(FedLoraError, match="unknown strategy 'fedsgd'; valid choices: fedavg, ffa, flora, fedsb, sparse"):
         build_strategy(RunConfig.from_dict({"strategy": "fedsgd"}))
 
 
@@ -87,7 +87,7 @@ def test_missing_config_file_and_bad_toml(tmp_path):
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--strategy", "nope"], "error: unknown strategy 'nope'; valid choices: fedavg, ffa, flora, fedsb"),
+        (["--strategy", "nope"], "error: unknown strategy 'nope'; valid choices: fedavg, ffa, flora, fedsb, sparse"),
         (["--rank", "0"], "error: --rank must be in [1, 4096], got 0"),
         (["--dataset", "missing.jsonl"], "error: dataset file not found: missing.jsonl"),
         (["--no-such-flag", "1"], "error: unrecognized arguments: --no-such-flag 1"),

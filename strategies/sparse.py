@@ -1,0 +1,114 @@
+"""CELLM / FLASC: sparse LoRA updates, top-k both ways, with an optional server optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from fedlora.aggregate import State
+from fedlora.codec import Codec
+from strategies.base import LoraStrategy
+
+
+class SparseLoRA(LoraStrategy):
+    """Dense local LoRA training, sparse communication (Kuo et al., FLASC, 2024).
+
+    Each round the server sends the top-k (by magnitude, across all LoRA tensors) of the
+    global adapter at density d_down, and each client uploads the top-k of its update
+    (trained - received) at density d_up; both decay as d_t = d_0 * decay^floor(t / every).
+    The server adds the weighted mean of the sparse updates to its dense global adapter
+    ("avg"), or feeds it to Adam as a pseudo-gradient ("adam", FedOpt). With
+    ``error_feedback`` clients keep the part of their update they did not send and add it
+    to the next one (FLASC drops it). Values travel in fp32, indices in the smallest integer
+    type that holds them.
+
+    Parameters
+    ----------
+    upload_density, download_density : float (default: 0.1, 1.0)
+        d_up and d_down at round 1; 1.0 sends dense tensors without indices.
+    density_decay : float (default: 1.0)
+        gamma of the decay; 1.0 keeps the densities fixed.
+    density_decay_every : int (default: 1)
+        f of the decay, in rounds.
+    server_optimizer : str (default: "avg")
+        "avg" or "adam".
+    server_lr : float (default: 1e-3)
+        The server Adam's learning rate.
+    error_feedback : bool (default: False)
+        Whether clients carry their unsent residual to the next round.
+    **kwargs
+        See LoraStrategy (its codecs are replaced by the densities above).
+    """
+
+    name = "sparse"
+
+    def __init__(
+        self,
+        upload_density: float = 0.1,
+        download_density: float = 1.0,
+        density_decay: float = 1.0,
+        density_decay_every: int = 1,
+        server_optimizer: str = "avg",
+        server_lr: float = 1e-3,
+        error_feedback: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.upload_density, self.download_density = upload_density, download_density
+        self.density_decay, self.density_decay_every = density_decay, density_decay_every
+        self.server_optimizer, self.server_lr = server_optimizer, server_lr
+        self.error_feedback = error_feedback
+        self.optimizer: torch.optim.Adam | None = None
+        self.parameters: dict[str, torch.nn.Parameter] = {}
+
+    @classmethod
+    def config_arguments(cls, config) -> dict:
+        return {
+            **super().config_arguments(config),
+            "upload_density": config.upload_density,
+            "download_density": config.download_density,
+            "density_decay": config.density_decay,
+            "density_decay_every": config.density_decay_every,
+            "server_optimizer": config.server_optimizer,
+            "server_lr": config.server_lr,
+            "error_feedback": config.error_feedback,
+        }
+
+    def density(self, initial: float, server_round: int) -> float:
+        """d_t = d_0 * decay^floor(t / every)."""
+        return initial * self.density_decay ** (server_round // self.density_decay_every)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.upload_codec = topk(self.density(self.upload_density, server_round))
+        self.download_codec = topk(self.density(self.download_density, server_round))
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def plan(self, config: ConfigRecord, server_round: int, task: str) -> ConfigRecord:
+        plan = super().plan(config, server_round, task)
+        plan["error-feedback"] = self.error_feedback
+        return plan
+
+    def aggregate_states(self, states, weights, metrics) -> State:
+        mean_update = {
+            key: sum(w * (s[key].double() - self.global_state[key].double()) for s, w in zip(states, weights))
+            for key in self.global_state
+        }
+        if self.server_optimizer == "avg":
+            return {k: (self.global_state[k].double() + u).float() for k, u in mean_update.items()}
+        if self.optimizer is None:  # one Adam for the whole run: its moments carry over
+            self.parameters = {k: torch.nn.Parameter(v.clone()) for k, v in self.global_state.items()}
+            self.optimizer = torch.optim.Adam(self.parameters.values(), lr=self.server_lr)
+        for key, parameter in self.parameters.items():
+            parameter.grad = -mean_update[key].float()  # the update is a descent direction
+        self.optimizer.step()
+        return {k: p.detach().clone() for k, p in self.parameters.items()}
+
+
+def topk(density: float) -> Codec:
+    """The codec of a density: dense fp32 at 1.0, else global top-k with fp32 values."""
+    return Codec("fp32") if density >= 1.0 else Codec("topk", density, "fp32")
