@@ -1,0 +1,43 @@
+"""Sparse uploads against dense FedAvg: accuracy against cumulative upload bytes.
+
+    python benchmarks/sparse_sweep.py [--densities 0.5,0.1,0.01] [--name sparse-sweep]
+
+Runs ``simulations/sparse.toml`` once per upload density, without and with error feedback,
+plus dense FedAvg with the same training, into runs/<name>/<variant>/, and writes
+runs/<name>/comparison.md and comparison.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedlora.simulate import main as simulate_main
+from server.report import write_comparison
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--densities", default="0.5,0.1,0.01")
+    parser.add_argument("--name", default="sparse-sweep")
+    parser.add_argument("--output", default="runs")
+    args = parser.parse_args()
+
+    variants = [("fedavg-dense", ["--strategy", "fedavg"])]
+    for density in args.densities.split(","):
+        variants.append((f"sparse-{density}", ["--upload-density", density]))
+        variants.append((f"sparse-{density}-ef", ["--upload-density", density, "--error-feedback"]))
+    run_dirs = []
+    for variant, flags in variants:
+        print(f"\n== {variant} ==", flush=True)
+        name = f"{args.name}/{variant}"
+        code = simulate_main(["--config", "simulations/sparse.toml", "--output", args.output,
+                              "--name", name, *flags])
+        if code != 0:
+            raise SystemExit(code)
+        run_dirs.append(Path(args.output) / name)
+    print("\n" + write_comparison(run_dirs, Path(args.output) / args.name))
+
+
+if __name__ == "__main__":
+    main()
