@@ -276,7 +276,10 @@ class LoraStrategy(FedAvg):
         except Exception as err:  # a hostile payload can fail in many ways inside Flower
             raise FedLoraError(f"the arrays do not decode: {err}") from None
         expected = expected_shapes(metrics)
-        state = decode_payload(arrays, dict(content["codec"]), expected)
+        try:
+            state = decode_payload(arrays, dict(content["codec"]), expected)
+        except (ValueError, TypeError, IndexError, RuntimeError) as err:  # hostile, not a bug
+            raise FedLoraError(f"the payload does not decode: {err}") from None
         check_adapter_state(state, expected)
         return state
 

@@ -118,3 +118,30 @@ def test_sparse_updates_are_added_to_the_dense_global_state():
     for key in global_state:
         expected = global_state[key] + 0.25 * sent[0][key] + 0.75 * sent[1][key]
         torch.testing.assert_close(result[key], expected)
+
+
+def test_hostile_codec_headers_are_dropped():
+    template = states(1)[0]
+    strategy = strategy_after_sending(template)
+    good = train_reply(1, template, 10)
+    headers = {
+        2: {"codec": "zip", "keys": sorted(template), "shapes": ["2x6", "5x2"]},
+        3: {"codec": "fp32", "keys": sorted(template), "shapes": ["2x6"]},
+        4: {"codec": "fp32", "keys": sorted(template), "shapes": ["2x6", "5xtwo"]},
+        5: {"codec": "fp32", "keys": sorted(template), "shapes": ["2x6", "500000x200000"]},
+        6: {"codec": "topk:0.5", "keys": sorted(template), "shapes": ["2x6", "5x2"]},
+    }
+    replies = [good]
+    for node, header in headers.items():
+        reply = train_reply(node, template, 10)
+        reply.content["codec"] = ConfigRecord(header)
+        replies.append(reply)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    reasons = dict(strategy.dropped)
+    assert sorted(reasons) == [2, 3, 4, 5, 6]
+    assert "unknown codec 'zip'" in reasons[2]
+    assert "2 tensors but 1 shapes" in reasons[3]
+    assert "malformed shape" in reasons[4]
+    assert "has shape (500000, 200000), expected (5, 2)" in reasons[5]
+    assert "payload keys differ" in reasons[6]
