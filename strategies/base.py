@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedlora.adapters import check_adapter_state, fresh_lora_state
+from fedlora.adapters import check_adapter_state, fresh_lora_state, target_linears
 from fedlora.aggregate import State, aggregation_error, delta_weights, example_weights
 from fedlora.codec import Codec, decode_payload, encode_payload
 from fedlora.errors import FedLoraError
@@ -131,6 +131,18 @@ class LoraStrategy(FedAvg):
         return self.alpha / self.rank
 
     # ---- set-up ---------------------------------------------------------------------
+
+    def adapted_shapes(self, model) -> dict[str, tuple[int, int]]:
+        """(out, in) of every adapted linear layer of ``model``, by module path."""
+        return {
+            path: (linear.out_features, linear.in_features)
+            for path, linear in target_linears(model, list(self.target_modules)).items()
+        }
+
+    def keep_frozen(self, frozen: State) -> None:
+        """Make ``frozen`` the first kept batch: each client receives it once."""
+        self.frozen = frozen
+        self.kept_batches = [{f"frozen/{k}": v for k, v in frozen.items()}]
 
     def initialize(self, model) -> ArrayRecord:
         """The global state before round 1: by default a fresh LoRA (A seeded, B = 0)."""

@@ -7,7 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedlora.adapters import lora_sb_to_peft, target_linears
+from fedlora.adapters import lora_sb_to_peft
 from fedlora.aggregate import State, lora_sb_from_gradient, random_lora_sb, weighted_average
 from fedlora.errors import FedLoraError
 from strategies.base import LoraStrategy
@@ -77,10 +77,7 @@ class FedSB(LoraStrategy):
         return 1.0
 
     def initialize(self, model) -> ArrayRecord:
-        self.module_shapes = {
-            path: (linear.out_features, linear.in_features)
-            for path, linear in target_linears(model, list(self.target_modules)).items()
-        }
+        self.module_shapes = self.adapted_shapes(model)
         smallest = min(min(shape) for shape in self.module_shapes.values())
         if self.rank > smallest:
             raise FedLoraError(
@@ -127,11 +124,11 @@ class FedSB(LoraStrategy):
 
     def set_factors(self, factors: dict[str, tuple[torch.Tensor, ...]]) -> ArrayRecord:
         """Keep B and A (sent once to each client); return R as the global state."""
-        self.frozen = {}
+        frozen = {}
         for path, (B, A, _) in factors.items():
-            self.frozen[f"{path}.lora_A.weight"] = A
-            self.frozen[f"{path}.lora_B.weight"] = B
-        self.kept_batches = [{f"frozen/{k}": v for k, v in self.frozen.items()}]
+            frozen[f"{path}.lora_A.weight"] = A
+            frozen[f"{path}.lora_B.weight"] = B
+        self.keep_frozen(frozen)
         return ArrayRecord({f"{path}.lora_R.weight": R for path, (_, _, R) in factors.items()})
 
     def weights(self, metrics: list[MetricRecord]) -> list[float]:

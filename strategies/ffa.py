@@ -22,8 +22,7 @@ class FFALoRA(LoraStrategy):
 
     def initialize(self, model) -> ArrayRecord:
         state = super().initialize(model).to_torch_state_dict()
-        self.frozen = {k: v for k, v in state.items() if ".lora_A." in k}
-        self.kept_batches = [{f"frozen/{k}": v for k, v in self.frozen.items()}]
+        self.keep_frozen({k: v for k, v in state.items() if ".lora_A." in k})
         return ArrayRecord({k: v for k, v in state.items() if ".lora_B." in k})
 
     def aggregate_states(self, states, weights, metrics) -> State:

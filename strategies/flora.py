@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-from fedlora.adapters import target_linears
 from fedlora.aggregate import State, concat_lora, delta_weights, stack_lora
 from fedlora.errors import FedLoraError
 from strategies.base import LoraStrategy
@@ -47,10 +46,7 @@ class FLoRA(LoraStrategy):
         return {**super().config_arguments(config), "ranks": tuple(config.rank_list)}
 
     def initialize(self, model) -> ArrayRecord:
-        self.module_shapes = {
-            path: (linear.out_features, linear.in_features)
-            for path, linear in target_linears(model, list(self.target_modules)).items()
-        }
+        self.module_shapes = self.adapted_shapes(model)
         return ArrayRecord()  # no global adapter yet: the base model is the global state
 
     def arrays_to_send(self, arrays: ArrayRecord) -> ArrayRecord:
