@@ -36,6 +36,7 @@ from fedlora.config import RunConfig
 from fedlora.data import client_examples, load_task
 from fedlora.errors import FedLoraError
 from fedlora.models import load_model, pick_device
+from fedlora.privacy import Privacy
 from fedlora.train import train_local, weight_gradients
 
 app = ClientApp()
@@ -124,11 +125,13 @@ def train(msg: Message, context: Context) -> Message:
     for name, parameter in adapted.named_parameters():
         parameter.requires_grad_(any(t in name for t in trainable))
 
+    privacy = Privacy.from_config(config)
+    dpsgd = privacy.client_dpsgd(config, len(examples)) if privacy and privacy.mode == "sample" else None
     stats = train_local(
         adapted, tokenizer, examples,
         steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
         max_length=config.max_length, seed=config.seed + 1000 * int(plan["server-round"]) + partition_id,
-        device=device,
+        device=device, dpsgd=dpsgd,
     )
     state = lora_sb_state(adapted) if plan["adapter"] == "lorasb" else adapter_state(adapted)
     upload = {k: v for k, v in state.items() if any(t in k for t in trainable)}
@@ -140,6 +143,9 @@ def train(msg: Message, context: Context) -> Message:
         "train-seconds": stats["train_seconds"],
         "rank": rank,
     }
+    if dpsgd is not None:  # what the server's accountant composes
+        metrics.update({"dp-noise": float(dpsgd.noise), "dp-sample-rate": float(dpsgd.sample_rate),
+                        "dp-steps": config.local_steps})
     codec = Codec.parse(config.upload_codec)
     if plan.get("error-feedback", False):
         payload, header = encode_with_feedback(context, upload, codec)

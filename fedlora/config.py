@@ -39,6 +39,10 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {
     "eval_batch_size": (1, 65_536, True),
     "seed": (0, 2**31 - 1, True),
     "round_timeout": (0.0, 1e7, False),
+    "dp_clip": (0.0, 1e6, False),
+    "dp_noise": (0.0, 1e6, True),
+    "dp_target_epsilon": (0.0, 1e6, True),
+    "dp_max_epsilon": (0.0, 1e6, True),
 }
 
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -46,9 +50,10 @@ _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "
 _CHOICES: dict[str, tuple[str, ...]] = {
     "partitioning": ("iid", "dirichlet"),
     "device": ("auto", "cpu", "cuda"),
-    "fedsb_init": ("gradient", "random"),
+    "fedsb_init": ("auto", "gradient", "random"),
     "fedsb_weighting": ("examples", "uniform"),
     "server_optimizer": ("avg", "adam"),
+    "dp": ("off", "user", "sample"),
 }
 
 
@@ -99,7 +104,9 @@ class RunConfig:
         default=0.5, metadata={"help": "Dirichlet concentration; smaller is more skewed"}
     )
     fedsb_init: str = field(
-        default="gradient", metadata={"help": "Fed-SB init: gradient (a federated round) or random"}
+        default="auto",
+        metadata={"help": "Fed-SB init: gradient (a federated round), random, or auto "
+                          "(gradient; random under --dp)"},
     )
     fedsb_weighting: str = field(
         default="examples", metadata={"help": "Fed-SB R average: examples (weighted) or uniform"}
@@ -133,6 +140,28 @@ class RunConfig:
     error_feedback: bool = field(
         default=False,
         metadata={"help": "sparse: clients keep what they did not send and add it next round"},
+    )
+    dp: str = field(
+        default="off",
+        metadata={"help": "differential privacy: off, user (clip and noise client updates at "
+                          "the server) or sample (DP-SGD on each client)"},
+    )
+    dp_clip: float = field(
+        default=1.0,
+        metadata={"help": "DP: L2 bound C of a client's update (user) or of an example's gradient (sample)"},
+    )
+    dp_noise: float = field(
+        default=1.0, metadata={"help": "DP: noise multiplier z (noise std = z * C)"}
+    )
+    dp_delta: float = field(
+        default=0.0, metadata={"help": "DP: delta; 0 means 1/n (n: clients, or a client's examples)"}
+    )
+    dp_target_epsilon: float = field(
+        default=0.0,
+        metadata={"help": "DP: choose z so that the whole run ends at this epsilon (0: use --dp-noise)"},
+    )
+    dp_max_epsilon: float = field(
+        default=0.0, metadata={"help": "DP: stop before a round that would exceed this epsilon (0: no limit)"}
     )
     check_exactness: bool = field(
         default=False,
@@ -218,6 +247,9 @@ class RunConfig:
 
         Codec.parse(self.upload_codec)
         Codec.parse(self.download_codec)
+        from fedlora.privacy import check_settings
+
+        check_settings(self)
         if bool(self.prompt_column) != bool(self.response_column):
             raise FedLoraError("--prompt-column and --response-column go together; give both")
         # Model and dataset names are checked where they are resolved, against their registries.

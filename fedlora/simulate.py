@@ -61,13 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_configs(argv: list[str] | None = None) -> list[RunConfig]:
-    """The validated RunConfigs of a command line: one per strategy of ``--strategy a,b``.
+    """The validated RunConfigs of a command line: see ``configs_from_args``."""
+    return configs_from_args(vars(build_parser().parse_args(argv)))
 
-    Values come from the config file, then its table named after the strategy (e.g.
-    ``[fedsb]`` with ``rank = 32``), then the flags. With several strategies, each run goes
-    to ``<output>/<name>/<strategy>/`` on the same data partitions and seed.
+
+def configs_from_args(args: dict) -> list[RunConfig]:
+    """The validated RunConfigs of parsed flags: one per strategy of ``--strategy a,b``.
+
+    ``args`` holds the flags given to a parser from ``build_parser`` (the flags that were
+    not given are absent). Values come from the config file, then its table named after the
+    strategy (e.g. ``[fedsb]`` with ``rank = 32``), then the flags. With several
+    strategies, each run goes to ``<output>/<name>/<strategy>/`` on the same data
+    partitions and seed.
     """
-    args = vars(build_parser().parse_args(argv))
+    args = dict(args)
     file = args.pop("config", None)
     values = RunConfig.from_toml(file) if file else {}
     tables = {k: values.pop(k) for k in list(values) if isinstance(values[k], dict)}
@@ -78,12 +85,16 @@ def parse_configs(argv: list[str] | None = None) -> list[RunConfig]:
         raise FedLoraError(
             f"config table [{stray[0]}] names no strategy of --strategy {strategy}"
         )
-    name = args.get("name", values.get("name", "")) or default_run_name(strategies)
+    from strategies import folder_name  # imports Flower, after this module set its env vars
+
+    name = args.get("name", values.get("name", "")) or default_run_name(
+        [folder_name(s) for s in strategies]  # "module:Class" has a ':'
+    )
     configs = []
     for each in strategies:
         merged = {**values, **tables.get(each, {}), **args, "strategy": each, "name": name}
         if len(strategies) > 1:
-            merged["name"] = f"{name}/{each}"
+            merged["name"] = f"{name}/{folder_name(each)}"
         configs.append(RunConfig.from_dict(merged))
     return configs
 
@@ -101,9 +112,9 @@ def simulate(config: RunConfig):
     from client.app import app as client_app
     from fedlora.models import resolve_model
     from server.run import run_federation
-    from strategies import strategy_class
+    from strategies import build_strategy
 
-    strategy_class(config.strategy)  # an unknown strategy fails here, before Ray starts
+    build_strategy(config)  # a bad strategy or combination fails here, before Ray starts
     resolve_model(config.model)  # convert a GGUF once, before clients ask for it
 
     outcome: dict = {}
@@ -143,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes of deps
     try:
         configs = parse_configs(argv)
-        from strategies import strategy_class
+        from strategies import build_strategy
 
-        for config in configs:  # every name is checked before the first run starts
-            strategy_class(config.strategy)
+        for config in configs:  # every strategy is built once before the first run starts
+            build_strategy(config)
         start = time.perf_counter()
         run_dirs = []
         for config in configs:

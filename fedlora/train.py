@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
 
 from fedlora.data import Example
 from fedlora.errors import FedLoraError
+from fedlora.privacy import DPSGD
 
 
 @dataclass
@@ -74,10 +78,16 @@ def answer_logits(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return out.logits[:, :-1].float(), batch.labels[:, -batch.keep + 1 :]
 
 
-def answer_loss(model, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens."""
+def answer_loss(model, batch: Batch, per_example: bool = False) -> torch.Tensor:
+    """Mean cross-entropy over the batch's answer tokens; with ``per_example``, the mean
+    over examples of each example's mean, so that the batch loss is a mean of per-example
+    losses, as per-example gradient clipping (DP-SGD) needs."""
     logits, targets = answer_logits(model, batch)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    if not per_example:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # 0 at -100
+    answer_tokens = (targets != -100).sum(dim=1)
+    return (losses.sum(dim=1) / answer_tokens).mean()
 
 
 def train_local(
@@ -91,38 +101,64 @@ def train_local(
     max_length: int,
     seed: int,
     device: torch.device,
+    dpsgd: DPSGD | None = None,
 ) -> dict[str, float]:
     """Train the model's trainable tensors for ``steps`` AdamW steps on ``examples``.
 
-    Batches are drawn from seeded reshuffles of ``examples``. Returns the mean, first and
-    last batch loss and the seconds spent.
+    Batches are drawn from seeded reshuffles of ``examples``. With ``dpsgd``, each step is
+    DP-SGD through Opacus instead: each example joins the batch with probability
+    ``dpsgd.sample_rate`` (Poisson sampling, which the accountant assumes), per-example
+    gradients are clipped to ``dpsgd.clip`` and their sum gets N(0, (noise * clip)^2)
+    before AdamW. Returns the mean, first and last batch loss and the seconds spent.
     """
     if not examples:
         raise FedLoraError("this client has no training examples")
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
+    if dpsgd is not None:
+        model = GradSampleModule(model)  # hooks that keep each example's gradient
+        optimizer = DPOptimizer(
+            optimizer, noise_multiplier=dpsgd.noise, max_grad_norm=dpsgd.clip,
+            expected_batch_size=round(dpsgd.sample_rate * len(examples)),
+            generator=torch.Generator(device).manual_seed(seed),
+        )
     order = torch.empty(0, dtype=torch.long)
     losses = []
     start = time.perf_counter()
     model.train()
-    for _ in range(steps):
-        while len(order) < batch_size:
-            order = torch.cat([order, torch.randperm(len(examples), generator=generator)])
-        chosen, order = order[:batch_size], order[batch_size:]
-        batch = make_batch([examples[i] for i in chosen], tokenizer, max_length).to(device)
-        loss = answer_loss(model, batch)
-        if not math.isfinite(loss.item()):
-            raise FedLoraError(f"training loss became {loss.item()}; lower --lr (now {lr})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    try:
+        for _ in range(steps):
+            if dpsgd is not None:
+                chosen = torch.nonzero(torch.rand(len(examples), generator=generator) < dpsgd.sample_rate)
+                chosen = chosen.flatten()
+            else:
+                while len(order) < batch_size:
+                    order = torch.cat([order, torch.randperm(len(examples), generator=generator)])
+                chosen, order = order[:batch_size], order[batch_size:]
+            optimizer.zero_grad(set_to_none=True)
+            if len(chosen) == 0:  # an empty Poisson sample: the step is the noise alone
+                for parameter in parameters:
+                    parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
+                optimizer.step()
+                continue
+            batch = make_batch([examples[i] for i in chosen], tokenizer, max_length).to(device)
+            with warnings.catch_warnings():  # Opacus' hooks on layers whose inputs need no grad
+                warnings.filterwarnings("ignore", "Full backward hook is firing")
+                loss = answer_loss(model, batch, per_example=dpsgd is not None)
+                if not math.isfinite(loss.item()):
+                    raise FedLoraError(f"training loss became {loss.item()}; lower --lr (now {lr})")
+                loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    finally:
+        if dpsgd is not None:
+            model.remove_hooks()
     model.eval()
     return {
-        "train_loss": sum(losses) / len(losses),
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
+        "train_loss": sum(losses) / len(losses) if losses else math.nan,
+        "first_loss": losses[0] if losses else math.nan,
+        "last_loss": losses[-1] if losses else math.nan,
         "train_seconds": time.perf_counter() - start,
     }
 

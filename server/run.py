@@ -28,7 +28,7 @@ from fedlora.errors import FedLoraError
 from fedlora.models import load_model, pick_device
 from fedlora.train import evaluate
 from server.report import plot_report
-from strategies import build_strategy
+from strategies import build_strategy, folder_name
 
 log = logging.getLogger("fedlora")
 
@@ -39,6 +39,7 @@ COLUMNS = [  # (metrics key, table heading, width, format spec)
     ("eval_accuracy", "accuracy", 8, ".3f"),
     ("bytes_up", "bytes up", 13, ","),
     ("bytes_down", "bytes down", 13, ","),
+    ("epsilon", "epsilon", 7, ".3g"),
     ("seconds", "seconds", 7, ".1f"),
 ]
 
@@ -100,6 +101,8 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         "seconds": time.perf_counter() - start,
     })
     for server_round in range(1, config.rounds + 1):
+        if over_budget(strategy, config, server_round):
+            break
         start = time.perf_counter()
         messages = list(strategy.configure_train(server_round, arrays, plan, grid))
         replies = exchange(grid, messages, config.round_timeout, f"round {server_round}")
@@ -121,13 +124,33 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             "bytes_down": traffic(messages),
             "client_train_seconds": float(train_metrics["train-seconds"]),
         }
-        if "aggregation-error" in train_metrics:
-            row["aggregation_error"] = float(train_metrics["aggregation-error"])
+        for key in ("aggregation-error", "epsilon", "delta"):
+            if key in train_metrics:
+                row[key.replace("-", "_")] = float(train_metrics[key])
         metrics_log.write({**row, "seconds": time.perf_counter() - start})
     with global_adapter(arrays) as adapted:
         save_adapter(adapted, run_dir / "adapter")
     plot_report(metrics_log.rows, run_dir / "report.png")
     return run_dir
+
+
+def over_budget(strategy, config: RunConfig, server_round: int) -> bool:
+    """Whether round ``server_round`` would take epsilon past ``--dp-max-epsilon``.
+
+    Before round 1 that is a bad setting (FedLoraError: nothing could run); later the run
+    stops cleanly, keeping what it produced, and says so.
+    """
+    projected = strategy.epsilon_after_next_round() if config.dp_max_epsilon else None
+    if projected is None or projected <= config.dp_max_epsilon:
+        return False
+    message = (f"round {server_round} would raise epsilon to {projected:.3g}, over "
+               f"--dp-max-epsilon {config.dp_max_epsilon:g}")
+    if server_round == 1:
+        raise FedLoraError(f"{message}: the budget is spent before any round; raise "
+                           "--dp-max-epsilon or --dp-noise")
+    log.warning("%s: stopping after round %d", message, server_round - 1)
+    tqdm.write(f"{message}: stopping after round {server_round - 1}")
+    return True
 
 
 def traffic(messages: list[Message]) -> int:
@@ -137,7 +160,7 @@ def traffic(messages: list[Message]) -> int:
 
 def make_run_dir(config: RunConfig) -> Path:
     """Create runs/<name>/ and write the resolved config into it."""
-    name = config.name or f"{config.strategy}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = config.name or f"{folder_name(config.strategy)}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(config.output) / name
     if (run_dir / "metrics.jsonl").exists():
         raise FedLoraError(f"run folder {run_dir} already holds a run; choose another --name")

@@ -1,6 +1,15 @@
-"""Flower strategies, one file per method, and the registry that finds them by name."""
+"""Flower strategies, one file per method, and the registry that finds them by name.
+
+``--strategy`` names a built-in strategy (:data:`STRATEGIES`), an entry point of the group
+``fedlora.strategies`` that an installed package declares, or a class as
+``module:Class`` (docs/custom-strategies.md).
+"""
 
 from __future__ import annotations
+
+import functools
+import importlib.metadata
+import re
 
 from fedlora.errors import FedLoraError
 from strategies.base import LoraStrategy
@@ -15,11 +24,64 @@ STRATEGIES: dict[str, type[LoraStrategy]] = {
 }
 
 
+ENTRY_POINT_GROUP = "fedlora.strategies"
+
+
 def strategy_class(name: str) -> type[LoraStrategy]:
-    """The strategy class registered as ``name``."""
-    if name not in STRATEGIES:
-        raise FedLoraError(f"unknown strategy '{name}'; valid choices: {', '.join(STRATEGIES)}")
-    return STRATEGIES[name]
+    """The strategy class that ``name`` stands for.
+
+    Looked up in this order: a built-in name (:data:`STRATEGIES`), an entry point of the
+    group ``fedlora.strategies``, then ``module:Class`` (``Class`` may be dotted). The
+    module is imported as Python imports it: ``python -m fedlora.simulate`` puts the
+    current directory first on ``sys.path``, so a module there is found.
+
+    Raises
+    ------
+    FedLoraError
+        One line naming ``name`` and the valid choices, when the strategy is unknown,
+        fails to import, is not a LoraStrategy subclass or lacks ``aggregate_states``.
+    """
+    if name in STRATEGIES:
+        return STRATEGIES[name]
+    entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    plugins = sorted(set(entry_points.names) - set(STRATEGIES))  # built-in names win
+    choices = ", ".join([*STRATEGIES, *plugins])
+    if name in entry_points.names:
+        load = entry_points[name].load
+    elif ":" in name:
+        load = functools.partial(_import_class, name)
+    else:
+        raise FedLoraError(f"unknown strategy '{name}'; valid choices: {choices}")
+    try:
+        cls = load()
+    except Exception as err:  # whatever the user's module raises while it is imported
+        reason = " ".join(f"{type(err).__name__}: {err}".split())  # one line
+        raise FedLoraError(
+            f"strategy '{name}' does not load ({reason}); valid choices: {choices}"
+        ) from err
+    if not (isinstance(cls, type) and issubclass(cls, LoraStrategy)):
+        raise FedLoraError(
+            f"strategy '{name}' is not a subclass of strategies.base.LoraStrategy; "
+            f"valid choices: {choices}"
+        )
+    if cls.aggregate_states is LoraStrategy.aggregate_states:  # the base only raises
+        raise FedLoraError(
+            f"strategy '{name}' ({cls.__qualname__}) does not implement aggregate_states; "
+            f"valid choices: {choices}"
+        )
+    return cls
+
+
+def _import_class(value: str):
+    """The object ``module:attr.attr`` names, imported."""
+    module, _, attributes = value.partition(":")
+    return functools.reduce(getattr, attributes.split("."), importlib.import_module(module))
+
+
+def folder_name(strategy: str) -> str:
+    """``--strategy``'s value as part of a folder name: characters other than letters,
+    digits, '_', '.' and '-' (the ':' of ``module:Class``) become '-'."""
+    return re.sub(r"[^\w.-]", "-", strategy)
 
 
 def build_strategy(config) -> LoraStrategy:
@@ -27,4 +89,7 @@ def build_strategy(config) -> LoraStrategy:
     return strategy_class(config.strategy).from_config(config)
 
 
-__all__ = ["STRATEGIES", "LoraStrategy", "build_strategy", "strategy_class"]
+__all__ = [
+    "ENTRY_POINT_GROUP", "STRATEGIES", "LoraStrategy", "build_strategy", "folder_name",
+    "strategy_class",
+]

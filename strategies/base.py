@@ -24,12 +24,36 @@ from fedlora.adapters import check_adapter_state, fresh_lora_state, target_linea
 from fedlora.aggregate import State, aggregation_error, delta_weights, example_weights
 from fedlora.codec import Codec, decode_payload, encode_payload
 from fedlora.errors import FedLoraError
+from fedlora.privacy import Privacy, PrivacyAccountant, private_mean
 
 log = logging.getLogger("fedlora")
 
 
 class LoraStrategy(FedAvg):
     """Base class of fedlora's strategies (Flower ``FedAvg`` underneath).
+
+    Flower's ``configure_train`` and ``aggregate_train`` live here: node sampling, the plan,
+    codecs, kept tensors and reply validation. A method is a subclass that sets the class
+    attributes ``name`` (what ``--strategy`` and the outputs call it), ``adapter``,
+    ``trainable``, ``upload`` and ``heterogeneous_ranks`` where it differs from LoRA's
+    defaults, and overrides some of these hooks:
+
+    - ``aggregate_states(states, weights, metrics)``, required: the method's math. In: each
+      valid client's state (with ``upload = "delta"``, the global state plus its update),
+      its weight p_k and its reply metrics; out: the new global state.
+    - ``config_arguments(config)``: constructor arguments from a RunConfig; a subclass adds
+      its own parameters here.
+    - ``initialize(model)``: the global state before round 1 (default: a fresh seeded LoRA).
+    - ``configure_init`` / ``aggregate_init``: an initialisation round (default: none).
+    - ``arrays_to_send(arrays)``: what of the global state is sent each round (default: all).
+    - ``expected_shapes(metrics)``: keys and shapes of a valid reply (default: those sent).
+    - ``weights(metrics)``: the clients' p_k (default: their share of the examples).
+    - ``complete(state)``: the frozen tensors that make a state a whole adapter (default: none).
+    - ``client_delta`` / ``round_delta``: DeltaW for ``check_exactness`` (default: s B A).
+    - ``peft_adapter(arrays)``: the global adapter as a PEFT LoRA (default: the completed
+      state, r, alpha).
+
+    docs/custom-strategies.md walks through a strategy written outside this package.
 
     Parameters
     ----------
@@ -57,6 +81,12 @@ class LoraStrategy(FedAvg):
         to it.
     weighted_by_key : str (default: "num-examples")
         The reply metric that holds a client's number of training examples.
+    privacy : Privacy or None (default: None)
+        Differential privacy (fedlora.privacy). "user": each round the server releases
+        only the mean of the clients' updates clipped to C, plus N(0, (zC)^2) noise on their
+        sum, with every client weighted equally (example counts would change the
+        sensitivity). "sample": clients train with DP-SGD and report its settings. Either
+        way the metrics carry ``epsilon`` and ``delta`` so far.
     """
 
     name = "base"
@@ -78,15 +108,22 @@ class LoraStrategy(FedAvg):
         upload_codec: str = "fp32",
         download_codec: str = "fp32",
         weighted_by_key: str = "num-examples",
+        privacy: Privacy | None = None,
     ) -> None:
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=0.0,  # evaluation is central, on the server's held-out split
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=0,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-        )
+        flower_log = logging.getLogger("flwr")
+        level = flower_log.level
+        flower_log.setLevel(logging.ERROR)  # FedAvg warns that evaluation is off: by design here
+        try:
+            super().__init__(
+                fraction_train=fraction_train,
+                fraction_evaluate=0.0,  # evaluation is central, on the server's held-out split
+                min_train_nodes=min_train_nodes,
+                min_evaluate_nodes=0,
+                min_available_nodes=min_available_nodes,
+                weighted_by_key=weighted_by_key,
+            )
+        finally:
+            flower_log.setLevel(level)
         self.rank, self.alpha, self.seed = rank, alpha, seed
         self.target_modules = tuple(target_modules)
         self.check_exactness = check_exactness
@@ -99,6 +136,20 @@ class LoraStrategy(FedAvg):
         # an append-only list of batches; each node is sent the batches it lacks.
         self.kept_batches: list[dict[str, torch.Tensor]] = []
         self.node_batches: dict[int, int] = {}  # node id -> batches it holds
+        self.privacy = privacy
+        self.accountant = PrivacyAccountant(privacy.delta) if privacy else None
+        self.noise_generator = torch.Generator().manual_seed(seed)
+        self.sampled = self.available = 0  # clients sampled and connected, last round
+        if privacy and privacy.mode == "user" and self.upload != "delta":
+            raise FedLoraError(
+                f"--dp user cannot protect --strategy {self.name}: its clients upload their "
+                "own adapters, not updates the server can clip, sum and noise; use --dp sample"
+            )
+        if privacy and privacy.mode == "user" and check_exactness:
+            raise FedLoraError(
+                "--check-exactness compares the aggregate with each client's update, which "
+                "--dp user must not release; drop one of them"
+            )
 
     @classmethod
     def from_config(cls, config) -> LoraStrategy:
@@ -124,6 +175,7 @@ class LoraStrategy(FedAvg):
             check_exactness=config.check_exactness,
             upload_codec=config.upload_codec,
             download_codec=config.download_codec,
+            privacy=Privacy.from_config(config),
         )
 
     @property
@@ -164,8 +216,10 @@ class LoraStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample clients; send each the plan, the global arrays and the kept tensors it lacks."""
-        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
+        self.available = len(list(grid.get_node_ids()))
+        num_nodes = int(self.available * self.fraction_train)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
+        self.sampled = len(node_ids)
         plan = self.plan(config, server_round, task="train")
         self.global_state = arrays.to_torch_state_dict() if arrays is not None else {}
         sent = self.arrays_to_send(arrays).to_torch_state_dict()
@@ -219,20 +273,30 @@ class LoraStrategy(FedAvg):
 
         Returns ``(None, None)`` when fewer than ``min_train_nodes`` replies are valid;
         else the new global state and the metrics ``train-loss`` (mean weighted by p_k),
-        ``train-seconds`` (sum) and, with ``check_exactness``, ``aggregation-error``.
+        ``train-seconds`` (sum), with ``check_exactness`` ``aggregation-error``, and
+        with ``privacy`` ``epsilon`` and ``delta``.
         """
         valid, states = self.valid_replies(server_round, replies)  # as sent: updates
         if not valid or len(valid) < self.min_train_nodes:
             return None, None
-        if self.upload == "delta":  # a client's state: the dense global plus its update
-            states = [{k: self.global_state[k] + u for k, u in update.items()} for update in states]
         metrics = [r.content["metrics"] for r in valid]
         weights = self.weights(metrics)
-        new_state = self.aggregate_states(states, weights, metrics)
         aggregated = MetricRecord({
             "train-loss": sum(w * float(m.get("train-loss", 0.0)) for m, w in zip(metrics, weights)),
             "train-seconds": sum(float(m.get("train-seconds", 0.0)) for m in metrics),
         })
+        if self.privacy:
+            self.account(valid)
+            aggregated["epsilon"], aggregated["delta"] = self.accountant.spent()
+        if self.privacy and self.privacy.mode == "user":  # one noised mean stands for all
+            states = [private_mean(states, self.privacy.clip, self.privacy.noise, self.sampled,
+                                   self.noise_generator)]
+            weights = [1.0]
+            examples = sum(int(m[self.weighted_by_key]) for m in metrics)
+            metrics = [MetricRecord({self.weighted_by_key: examples})]
+        if self.upload == "delta":  # a client's state: the dense global plus its update
+            states = [{k: self.global_state[k] + u for k, u in update.items()} for update in states]
+        new_state = self.aggregate_states(states, weights, metrics)
         if self.check_exactness:
             error = aggregation_error(
                 self.round_delta(new_state),
@@ -241,6 +305,32 @@ class LoraStrategy(FedAvg):
             )
             aggregated["aggregation-error"] = error
         return ArrayRecord(new_state), aggregated
+
+    def account(self, valid: list[Message]) -> None:
+        """Record what this round released: one Gaussian event for the federation (user
+        level), or each client's DP-SGD steps (sample level)."""
+        if self.privacy.mode == "user":
+            self.accountant.record("clients", self.privacy.noise, self.sampled / self.available,
+                                   1, self.privacy.clients)
+            return
+        for reply in valid:
+            m = reply.content["metrics"]
+            self.accountant.record(reply.metadata.src_node_id, m["dp-noise"], m["dp-sample-rate"],
+                                   m["dp-steps"], m[self.weighted_by_key])
+
+    def epsilon_after_next_round(self) -> float | None:
+        """The epsilon the next round would bring the run to, or None where unknown: for
+        sample-level DP, clients are assumed to repeat their last round (unknown before
+        the first)."""
+        if not self.privacy:
+            return None
+        if self.privacy.mode == "user":
+            return self.accountant.epsilon_after(
+                [("clients", self.privacy.noise, self.privacy.sample_rate, 1, self.privacy.clients)]
+            )
+        if not self.accountant.last_round:
+            return None
+        return self.accountant.epsilon_after(list(self.accountant.last_round.values()))
 
     def valid_replies(self, server_round: int, replies: Iterable[Message], expected_shapes=None):
         """The usable replies and their states; the others are logged and dropped.
@@ -281,6 +371,8 @@ class LoraStrategy(FedAvg):
             value = metrics.get(key, 0.0)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise FedLoraError(f"'{key}' must be a finite number, got {value!r}")
+        if self.privacy and self.privacy.mode == "sample":
+            check_dpsgd_metrics(metrics)
         if not isinstance(content.get("codec"), ConfigRecord):
             raise FedLoraError("the reply has no ConfigRecord 'codec'")
         try:
@@ -322,3 +414,14 @@ class LoraStrategy(FedAvg):
     def peft_adapter(self, arrays: ArrayRecord) -> tuple[State, int, float]:
         """The global adapter as a PEFT LoRA: (state with peft keys, rank, alpha)."""
         return self.complete(arrays.to_torch_state_dict()), self.rank, self.alpha
+
+
+def check_dpsgd_metrics(metrics: MetricRecord) -> None:
+    """Raise FedLoraError unless a DP-SGD client reported usable settings for accounting."""
+    noise, rate, steps = (metrics.get(k) for k in ("dp-noise", "dp-sample-rate", "dp-steps"))
+    if not isinstance(noise, float) or not 0.0 <= noise < math.inf:
+        raise FedLoraError(f"'dp-noise' must be a finite float >= 0, got {noise!r}")
+    if not isinstance(rate, float) or not 0.0 < rate <= 1.0:
+        raise FedLoraError(f"'dp-sample-rate' must be a float in (0, 1], got {rate!r}")
+    if not isinstance(steps, int) or steps < 0:
+        raise FedLoraError(f"'dp-steps' must be an int >= 0, got {steps!r}")

@@ -23,12 +23,16 @@ class FedSB(LoraStrategy):
     Initialisation ``gradient`` (LoRA-SB): a first federated round in which each client
     sends the gradient of the loss with respect to every adapted weight W on a few of
     its examples; the server sums them into G and sets B, A, R from the truncated SVD of
-    -eta * sign(G). ``random``: B and A random orthonormal, R = 0.
+    -eta * sign(G). ``random``: B and A random orthonormal, R = 0. ``auto``: gradient,
+    except under differential privacy, where it is random: the gradient round would
+    release each client's full-weight gradient, and noise calibrated to protect it (z C
+    on each of out x in coordinates, against a signal of norm at most C) leaves nothing
+    of sign(G) to keep.
 
     Parameters
     ----------
-    init : str (default: "gradient")
-        "gradient" or "random".
+    init : str (default: "auto")
+        "gradient", "random", or "auto" (random under ``privacy``, else gradient).
     weighting : str (default: "examples")
         Average R weighted by examples ("examples") or uniformly ("uniform", the paper's
         choice); both are exact.
@@ -46,15 +50,22 @@ class FedSB(LoraStrategy):
 
     def __init__(
         self,
-        init: str = "gradient",
+        init: str = "auto",
         weighting: str = "examples",
         init_examples: int = 64,
         init_eta: float = 1e-3,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if init not in ("gradient", "random"):
-            raise FedLoraError(f"unknown Fed-SB init '{init}'; valid choices: gradient, random")
+        if init not in ("auto", "gradient", "random"):
+            raise FedLoraError(f"unknown Fed-SB init '{init}'; valid choices: auto, gradient, random")
+        if init == "auto":
+            init = "random" if self.privacy else "gradient"
+        elif init == "gradient" and self.privacy:
+            raise FedLoraError(
+                "--fedsb-init gradient sends each client's full-weight gradient, which --dp "
+                "does not protect; use --fedsb-init random (what auto picks under --dp)"
+            )
         if weighting not in ("examples", "uniform"):
             raise FedLoraError(f"unknown Fed-SB weighting '{weighting}'; valid choices: examples, uniform")
         self.init, self.weighting = init, weighting

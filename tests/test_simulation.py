@@ -37,6 +37,7 @@ def test_metrics_have_one_row_per_round_with_the_contract_keys(run_dir):
     for row in rows:
         assert KEYS - {"train_loss"} <= set(row)
         assert row["strategy"] == "fedavg" and 0.0 <= row["eval_accuracy"] <= 1.0
+        assert "epsilon" not in row and "delta" not in row  # no DP, no privacy claim
     assert rows[0]["clients"] == 0 and rows[0]["bytes_up"] == rows[0]["bytes_down"] == 0
     for row in rows[1:]:
         assert KEYS <= set(row)

@@ -1,0 +1,210 @@
+"""Differential privacy: the Gaussian mechanism on client updates, DP-SGD's settings, and
+Opacus' RDP accountant.
+
+Two levels (``--dp``):
+
+- ``user``: the server clips each client's update to L2 norm C (over every tensor the
+  strategy aggregates, jointly), sums them, adds N(0, (z C)^2) to every coordinate and
+  divides by the number of clients it sampled. One Gaussian event per round, composed with
+  the client sampling rate. It protects everything a client contributes.
+- ``sample``: each client trains with DP-SGD (Opacus: per-example clipping to C, noise
+  z C on the sum of a Poisson-sampled batch). Each client's epsilon composes its steps;
+  the run reports the largest over clients.
+
+Only the math that Opacus does not offer lives here (clipping a whole update and noising a
+sum of updates); the accounting is Opacus' RDP accountant.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedlora.errors import FedLoraError
+
+State = dict[str, torch.Tensor]
+
+MODES = ("off", "user", "sample")
+
+
+def update_norm(update: State) -> float:
+    """The L2 norm of all of an update's tensors taken together."""
+    return math.sqrt(sum(float(t.double().square().sum()) for t in update.values()))
+
+
+def clip_update(update: State, clip: float) -> State:
+    """The update scaled to L2 norm at most ``clip`` (unchanged when already within)."""
+    factor = min(1.0, clip / max(update_norm(update), 1e-12))
+    return {k: (t.double() * factor) for k, t in update.items()}
+
+
+def private_mean(
+    updates: list[State], clip: float, noise: float, denominator: int, generator: torch.Generator
+) -> State:
+    """(sum of the clipped updates + N(0, (noise * clip)^2) per coordinate) / denominator.
+
+    The denominator is the number of clients sampled, fixed before any reply arrives, so
+    that dividing reveals nothing (a client that drops out shrinks the mean a little).
+    """
+    clipped = [clip_update(u, clip) for u in updates]
+    total = {k: sum(c[k] for c in clipped) for k in updates[0]}
+    return {
+        k: ((t + noise * clip * torch.randn(t.shape, generator=generator, dtype=torch.float64))
+            / denominator).float()
+        for k, t in total.items()
+    }
+
+
+def noise_for_budget(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The smallest noise multiplier whose ``steps`` events at ``sample_rate`` stay within
+    (epsilon, delta), by Opacus' RDP accountant."""
+    return get_noise_multiplier(
+        target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+        accountant="rdp",
+    )
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """A run's ``--dp`` settings, with the noise multiplier resolved.
+
+    Parameters
+    ----------
+    mode : str
+        "user" (clip and noise at the server) or "sample" (DP-SGD on each client).
+    clip : float
+        C: the L2 bound of a client's update (user) or of an example's gradient (sample).
+    noise : float
+        z: the noise standard deviation as a multiple of C. Under ``sample`` with
+        ``target_epsilon`` each client finds its own from its number of examples.
+    delta : float
+        delta; 0 means 1/n, n the records protected (clients, or a client's examples).
+    target_epsilon : float
+        The epsilon the whole run should end at (0: use ``noise``).
+    max_epsilon : float
+        A round that would take epsilon past this is not run (0: no limit).
+    sample_rate : float
+        The planned fraction of clients sampled per round (user level).
+    clients : int
+        The number of clients in the federation (user level's n).
+    """
+
+    mode: str
+    clip: float
+    noise: float
+    delta: float = 0.0
+    target_epsilon: float = 0.0
+    max_epsilon: float = 0.0
+    sample_rate: float = 1.0
+    clients: int = 1
+
+    @classmethod
+    def from_config(cls, config) -> Privacy | None:
+        """The settings of a RunConfig, or None when ``--dp off``."""
+        if config.dp == "off":
+            return None
+        sampled = max(int(config.num_clients * config.fraction_train), config.min_clients)
+        privacy = cls(
+            mode=config.dp, clip=config.dp_clip, noise=config.dp_noise, delta=config.dp_delta,
+            target_epsilon=config.dp_target_epsilon, max_epsilon=config.dp_max_epsilon,
+            sample_rate=min(1.0, sampled / config.num_clients), clients=config.num_clients,
+        )
+        if privacy.mode == "user" and privacy.target_epsilon:
+            delta = privacy.delta or 1.0 / config.num_clients
+            noise = noise_for_budget(privacy.target_epsilon, delta, privacy.sample_rate, config.rounds)
+            privacy = dataclasses.replace(privacy, noise=noise)
+        return privacy
+
+    def client_dpsgd(self, config, num_examples: int) -> DPSGD:
+        """A client's DP-SGD settings: Poisson rate batch_size / n_k, and the noise that
+        meets ``target_epsilon`` if the client trains in every round."""
+        sample_rate = min(1.0, config.batch_size / num_examples)
+        noise = self.noise
+        if self.target_epsilon:
+            delta = self.delta or 1.0 / num_examples
+            steps = config.rounds * config.local_steps
+            noise = noise_for_budget(self.target_epsilon, delta, sample_rate, steps)
+        return DPSGD(noise=noise, clip=self.clip, sample_rate=sample_rate)
+
+
+@dataclass(frozen=True)
+class DPSGD:
+    """One client's DP-SGD settings: Poisson sampling at ``sample_rate``, per-example
+    clipping to ``clip`` and Gaussian noise ``noise * clip`` on each batch's sum."""
+
+    noise: float
+    clip: float
+    sample_rate: float
+
+
+Event = tuple[object, float, float, int, int]  # (party, noise, sample rate, steps, records)
+
+
+class PrivacyAccountant:
+    """Epsilon of a run so far, by Opacus' RDP accountant, one accountant per protected
+    party: the federation's clients for user-level DP, each client's examples for
+    sample-level DP.
+
+    Parameters
+    ----------
+    delta : float (default: 0.0)
+        delta of every party, or 0 for 1 / (the party's number of records).
+    """
+
+    def __init__(self, delta: float = 0.0) -> None:
+        self.delta = delta
+        self.accountants: dict[object, RDPAccountant] = {}
+        self.records: dict[object, int] = {}
+        self.last_round: dict[object, Event] = {}
+
+    def record(self, party, noise: float, sample_rate: float, steps: int, records: int) -> None:
+        """Compose ``steps`` Gaussian events of ``noise`` at ``sample_rate`` for ``party``,
+        which holds ``records`` records."""
+        accountant = self.accountants.setdefault(party, RDPAccountant())
+        for _ in range(steps):  # the accountant merges equal events into one entry
+            accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
+        self.records[party] = records
+        self.last_round[party] = (party, noise, sample_rate, steps, records)
+
+    def spent(self) -> tuple[float, float]:
+        """(epsilon, delta): the largest epsilon over parties and the largest delta, so that
+        every party is (epsilon, delta)-DP; (0, 0) before anything was released."""
+        if not self.accountants:
+            return 0.0, 0.0
+        deltas = {p: self.delta or 1.0 / n for p, n in self.records.items()}
+        epsilon = max(_epsilon(a, deltas[p]) for p, a in self.accountants.items())
+        return epsilon, max(deltas.values())
+
+    def epsilon_after(self, events: list[Event]) -> float:
+        """The epsilon once ``events`` are recorded too (by default nothing changes)."""
+        projected = copy.deepcopy(self)
+        for event in events:
+            projected.record(*event)
+        return projected.spent()[0]
+
+
+def _epsilon(accountant: RDPAccountant, delta: float) -> float:
+    if any(noise == 0 for noise, _, _ in accountant.history):
+        return math.inf  # no noise, no privacy (Opacus would divide by zero)
+    return max(0.0, accountant.get_epsilon(delta))  # Opacus goes below 0 for a large delta
+
+
+def check_settings(config) -> None:
+    """Raise FedLoraError on DP settings that cannot go together (bounds are RunConfig's)."""
+    if config.dp == "off":
+        return
+    if not 0.0 <= config.dp_delta < 1.0:
+        raise FedLoraError(f"--dp-delta must be in (0, 1), or 0 for 1/n; got {config.dp_delta:g}")
+    if config.dp_target_epsilon and config.dp_noise != 1.0:
+        raise FedLoraError("give --dp-noise or --dp-target-epsilon, not both")
+    if config.dp_max_epsilon and config.dp_target_epsilon > config.dp_max_epsilon:
+        raise FedLoraError(
+            f"--dp-target-epsilon {config.dp_target_epsilon:g} exceeds the budget "
+            f"--dp-max-epsilon {config.dp_max_epsilon:g}"
+        )

@@ -1,0 +1,280 @@
+"""Differential privacy: the Gaussian mechanism, DP-SGD's loss, accounting, and refusals."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import train_reply
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from opacus.accountants.rdp import RDPAccountant
+
+from fedlora.config import RunConfig
+from fedlora.data import Example
+from fedlora.errors import FedLoraError
+from fedlora.privacy import DPSGD, Privacy, clip_update, private_mean, update_norm
+from fedlora.train import answer_loss, make_batch, train_local
+from server.run import over_budget
+from strategies import build_strategy
+
+ALPHAS = RDPAccountant.DEFAULT_ALPHAS
+
+
+def independent_epsilon(noise, sample_rate, steps, delta):
+    """Opacus' RDP analysis called directly, without fedlora's accountant."""
+    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise, steps=steps, orders=ALPHAS)
+    return get_privacy_spent(orders=ALPHAS, rdp=rdp, delta=delta)[0]
+
+
+def random_update(seed, scale=1.0, keys=("m.lora_A.weight", "m.lora_B.weight")):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"m.lora_A.weight": (4, 30), "m.lora_B.weight": (20, 4), "m.lora_R.weight": (4, 4)}
+    return {k: scale * torch.randn(shapes[k], generator=g) for k in keys}
+
+
+def test_clipped_updates_never_exceed_the_bound_and_small_ones_are_kept():
+    for seed, scale in enumerate((0.001, 0.1, 1.0, 10.0, 1000.0)):
+        update = random_update(seed, scale)
+        clipped = clip_update(update, clip=2.0)
+        assert update_norm(clipped) <= 2.0 * (1 + 1e-12)
+        if update_norm(update) <= 2.0:
+            for key in update:
+                assert torch.equal(clipped[key].float(), update[key])
+        else:  # scaled, not reshaped
+            factor = 2.0 / update_norm(update)
+            for key in update:
+                torch.testing.assert_close(clipped[key].float(), update[key] * factor)
+
+
+def test_the_added_noise_has_standard_deviation_z_c_over_n():
+    clip, noise, sampled = 0.5, 1.3, 4
+    updates = [{"w": torch.randn(1000, 250) * 0.01}, {"w": torch.randn(1000, 250) * 10},
+               {"w": torch.zeros(1000, 250)}]
+    generator = torch.Generator().manual_seed(0)
+    released = private_mean(updates, clip, noise, sampled, generator)["w"].double()
+    signal = sum(clip_update(u, clip)["w"] for u in updates) / sampled
+    added = released - signal
+    expected = noise * clip / sampled
+    assert abs(added.std().item() / expected - 1) < 0.03  # 250,000 draws: off by ~0.1%
+    assert abs(added.mean().item()) < 0.01 * expected
+
+
+def config(**values):
+    base = {"model": "tiny-llama", "num-clients": 2, "rounds": 3}
+    return RunConfig.from_dict({**base, **values})
+
+
+def server_with_replies(strategy_name, **values):
+    strategy = build_strategy(config(strategy=strategy_name, **values))
+    keys = ["m.lora_R.weight"] if strategy_name == "fedsb" else ["m.lora_A.weight", "m.lora_B.weight"]
+    strategy.global_state = random_update(9, keys=keys)
+    strategy.sent_shapes = {k: tuple(v.shape) for k, v in strategy.global_state.items()}
+    strategy.sampled = strategy.available = 2
+    updates = [random_update(1, 0.01, keys), random_update(2, 5.0, keys)]
+    return strategy, updates
+
+
+@pytest.mark.parametrize("strategy_name", ["fedavg", "ffa", "fedsb", "sparse"])
+def test_user_level_dp_releases_the_plain_mean_of_clipped_updates(strategy_name):
+    # With z = 0 the release is exactly (clip(u_1) + clip(u_2)) / 2, equal weights
+    # whatever the example counts; the sparse strategy clips what was sent (its top-k).
+    strategy, updates = server_with_replies(strategy_name, dp="user", **{"dp-noise": 0.0, "dp-clip": 0.3})
+    codec = "topk:0.5,fp32" if strategy_name == "sparse" else "fp32"
+    replies = [train_reply(1, updates[0], 10, codec=codec), train_reply(2, updates[1], 990, codec=codec)]
+    _, sent = strategy.valid_replies(1, replies)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    new = arrays.to_torch_state_dict()
+    for key, value in strategy.global_state.items():
+        expected = value + (clip_update(sent[0], 0.3)[key] + clip_update(sent[1], 0.3)[key]) / 2
+        torch.testing.assert_close(new[key], expected.float())
+    assert metrics["epsilon"] == math.inf  # no noise, no privacy
+
+
+def test_user_level_epsilon_matches_an_independent_computation():
+    strategy, updates = server_with_replies("fedavg", dp="user", **{"dp-noise": 1.1, "dp-delta": 1e-3})
+    strategy.available = 5  # 2 of 5 clients sampled: q = 0.4
+    for server_round in (1, 2, 3):
+        replies = [train_reply(1, updates[0], 10), train_reply(2, updates[1], 20)]
+        _, metrics = strategy.aggregate_train(server_round, replies)
+        expected = independent_epsilon(1.1, 0.4, server_round, 1e-3)
+        assert metrics["epsilon"] == pytest.approx(expected, rel=1e-9)
+        assert metrics["delta"] == 1e-3
+
+
+def dpsgd_reply(node, update, num_examples, noise, rate, steps):
+    reply = train_reply(node, update, num_examples)
+    metrics = reply.content["metrics"]
+    metrics.update({"dp-noise": noise, "dp-sample-rate": rate, "dp-steps": steps})
+    return reply
+
+
+def test_sample_level_epsilon_is_the_largest_over_clients_at_delta_one_over_n_k():
+    strategy, updates = server_with_replies("fedavg", dp="sample")
+    for server_round in (1, 2):
+        replies = [dpsgd_reply(1, updates[0], 100, 0.9, 0.08, 10),
+                   dpsgd_reply(2, updates[1], 400, 1.2, 0.02, 10)]
+        _, metrics = strategy.aggregate_train(server_round, replies)
+        steps = 10 * server_round
+        expected = max(independent_epsilon(0.9, 0.08, steps, 1 / 100),
+                       independent_epsilon(1.2, 0.02, steps, 1 / 400))
+        assert metrics["epsilon"] == pytest.approx(expected, rel=1e-9)
+        assert metrics["delta"] == 1 / 100
+
+
+def test_a_dpsgd_reply_without_its_settings_is_dropped():
+    strategy, updates = server_with_replies("fedavg", dp="sample")
+    replies = [dpsgd_reply(1, updates[0], 100, 0.9, 0.08, 10), train_reply(2, updates[1], 100),
+               dpsgd_reply(3, updates[1], 100, 0.9, 1.5, 10)]
+    valid, _ = strategy.valid_replies(1, replies)
+    assert [r.metadata.src_node_id for r in valid] == [1]
+    reasons = dict(strategy.dropped)
+    assert "'dp-noise' must be a finite float" in reasons[2]
+    assert "'dp-sample-rate' must be a float in (0, 1]" in reasons[3]
+
+
+def test_the_budget_stops_a_run_before_the_round_that_would_exceed_it():
+    budget = independent_epsilon(2.0, 1.0, 3, 1e-3) + 1e-6  # room for exactly 3 rounds
+    values = {"dp": "user", "dp-noise": 2.0, "dp-delta": 1e-3, "dp-max-epsilon": budget}
+    run = config(**values)
+    strategy, updates = server_with_replies("fedavg", **values)
+    spent = []
+    for server_round in range(1, 10):
+        if over_budget(strategy, run, server_round):
+            break
+        _, metrics = strategy.aggregate_train(server_round, [train_reply(1, updates[0], 10)])
+        spent.append(metrics["epsilon"])
+    assert len(spent) == 3 and spent[-1] <= budget
+
+
+def test_epsilon_is_never_negative():
+    # Opacus' conversion returns a negative epsilon for a large delta (here 1/2).
+    assert independent_epsilon(2.0, 1.0, 1, 0.5) < 0
+    strategy, updates = server_with_replies("fedavg", dp="user", **{"dp-noise": 2.0})
+    _, metrics = strategy.aggregate_train(1, [train_reply(1, updates[0], 10)])
+    assert metrics["epsilon"] == 0.0 and metrics["delta"] == 0.5
+
+
+def test_a_budget_spent_before_any_round_is_a_clear_error():
+    run = config(dp="user", **{"dp-noise": 0.5, "dp-max-epsilon": 1.0})
+    strategy = build_strategy(run)
+    with pytest.raises(FedLoraError, match="round 1 would raise epsilon to .* over --dp-max-epsilon 1"):
+        over_budget(strategy, run, 1)
+
+
+def test_target_epsilon_sets_the_noise_that_ends_the_run_there():
+    privacy = Privacy.from_config(config(dp="user", rounds=5, **{"dp-target-epsilon": 3.0}))
+    assert independent_epsilon(privacy.noise, 1.0, 5, 1 / 2) == pytest.approx(3.0, abs=0.03)
+    client = Privacy.from_config(config(dp="sample", **{"dp-target-epsilon": 3.0, "local-steps": 7}))
+    dpsgd = client.client_dpsgd(config(**{"local-steps": 7}), num_examples=500)
+    assert dpsgd.sample_rate == 8 / 500
+    assert independent_epsilon(dpsgd.noise, 8 / 500, 3 * 7, 1 / 500) == pytest.approx(3.0, abs=0.03)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"dp": "user", "dp-clip": 0.0}, r"--dp-clip must be in \(0, 1e\+06\], got 0"),
+    ({"dp": "user", "dp-clip": -1.0}, r"--dp-clip must be in \(0"),
+    ({"dp": "user", "dp-noise": -0.5}, r"--dp-noise must be in \[0, 1e\+06\], got -0.5"),
+    ({"dp": "user", "dp-delta": 1.0}, r"--dp-delta must be in \(0, 1\), or 0 for 1/n; got 1"),
+    ({"dp": "user", "dp-delta": -0.1}, r"--dp-delta must be in \(0, 1\)"),
+    ({"dp": "user", "dp-target-epsilon": 8.0, "dp-max-epsilon": 3.0},
+     "--dp-target-epsilon 8 exceeds the budget --dp-max-epsilon 3"),
+    ({"dp": "user", "dp-target-epsilon": 8.0, "dp-noise": 2.0}, "not both"),
+    ({"dp": "central"}, "unknown dp 'central'; valid choices: off, user, sample"),
+])
+def test_bad_dp_settings_are_one_line_errors(values, message):
+    with pytest.raises(FedLoraError, match=message) as raised:
+        config(**values)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"strategy": "flora", "dp": "user"}, "--dp user cannot protect --strategy flora: its clients upload"),
+    ({"strategy": "fedsb", "dp": "user", "fedsb-init": "gradient"},
+     "--fedsb-init gradient sends each client's full-weight gradient"),
+    ({"strategy": "fedavg", "dp": "sample", "check-exactness": True}, None),
+    ({"strategy": "fedavg", "dp": "user", "check-exactness": True}, "--check-exactness compares"),
+])
+def test_combinations_dp_cannot_protect_are_refused(values, message):
+    if message is None:  # allowed: sample-level DP releases the clients' updates as they are
+        build_strategy(config(**values))
+        return
+    with pytest.raises(FedLoraError, match=message):
+        build_strategy(config(**values))
+
+
+def test_fedsb_init_auto_is_random_under_dp_and_gradient_without():
+    assert build_strategy(config(strategy="fedsb")).init == "gradient"
+    assert build_strategy(config(strategy="fedsb", dp="user")).init == "random"
+    assert build_strategy(config(strategy="fedsb", dp="sample")).init == "random"
+
+
+def test_the_cli_refuses_flora_with_user_dp_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fedlora.simulate", "--strategy", "flora", "--dp", "user",
+         "--model", "tiny-llama", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "--dp user cannot protect --strategy flora" in result.stderr
+
+
+# ---- DP-SGD -----------------------------------------------------------------------------
+
+EXAMPLES = [Example(prompt=f"Question : which label fits this text {t} ? Answer :",
+                    answer=" positive ." if label else " negative", label=label)
+            for t, label in [("a good movie", 1), ("a very bad film", 0), ("fun", 1), ("boring plot", 0)]]
+
+
+def test_the_per_example_loss_is_the_mean_of_each_example_alone(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = make_batch(EXAMPLES, tokenizer, 32)  # answers of 2 and 1 tokens
+    together = answer_loss(model, batch, per_example=True)
+    alone = [answer_loss(model, make_batch([e], tokenizer, 32)) for e in EXAMPLES]
+    torch.testing.assert_close(together, torch.stack(alone).mean(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(together, answer_loss(model, batch))  # tokens are not examples
+
+
+def test_dpsgd_steps_even_on_an_empty_poisson_sample(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedlora.adapters import attach_lora
+
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 4, 8.0,
+                        ["q_proj", "v_proj"], seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    stats = train_local(model, tokenizer, EXAMPLES, steps=3, batch_size=2, lr=0.01, max_length=32,
+                        seed=0, device=torch.device("cpu"),
+                        dpsgd=DPSGD(noise=1.0, clip=1.0, sample_rate=1e-9))
+    assert math.isnan(stats["train_loss"])  # no example was ever sampled...
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed  # ...yet each step moved the adapter by the noise
+
+
+def test_a_dpsgd_simulation_trains_and_reports_epsilon(tmp_path):
+    command = [
+        sys.executable, "-m", "fedlora.simulate", "--model", "tiny-llama", "--num-clients", "2",
+        "--rounds", "2", "--local-steps", "10", "--lr", "0.01", "--batch-size", "16",
+        "--target-modules", "q_proj,v_proj,o_proj,down_proj", "--eval-size", "32",
+        "--max-length", "48", "--dp", "sample", "--dp-clip", "1.0", "--dp-noise", "0.7",
+        "--output", str(tmp_path), "--name", "dpsgd",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "dpsgd" / "metrics.jsonl").open()]
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.2
+    assert "epsilon" not in rows[0]
+    from fedlora.data import client_examples, load_task
+
+    run = RunConfig.from_dict({"model": "tiny-llama", "num-clients": 2, "eval-size": 32})
+    sizes = [len(client_examples(load_task(run), run, k, 2)) for k in (0, 1)]
+    for row in rows[1:]:
+        expected = max(independent_epsilon(0.7, 16 / n, 10 * row["round"], 1 / n) for n in sizes)
+        assert row["epsilon"] == pytest.approx(expected, rel=1e-9)
+        assert row["delta"] == pytest.approx(1 / min(sizes))
