@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedlora.simulate import main as simulate_main
 from server.report import write_comparison
+from variants import run_variants
 
 
 def main() -> None:
@@ -30,14 +30,7 @@ def main() -> None:
         variants.append((f"sparse-{density}", ["--upload-density", density]))
         variants.append((f"sparse-{density}-ef", ["--upload-density", density, "--error-feedback"]))
     run_dirs = [Path(args.baseline)] if args.baseline else []
-    for variant, flags in variants:
-        print(f"\n== {variant} ==", flush=True)
-        name = f"{args.name}/{variant}"
-        code = simulate_main(["--config", "simulations/sparse.toml", "--output", args.output,
-                              "--name", name, *flags])
-        if code != 0:
-            raise SystemExit(code)
-        run_dirs.append(Path(args.output) / name)
+    run_dirs += run_variants("simulations/sparse.toml", variants, args.name, args.output)
     print("\n" + write_comparison(run_dirs, Path(args.output) / args.name))
 
 

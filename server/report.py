@@ -46,10 +46,11 @@ def write_comparison(run_dirs: list[Path], folder: Path) -> str:
     runs = {Path(d).name: [json.loads(line) for line in (Path(d) / "metrics.jsonl").open()]
             for d in run_dirs}
     quality = "eval_accuracy" if all("eval_accuracy" in rows[-1] for rows in runs.values()) else "eval_loss"
+    private = any("epsilon" in rows[-1] for rows in runs.values())
     lines = [
         f"| strategy | rounds | round-0 {quality} | final {quality} | final eval_loss "
-        "| upload bytes | download bytes | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| upload bytes | download bytes | seconds |" + (" epsilon (delta) |" if private else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if private else ""),
     ]
     for name, rows in runs.items():
         last = rows[-1]
@@ -57,6 +58,8 @@ def write_comparison(run_dirs: list[Path], folder: Path) -> str:
             f"| {name} | {last['round']} | {rows[0][quality]:.3f} | {last[quality]:.3f} "
             f"| {last['eval_loss']:.4f} | {last['cumulative_bytes_up']:,} "
             f"| {last['cumulative_bytes_down']:,} | {sum(r['seconds'] for r in rows):.0f} |"
+            + (f" {last['epsilon']:.3g} ({last['delta']:.3g}) |" if "epsilon" in last
+               else " no DP |" if private else "")
         )
     table = "\n".join(lines)
     (folder / "comparison.md").write_text(table + "\n")

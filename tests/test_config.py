@@ -35,9 +35,12 @@ def test_a_comparison_gives_one_config_per_strategy_with_its_table(tmp_path):
         ("flora", 8, "16,8,4", 2, "cmp/flora"),
         ("fedsb", 32, "", 2, "cmp/fedsb"),
     ]
+    [only] = parse_configs(["--config", str(file), "--strategy", "fedsb"])  # [flora] waits
+    assert (only.strategy, only.rank, only.ranks) == ("fedsb", 32, "")
     stray = tmp_path / "stray.toml"
-    stray.write_text('strategy = "fedavg"\n[fedsb]\nrank = 32\n')
-    with pytest.raises(FedLoraError, match=r"config table \[fedsb\] names no strategy of --strategy fedavg"):
+    stray.write_text('strategy = "fedavg"\n[fedbs]\nrank = 32\n')
+    with pytest.raises(FedLoraError, match=r"config table \[fedbs\] names no strategy; valid tables: "
+                                           r"fedavg, ffa, flora, fedsb, sparse"):
         parse_configs(["--config", str(stray)])
 
 
