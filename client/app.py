@@ -22,6 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import faults
 from fedlora.adapters import (
     adapter_state,
     attach_lora,
@@ -94,6 +95,7 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     device = pick_device(str(context.node_config.get("device", config.device)))
+    faults.inject(partition_id, int(plan["server-round"]))  # only when a test asks for it
     frozen, merges = keep_tensors(context, msg.content.get("keep"), int(plan["kept-batches"]))
 
     model, tokenizer = load_model(config.model, device)
@@ -125,13 +127,13 @@ def train(msg: Message, context: Context) -> Message:
     for name, parameter in adapted.named_parameters():
         parameter.requires_grad_(any(t in name for t in trainable))
 
+    seed = 1000 * int(plan["server-round"]) + partition_id  # this client, this round
     privacy = Privacy.from_config(config)
-    dpsgd = privacy.client_dpsgd(config, len(examples)) if privacy and privacy.mode == "sample" else None
+    dpsgd = privacy.client_dpsgd(config, len(examples), seed) if privacy and privacy.mode == "sample" else None
     stats = train_local(
         adapted, tokenizer, examples,
         steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
-        max_length=config.max_length, seed=config.seed + 1000 * int(plan["server-round"]) + partition_id,
-        device=device, dpsgd=dpsgd,
+        max_length=config.max_length, seed=config.seed + seed, device=device, dpsgd=dpsgd,
     )
     state = lora_sb_state(adapted) if plan["adapter"] == "lorasb" else adapter_state(adapted)
     upload = {k: v for k, v in state.items() if any(t in k for t in trainable)}

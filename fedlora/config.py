@@ -43,6 +43,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {
     "dp_noise": (0.0, 1e6, True),
     "dp_target_epsilon": (0.0, 1e6, True),
     "dp_max_epsilon": (0.0, 1e6, True),
+    "dp_noise_seed": (-1, 2**31 - 1, True),
 }
 
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -163,6 +164,11 @@ class RunConfig:
     dp_max_epsilon: float = field(
         default=0.0, metadata={"help": "DP: stop before a round that would exceed this epsilon (0: no limit)"}
     )
+    dp_noise_seed: int = field(
+        default=-1,
+        metadata={"help": "DP: seed of the noise and of DP-SGD's sampling, for reproducible "
+                          "experiments; -1: fresh from the OS, which privacy needs"},
+    )
     check_exactness: bool = field(
         default=False,
         metadata={"help": "log each round's aggregation_error against sum_k p_k DeltaW_k"},
@@ -179,6 +185,10 @@ class RunConfig:
     output: str = field(default="runs", metadata={"help": "folder that holds run folders"})
     name: str = field(
         default="", metadata={"help": "run folder name (default: strategy and a timestamp)"}
+    )
+    resume: str = field(
+        default="",
+        metadata={"help": "a run folder (runs/<name>) to continue from its last completed round"},
     )
 
     # ---- construction -------------------------------------------------------------------

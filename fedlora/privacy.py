@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,10 @@ class Privacy:
         The planned fraction of clients sampled per round (user level).
     clients : int
         The number of clients in the federation (user level's n).
+    noise_seed : int
+        Seed of the noise and of DP-SGD's sampling, or -1 for a fresh one from the OS. A
+        seeded noise can be recomputed, and so removed, by anyone who knows the seed (the
+        clients know the run's ``--seed``): seeds are for experiments only.
     """
 
     mode: str
@@ -103,6 +108,7 @@ class Privacy:
     max_epsilon: float = 0.0
     sample_rate: float = 1.0
     clients: int = 1
+    noise_seed: int = -1
 
     @classmethod
     def from_config(cls, config) -> Privacy | None:
@@ -114,6 +120,7 @@ class Privacy:
             mode=config.dp, clip=config.dp_clip, noise=config.dp_noise, delta=config.dp_delta,
             target_epsilon=config.dp_target_epsilon, max_epsilon=config.dp_max_epsilon,
             sample_rate=min(1.0, sampled / config.num_clients), clients=config.num_clients,
+            noise_seed=config.dp_noise_seed,
         )
         if privacy.mode == "user" and privacy.target_epsilon:
             delta = privacy.delta or 1.0 / config.num_clients
@@ -121,26 +128,33 @@ class Privacy:
             privacy = dataclasses.replace(privacy, noise=noise)
         return privacy
 
-    def client_dpsgd(self, config, num_examples: int) -> DPSGD:
-        """A client's DP-SGD settings: Poisson rate batch_size / n_k, and the noise that
-        meets ``target_epsilon`` if the client trains in every round."""
+    def seed(self, offset: int = 0) -> int:
+        """A noise seed: ``noise_seed + offset``, or a fresh one from the OS."""
+        return self.noise_seed + offset if self.noise_seed >= 0 else secrets.randbits(63)
+
+    def client_dpsgd(self, config, num_examples: int, offset: int) -> DPSGD:
+        """A client's DP-SGD settings: Poisson rate batch_size / n_k, the noise that meets
+        ``target_epsilon`` if the client trains in every round, and a seed (``noise_seed +
+        offset``, else from the OS)."""
         sample_rate = min(1.0, config.batch_size / num_examples)
         noise = self.noise
         if self.target_epsilon:
             delta = self.delta or 1.0 / num_examples
             steps = config.rounds * config.local_steps
             noise = noise_for_budget(self.target_epsilon, delta, sample_rate, steps)
-        return DPSGD(noise=noise, clip=self.clip, sample_rate=sample_rate)
+        return DPSGD(noise=noise, clip=self.clip, sample_rate=sample_rate, seed=self.seed(offset))
 
 
 @dataclass(frozen=True)
 class DPSGD:
     """One client's DP-SGD settings: Poisson sampling at ``sample_rate``, per-example
-    clipping to ``clip`` and Gaussian noise ``noise * clip`` on each batch's sum."""
+    clipping to ``clip`` and Gaussian noise ``noise * clip`` on each batch's sum, drawn
+    (sampling and noise) from generators seeded with ``seed``."""
 
     noise: float
     clip: float
     sample_rate: float
+    seed: int
 
 
 Event = tuple[object, float, float, int, int]  # (party, noise, sample rate, steps, records)
@@ -180,6 +194,22 @@ class PrivacyAccountant:
         deltas = {p: self.delta or 1.0 / n for p, n in self.records.items()}
         epsilon = max(_epsilon(a, deltas[p]) for p, a in self.accountants.items())
         return epsilon, max(deltas.values())
+
+    def state_dict(self) -> dict:
+        """The accountant as plain values (for a checkpoint)."""
+        return {
+            "histories": {p: list(a.history) for p, a in self.accountants.items()},
+            "records": dict(self.records),
+            "last_round": dict(self.last_round),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accountants = {}
+        for party, history in state["histories"].items():
+            self.accountants[party] = RDPAccountant()
+            self.accountants[party].history = [tuple(event) for event in history]
+        self.records = dict(state["records"])
+        self.last_round = {p: tuple(e) for p, e in state["last_round"].items()}
 
     def epsilon_after(self, events: list[Event]) -> float:
         """The epsilon once ``events`` are recorded too (by default nothing changes)."""

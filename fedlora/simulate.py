@@ -72,10 +72,18 @@ def configs_from_args(args: dict) -> list[RunConfig]:
     not given are absent). Values come from the config file, then its table named after the
     strategy (e.g. ``[fedsb]`` with ``rank = 32``), then the flags. With several
     strategies, each run goes to ``<output>/<name>/<strategy>/`` on the same data
-    partitions and seed.
+    partitions and seed. With ``--resume FOLDER`` the values come from the run's saved
+    config.toml, then the flags (e.g. ``--rounds`` to run longer).
     """
     args = dict(args)
     file = args.pop("config", None)
+    if args.get("resume"):
+        if file:
+            raise FedLoraError("--resume continues a run with its own saved config; drop --config")
+        saved = Path(args["resume"]) / "config.toml"
+        if not saved.is_file():
+            raise FedLoraError(f"--resume {args['resume']}: not a run folder (no config.toml there)")
+        file = saved
     values = RunConfig.from_toml(file) if file else {}
     tables = {k: values.pop(k) for k in list(values) if isinstance(values[k], dict)}
     strategy = str(args.get("strategy", values.get("strategy", "fedavg")))

@@ -109,19 +109,20 @@ def train_local(
     DP-SGD through Opacus instead: each example joins the batch with probability
     ``dpsgd.sample_rate`` (Poisson sampling, which the accountant assumes), per-example
     gradients are clipped to ``dpsgd.clip`` and their sum gets N(0, (noise * clip)^2)
-    before AdamW. Returns the mean, first and last batch loss and the seconds spent.
+    before AdamW; sampling and noise come from ``dpsgd.seed``, not ``seed``, which the
+    server knows. Returns the mean, first and last batch loss and the seconds spent.
     """
     if not examples:
         raise FedLoraError("this client has no training examples")
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed if dpsgd is None else dpsgd.seed)
     if dpsgd is not None:
         model = GradSampleModule(model)  # hooks that keep each example's gradient
         optimizer = DPOptimizer(
             optimizer, noise_multiplier=dpsgd.noise, max_grad_norm=dpsgd.clip,
             expected_batch_size=round(dpsgd.sample_rate * len(examples)),
-            generator=torch.Generator(device).manual_seed(seed),
+            generator=torch.Generator(device).manual_seed(dpsgd.seed + 1),
         )
     order = torch.empty(0, dtype=torch.long)
     losses = []

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 import tomli_w
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
@@ -31,6 +32,7 @@ from server.report import plot_report
 from strategies import build_strategy, folder_name
 
 log = logging.getLogger("fedlora")
+CHECKPOINT = "checkpoint.pt"  # in the run folder: the state after the last completed round
 
 COLUMNS = [  # (metrics key, table heading, width, format spec)
     ("round", "round", 5, "d"),
@@ -90,17 +92,21 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     start = time.perf_counter()
     arrays = strategy.initialize(model)
-    init_messages = strategy.configure_init(arrays, plan, grid)
-    init_replies = exchange(grid, init_messages, config.round_timeout, "initialisation")
-    if init_messages:
-        arrays = strategy.aggregate_init(init_replies)
-    metrics_log.write({
-        "round": 0, "strategy": config.strategy, "clients": len(init_replies),
-        **central_evaluation(None),  # round 0: the base model alone
-        "bytes_up": traffic(init_replies), "bytes_down": traffic(init_messages),
-        "seconds": time.perf_counter() - start,
-    })
-    for server_round in range(1, config.rounds + 1):
+    if config.resume:
+        arrays, done = load_checkpoint(run_dir, strategy, metrics_log, config.rounds)
+    else:
+        init_messages = strategy.configure_init(arrays, plan, grid)
+        init_replies = exchange(grid, init_messages, config.round_timeout, "initialisation")
+        if init_messages:
+            arrays = strategy.aggregate_init(init_replies)
+        metrics_log.write({
+            "round": 0, "strategy": config.strategy, "clients": len(init_replies),
+            **central_evaluation(None),  # round 0: the base model alone
+            "bytes_up": traffic(init_replies), "bytes_down": traffic(init_messages),
+            "seconds": time.perf_counter() - start,
+        })
+        done = 0
+    for server_round in range(done + 1, config.rounds + 1):
         if over_budget(strategy, config, server_round):
             break
         start = time.perf_counter()
@@ -128,6 +134,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             if key in train_metrics:
                 row[key.replace("-", "_")] = float(train_metrics[key])
         metrics_log.write({**row, "seconds": time.perf_counter() - start})
+        save_checkpoint(run_dir, server_round, arrays, strategy)
     with global_adapter(arrays) as adapted:
         save_adapter(adapted, run_dir / "adapter")
     plot_report(metrics_log.rows, run_dir / "report.png")
@@ -159,15 +166,46 @@ def traffic(messages: list[Message]) -> int:
 
 
 def make_run_dir(config: RunConfig) -> Path:
-    """Create runs/<name>/ and write the resolved config into it."""
-    name = config.name or f"{folder_name(config.strategy)}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = Path(config.output) / name
-    if (run_dir / "metrics.jsonl").exists():
-        raise FedLoraError(f"run folder {run_dir} already holds a run; choose another --name")
+    """Create runs/<name>/ (or take the ``--resume`` folder) and write the resolved config
+    into it."""
+    if config.resume:
+        run_dir, name = Path(config.resume), config.name or Path(config.resume).name
+        if not (run_dir / CHECKPOINT).is_file():
+            raise FedLoraError(f"--resume {run_dir}: no {CHECKPOINT} there, so no completed round to resume")
+    else:
+        name = config.name or f"{folder_name(config.strategy)}-{datetime.now():%Y%m%d-%H%M%S}"
+        run_dir = Path(config.output) / name
+        if (run_dir / "metrics.jsonl").exists():
+            raise FedLoraError(f"run folder {run_dir} already holds a run; choose another --name "
+                               f"or continue it with --resume {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {**config.to_dict(), "name": name}
+    resolved = {**config.to_dict(), "name": name, "resume": ""}
     (run_dir / "config.toml").write_text(tomli_w.dumps(resolved))
     return run_dir
+
+
+def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, strategy) -> None:
+    """Save what the next round needs, replacing the previous round's checkpoint whole."""
+    checkpoint = {"round": server_round, "arrays": arrays.to_torch_state_dict(),
+                  "strategy": strategy.state_dict()}
+    partial = run_dir / f"{CHECKPOINT}.partial"
+    torch.save(checkpoint, partial)
+    partial.replace(run_dir / CHECKPOINT)  # atomic: a crash leaves the old one or the new one
+
+
+def load_checkpoint(run_dir: Path, strategy, metrics_log: MetricsLog, rounds: int):
+    """Restore the strategy and the metrics of the last completed round; return the global
+    arrays and that round."""
+    checkpoint = torch.load(run_dir / CHECKPOINT, weights_only=True)  # tensors and plain values
+    done = checkpoint["round"]
+    if done >= rounds:
+        raise FedLoraError(f"--resume {run_dir}: all {done} rounds are done; give --rounds above "
+                           f"{done} to continue")
+    strategy.load_state_dict(checkpoint["strategy"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    metrics_log.restore([row for row in rows if row["round"] <= done])
+    tqdm.write(f"resuming {run_dir} after round {done}")
+    return ArrayRecord(checkpoint["arrays"]), done
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float, label: str) -> list[Message]:
@@ -204,6 +242,13 @@ class MetricsLog:
         self.rows: list[dict] = []
         self.total_up = self.total_down = 0
         tqdm.write("  ".join(f"{heading:>{width}}" for _, heading, width, _ in COLUMNS))
+
+    def restore(self, rows: list[dict]) -> None:
+        """Start over from ``rows`` (a resumed run drops rounds after its checkpoint)."""
+        self.path.write_text("")
+        self.rows, self.total_up, self.total_down = [], 0, 0
+        for row in rows:
+            self.write(row)
 
     def write(self, row: dict) -> None:
         self.total_up += row["bytes_up"]

@@ -138,7 +138,7 @@ class LoraStrategy(FedAvg):
         self.node_batches: dict[int, int] = {}  # node id -> batches it holds
         self.privacy = privacy
         self.accountant = PrivacyAccountant(privacy.delta) if privacy else None
-        self.noise_generator = torch.Generator().manual_seed(seed)
+        self.noise_generator = torch.Generator().manual_seed(privacy.seed() if privacy else 0)
         self.sampled = self.available = 0  # clients sampled and connected, last round
         if privacy and privacy.mode == "user" and self.upload != "delta":
             raise FedLoraError(
@@ -356,8 +356,9 @@ class LoraStrategy(FedAvg):
 
     def check_reply(self, reply: Message, expected_shapes) -> dict[str, torch.Tensor]:
         """The reply's decoded tensors, or FedLoraError saying why the reply is unusable."""
-        if reply.has_error():
-            raise FedLoraError(f"the client failed: {reply.error.reason}")
+        if reply.has_error():  # the reason's last line says what happened; above: a traceback
+            lines = str(reply.error.reason).strip().splitlines() or ["no reason given"]
+            raise FedLoraError(f"the client failed: {lines[-1][:300]}")
         content = reply.content
         if not isinstance(content.get("arrays"), ArrayRecord):
             raise FedLoraError("the reply has no ArrayRecord 'arrays'")
@@ -390,6 +391,25 @@ class LoraStrategy(FedAvg):
     def expected_shapes(self, metrics: MetricRecord) -> dict[str, tuple[int, ...]]:
         """Keys and shapes a client's reply must have: by default, those sent."""
         return self.sent_shapes
+
+    # ---- checkpoints ----------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """What the strategy holds beyond the global arrays, as tensors and plain values:
+        saved after every round, so that a run can resume. Subclasses add their own."""
+        return {
+            "kept_batches": self.kept_batches,
+            "noise_generator": self.noise_generator.get_state(),
+            "accountant": self.accountant.state_dict() if self.accountant else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (after :meth:`initialize`)."""
+        self.kept_batches = state["kept_batches"]
+        self.node_batches = {}  # the clients of a resumed run hold nothing yet
+        self.noise_generator.set_state(state["noise_generator"])
+        if self.accountant:
+            self.accountant.load_state_dict(state["accountant"])
 
     # ---- the method -----------------------------------------------------------------
 

@@ -142,6 +142,13 @@ class FedSB(LoraStrategy):
         self.keep_frozen(frozen)
         return ArrayRecord({f"{path}.lora_R.weight": R for path, (_, _, R) in factors.items()})
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "frozen": self.frozen}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.frozen = state["frozen"]  # B and A, which a gradient init cannot recompute
+
     def weights(self, metrics: list[MetricRecord]) -> list[float]:
         if self.weighting == "uniform":
             return [1.0 / len(metrics)] * len(metrics)

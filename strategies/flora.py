@@ -75,6 +75,13 @@ class FLoRA(LoraStrategy):
         self.kept_batches.append({f"merge/{k}": v for k, v in stack.items()})
         return concat_lora(self.round_stacks)
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "round_stacks": self.round_stacks}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.round_stacks = state["round_stacks"]
+
     def client_delta(self, state: State, metrics: MetricRecord) -> State:
         return delta_weights(state, self.alpha / int(metrics["rank"]))
 

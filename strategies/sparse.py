@@ -93,6 +93,23 @@ class SparseLoRA(LoraStrategy):
         plan["error-feedback"] = self.error_feedback
         return plan
 
+    def state_dict(self) -> dict:
+        server_optimizer = None
+        if self.optimizer is not None:  # Adam's moments carry over from round to round
+            server_optimizer = {
+                "parameters": {k: p.detach() for k, p in self.parameters.items()},
+                "adam": self.optimizer.state_dict(),
+            }
+        return {**super().state_dict(), "server_optimizer": server_optimizer}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        saved = state["server_optimizer"]
+        if saved is not None:
+            self.parameters = {k: torch.nn.Parameter(v.clone()) for k, v in saved["parameters"].items()}
+            self.optimizer = torch.optim.Adam(self.parameters.values(), lr=self.server_lr)
+            self.optimizer.load_state_dict(saved["adam"])
+
     def aggregate_states(self, states, weights, metrics) -> State:
         mean_update = {
             key: sum(w * (s[key].double() - self.global_state[key].double()) for s, w in zip(states, weights))

@@ -167,7 +167,7 @@ def test_target_epsilon_sets_the_noise_that_ends_the_run_there():
     privacy = Privacy.from_config(config(dp="user", rounds=5, **{"dp-target-epsilon": 3.0}))
     assert independent_epsilon(privacy.noise, 1.0, 5, 1 / 2) == pytest.approx(3.0, abs=0.03)
     client = Privacy.from_config(config(dp="sample", **{"dp-target-epsilon": 3.0, "local-steps": 7}))
-    dpsgd = client.client_dpsgd(config(**{"local-steps": 7}), num_examples=500)
+    dpsgd = client.client_dpsgd(config(**{"local-steps": 7}), num_examples=500, offset=0)
     assert dpsgd.sample_rate == 8 / 500
     assert independent_epsilon(dpsgd.noise, 8 / 500, 3 * 7, 1 / 500) == pytest.approx(3.0, abs=0.03)
 
@@ -202,6 +202,17 @@ def test_combinations_dp_cannot_protect_are_refused(values, message):
         return
     with pytest.raises(FedLoraError, match=message):
         build_strategy(config(**values))
+
+
+def test_noise_is_fresh_from_the_os_unless_a_noise_seed_is_given():
+    # The clients know --seed; a noise they could recompute would protect nothing.
+    fresh = Privacy.from_config(config(dp="user"))
+    assert fresh.seed() != fresh.seed()
+    one, two = (build_strategy(config(dp="user")) for _ in range(2))
+    assert not torch.equal(torch.randn(8, generator=one.noise_generator),
+                           torch.randn(8, generator=two.noise_generator))
+    seeded = Privacy.from_config(config(dp="sample", **{"dp-noise-seed": 3}))
+    assert seeded.seed(5) == 8 and seeded.client_dpsgd(config(), 100, offset=5).seed == 8
 
 
 def test_fedsb_init_auto_is_random_under_dp_and_gradient_without():
@@ -251,7 +262,7 @@ def test_dpsgd_steps_even_on_an_empty_poisson_sample(tiny_model_dir):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     stats = train_local(model, tokenizer, EXAMPLES, steps=3, batch_size=2, lr=0.01, max_length=32,
                         seed=0, device=torch.device("cpu"),
-                        dpsgd=DPSGD(noise=1.0, clip=1.0, sample_rate=1e-9))
+                        dpsgd=DPSGD(noise=1.0, clip=1.0, sample_rate=1e-9, seed=0))
     assert math.isnan(stats["train_loss"])  # no example was ever sampled...
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed  # ...yet each step moved the adapter by the noise
@@ -263,6 +274,7 @@ def test_a_dpsgd_simulation_trains_and_reports_epsilon(tmp_path):
         "--rounds", "2", "--local-steps", "10", "--lr", "0.01", "--batch-size", "16",
         "--target-modules", "q_proj,v_proj,o_proj,down_proj", "--eval-size", "32",
         "--max-length", "48", "--dp", "sample", "--dp-clip", "1.0", "--dp-noise", "0.7",
+        "--dp-noise-seed", "0",
         "--output", str(tmp_path), "--name", "dpsgd",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)

@@ -1,0 +1,32 @@
+"""Fault injection for tests and fire drills: make chosen clients fail on purpose.
+
+``FEDLORA_INJECT_FAULTS="raise:0@1,hang:1@2,exit:2@1"`` makes the client of partition 0
+raise in round 1, partition 1 hang in round 2 (until the server's round timeout passes it
+by) and partition 2's process die in round 1. The variable reaches the clients through the
+environment, in a simulation (Ray workers) and on a SuperNode alike. Unset, nothing happens.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+VARIABLE = "FEDLORA_INJECT_FAULTS"
+KINDS = ("raise", "hang", "exit")
+
+
+def inject(partition_id: int, server_round: int) -> None:
+    """Fail now if the environment asks for a fault at this partition and round."""
+    for fault in filter(None, os.environ.get(VARIABLE, "").split(",")):
+        kind, _, where = fault.partition(":")
+        partition, _, round_ = where.partition("@")
+        if kind not in KINDS or not partition.isdigit() or not round_.isdigit():
+            raise ValueError(f"{VARIABLE}: bad fault '{fault}'; expected KIND:PARTITION@ROUND, "
+                             f"KIND one of {', '.join(KINDS)}")
+        if (int(partition), int(round_)) != (partition_id, server_round):
+            continue
+        if kind == "raise":
+            raise RuntimeError(f"injected fault: partition {partition_id} raises in round {server_round}")
+        if kind == "hang":
+            time.sleep(3600)
+        os._exit(1)  # "exit": the process dies without a reply

@@ -1,0 +1,501 @@
+"""``python -m fedlora.deploy``: a federated run with real Flower processes on this machine.
+
+It starts one ``flower-superlink`` and N ``flower-supernode`` processes on 127.0.0.1 (ports
+chosen at runtime), submits the project's Flower app with ``flwr run`` and the run config
+of the flags (the flags of ``python -m fedlora.simulate``, plus the deployment flags
+below), streams the run's log and waits for the run to end. The ServerApp writes the same
+``runs/<name>/`` as a simulation; the processes' logs go to ``runs/<name>/logs/``.
+
+Every process it started is stopped when the run ends, fails or is interrupted (Ctrl-C,
+SIGTERM). With ``--tls`` the processes talk over TLS, with trial certificates made by
+``scripts/make_certs.sh``; without it over plain HTTP, which is safe on loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+from fedlora.config import RunConfig
+from fedlora.errors import FedLoraError
+from fedlora.simulate import build_parser as build_simulate_parser
+from fedlora.simulate import configs_from_args
+
+# The project folder: `flwr run` builds the Flower app from its pyproject.toml.
+ROOT = Path(__file__).resolve().parents[1]
+MAKE_CERTS = ROOT / "scripts" / "make_certs.sh"
+CONNECTION = "fedlora-deploy"  # the SuperLink connection's name in $FLWR_HOME/config.toml
+START_TIMEOUT = 120.0  # seconds for the SuperLink to listen and each SuperNode to connect
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class DeploymentFailed(FedLoraError):
+    """A Flower process or the run failed; the message names the log to read."""
+
+
+@dataclass
+class Federation:
+    """The deployment-only settings: the SuperNodes to start and how they connect."""
+
+    clients: int
+    tls: bool = False
+    ranks: tuple[int, ...] = ()  # node-config rank of each SuperNode, cycled
+    devices: tuple[str, ...] = ()  # node-config device of each SuperNode, cycled
+
+    def node_config(self, partition_id: int) -> str:
+        """The ``--node-config`` of SuperNode ``partition_id`` (strings quoted, as TOML)."""
+        items = [f"partition-id={partition_id}", f"num-partitions={self.clients}"]
+        if self.ranks:
+            items.append(f"rank={self.ranks[partition_id % len(self.ranks)]}")
+        if self.devices:
+            items.append(f'device="{self.devices[partition_id % len(self.devices)]}"')
+        return " ".join(items)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m fedlora.simulate``'s flags plus the deployment flags."""
+    parser = build_simulate_parser()
+    parser.prog = "python -m fedlora.deploy"
+    parser.description = (
+        "Federated LoRA fine-tuning with real Flower processes on this machine: "
+        "one SuperLink and N SuperNodes on 127.0.0.1."
+    )
+    group = parser.add_argument_group("deployment")
+    group.add_argument(
+        "--clients", type=int, metavar="N", default=None,
+        help="SuperNodes to start; sets --num-clients (default: --num-clients)",
+    )
+    group.add_argument(
+        "--tls", action="store_true",
+        help="TLS with trial certificates (scripts/make_certs.sh) instead of plain HTTP",
+    )
+    group.add_argument(
+        "--client-ranks", metavar="R,R,...", default="",
+        help="each SuperNode's LoRA rank (node-config rank), cycled; for flora",
+    )
+    group.add_argument(
+        "--client-devices", metavar="D,D,...", default="",
+        help="each SuperNode's device (node-config device: auto, cpu or cuda), cycled",
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[list[RunConfig], Federation]:
+    """The validated RunConfigs (as ``fedlora.simulate`` makes them) and the federation."""
+    args = vars(build_parser().parse_args(argv))
+    clients = args.pop("clients")
+    tls = args.pop("tls")
+    ranks = _ranks(args.pop("client_ranks"))
+    devices = tuple(d.strip() for d in args.pop("client_devices").split(",") if d.strip())
+    for device in devices:
+        if device not in DEVICES:
+            raise FedLoraError(
+                f"--client-devices: unknown device '{device}'; valid choices: {', '.join(DEVICES)}"
+            )
+    if clients is not None:
+        if "num_clients" in args and str(args["num_clients"]) != str(clients):
+            raise FedLoraError(
+                f"--clients {clients} and --num-clients {args['num_clients']} differ; "
+                "the server waits for --num-clients SuperNodes: give one of them"
+            )
+        args["num_clients"] = clients
+    configs = configs_from_args(args)
+    return configs, Federation(configs[0].num_clients, tls, ranks, devices)
+
+
+def _ranks(text: str) -> tuple[int, ...]:
+    """``--client-ranks 16,8`` as ranks, each in [1, 4096] like ``--rank``."""
+    ranks = []
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        if not item.isdigit() or not 1 <= int(item) <= 4096:
+            raise FedLoraError(f"--client-ranks: '{item}' is not a rank in [1, 4096]")
+        ranks.append(int(item))
+    return tuple(ranks)
+
+
+class Processes:
+    """The processes a deployment starts; ``stop`` ends them and everything they started.
+
+    Each starts in a session of its own, so a Ctrl-C in the terminal reaches only this
+    program, which then stops them all. Flower's SuperLink and SuperNodes start helper
+    processes (SuperExec, ServerApp, ClientApps) in sessions of their own too: ``stop``
+    finds them by walking the process tree before it signals anything.
+    """
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.started: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, command: list[str], pipe: bool = False) -> subprocess.Popen:
+        """Start ``command``; its output goes to ``logs/<name>.log``, or to a pipe."""
+        if pipe:
+            output = subprocess.PIPE
+        else:
+            output = (self.log_dir / f"{name}.log").open("w")
+        process = subprocess.Popen(
+            command, env=self.env, stdin=subprocess.DEVNULL, stdout=output,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        if not pipe:
+            output.close()  # the child holds its own copy
+        self.started[name] = process
+        return process
+
+    def check(self, *names: str) -> None:
+        """Raise DeploymentFailed if one of the named processes has exited."""
+        for name in names:
+            code = self.started[name].poll()
+            if code is not None:
+                raise DeploymentFailed(
+                    f"{name} exited with code {code}; see {self.log_dir / (name + '.log')}"
+                )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM to every process started and its descendants, SIGKILL after ``timeout``."""
+        import psutil  # a dependency of peft and accelerate
+
+        tree = []
+        for process in self.started.values():
+            try:
+                root = psutil.Process(process.pid)
+                tree += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for process in self.started.values():
+                # Its group: the process and any child that stayed in it. Only while the
+                # process is not reaped, so that its id cannot name another group yet.
+                if process.poll() is None:
+                    try:
+                        os.killpg(process.pid, sig)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            for process in tree:  # psutil checks the pid still names the same process
+                try:
+                    process.send_signal(sig)
+                except psutil.Error:
+                    pass
+            deadline = time.monotonic() + timeout
+            while (tree := _running(tree)) and time.monotonic() < deadline:
+                for process in self.started.values():
+                    process.poll()  # reap our children as they exit
+                time.sleep(0.1)
+            if not tree:
+                break
+        for process in self.started.values():
+            try:
+                process.wait(timeout=1.0)  # reap our children: no zombies left behind
+            except subprocess.TimeoutExpired:
+                pass  # not even SIGKILL ended it (a process stuck in the kernel)
+
+
+def _running(processes: list) -> list:
+    """The psutil processes that still run. A zombie does not: it is dead, and a
+    container's init may never reap the helpers whose parent exited."""
+    import psutil
+
+    running = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return running
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports that are free on 127.0.0.1 right now."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """The environment of the Flower processes: their own FLWR_HOME, this Python's tools."""
+    tools = str(Path(sys.executable).parent)  # flower-superexec is started by name
+    return {
+        **os.environ,
+        "PATH": tools + os.pathsep + os.environ.get("PATH", ""),
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # use this environment
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",  # the run's log reaches the terminal as it is written
+    }
+
+
+def flower_tool(name: str) -> str:
+    """The path of a Flower command, next to this Python or on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        raise FedLoraError(f"'{name}' was not found next to {sys.executable} or on PATH; "
+                           "install flwr in this environment")
+    return found
+
+
+def make_certs(folder: Path) -> Path:
+    """Trial certificates for 127.0.0.1 in ``folder``; return it."""
+    if shutil.which("openssl") is None:
+        raise FedLoraError("--tls needs openssl to make trial certificates; it is not installed")
+    result = subprocess.run(["bash", str(MAKE_CERTS), str(folder)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise DeploymentFailed(f"{MAKE_CERTS.name} failed: {result.stderr.strip()}")
+    return folder
+
+
+def write_connection(home: Path, port: int, certs: Path | None) -> None:
+    """$FLWR_HOME/config.toml: how ``flwr`` reaches the SuperLink."""
+    connection = {"address": f"127.0.0.1:{port}"}
+    if certs is None:
+        connection["insecure"] = True
+    else:
+        connection["root-certificates"] = str(certs / "ca.crt")
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {CONNECTION: connection}}))
+
+
+def wait_until(ready, what: str, processes: Processes, watched: list[str],
+               timeout: float = START_TIMEOUT) -> float:
+    """Wait until ``ready()`` while the watched processes live; return the seconds waited."""
+    start = time.perf_counter()
+    while not ready():
+        processes.check(*watched)
+        if time.perf_counter() - start > timeout:
+            raise DeploymentFailed(f"{what} within {timeout:.0f}s; see the logs in "
+                                   f"{processes.log_dir}")
+        time.sleep(0.2)
+    return time.perf_counter() - start
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+        return True
+    except OSError:
+        return False
+
+
+def start_federation(federation: Federation, processes: Processes, certs: Path | None) -> int:
+    """Start the SuperLink and the SuperNodes, wait until every node connected; return
+    the SuperLink's port."""
+    begin = time.perf_counter()
+    link_port, *node_ports = free_ports(1 + federation.clients)
+    if certs is None:
+        link_tls, node_tls = ["--insecure"], ["--insecure"]
+    else:
+        link_tls = ["--ssl-ca-certfile", str(certs / "ca.crt"),
+                    "--ssl-certfile", str(certs / "server.crt"),
+                    "--ssl-keyfile", str(certs / "server.key")]
+        node_tls = ["--root-certificates", str(certs / "ca.crt")]
+    processes.start("superlink", [
+        flower_tool("flower-superlink"), *link_tls, "--disable-runtime-dependency-installation",
+        "--host", "127.0.0.1", "--port", str(link_port),
+    ])
+    wait_until(lambda: listening(link_port), "the SuperLink did not listen", processes,
+               ["superlink"])
+    print(f"deploy: SuperLink on 127.0.0.1:{link_port} ({'TLS' if certs else 'no TLS'}) "
+          f"up after {time.perf_counter() - begin:.1f}s", flush=True)
+    nodes = [f"supernode-{i}" for i in range(federation.clients)]
+    for i, (name, port) in enumerate(zip(nodes, node_ports)):
+        processes.start(name, [
+            flower_tool("flower-supernode"), *node_tls,
+            "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
+            "--node-config", federation.node_config(i),
+        ])
+
+    def connected() -> bool:  # a SuperNode logs its id once the SuperLink registered it
+        return all("SuperNode ID:" in (processes.log_dir / f"{n}.log").read_text()
+                   for n in nodes)
+
+    wait_until(connected, "not every SuperNode connected to the SuperLink", processes,
+               ["superlink", *nodes])
+    print(f"deploy: {federation.clients} SuperNodes connected after "
+          f"{time.perf_counter() - begin:.1f}s", flush=True)
+    return link_port
+
+
+def flwr_json(processes: Processes, name: str, command: list[str]) -> dict:
+    """Run a ``flwr ... --format json`` command; return its JSON answer."""
+    process = processes.start(name, [flower_tool("flwr"), *command, "--format", "json"],
+                              pipe=True)
+    output, _ = process.communicate()
+    try:
+        answer = json.loads(output[output.index("{"):])
+    except ValueError:
+        answer = {}
+    if process.returncode != 0 or not answer.get("success"):
+        reason = answer.get("error-message") or output
+        last = (reason.strip().splitlines() or ["no output"])[-1]
+        raise DeploymentFailed(f"flwr {command[0]} failed: {last}")
+    return answer
+
+
+def run_once(config: RunConfig, federation: Federation, processes: Processes,
+             work: Path) -> Path:
+    """Submit ``config`` as a run, stream its log until it ends; return the run folder."""
+    run_config = work / "run-config.toml"
+    run_config.write_text(tomli_w.dumps(run_config_overrides(config)))
+    begin = time.perf_counter()
+    answer = flwr_json(processes, f"flwr-run-{len(processes.started)}",
+                       ["run", str(ROOT), CONNECTION, "--run-config", str(run_config)])
+    run_id = answer["run-id"]
+    print(f"deploy: run {run_id} submitted after {time.perf_counter() - begin:.1f}s",
+          flush=True)
+
+    # The run's log (the ServerApp's output) goes to the terminal and to logs/.
+    log_name = "server" if "/" not in config.name else f"server-{Path(config.name).name}"
+    stream = processes.start(log_name, [flower_tool("flwr"), "log", run_id, CONNECTION,
+                                        "--stream"], pipe=True)
+    copier = threading.Thread(target=_copy_lines, daemon=True,
+                              args=(stream.stdout, processes.log_dir / f"{log_name}.log"))
+    copier.start()
+    nodes = [f"supernode-{i}" for i in range(federation.clients)]
+    while stream.poll() is None:  # the stream ends when the run does
+        processes.check("superlink", *nodes)
+        time.sleep(0.5)
+    copier.join(timeout=5)
+
+    runs = flwr_json(processes, f"flwr-ls-{len(processes.started)}",
+                     ["ls", CONNECTION, "--run-id", run_id])["runs"]
+    status = runs[0]["status"] if runs else "unknown"
+    server_log = processes.log_dir / f"{log_name}.log"
+    if not status.startswith("finished:"):
+        raise DeploymentFailed(f"the log stream of run {run_id} ended while the run is "
+                               f"{status}; see {server_log}")
+    if status != "finished:completed":
+        raise DeploymentFailed(f"run {run_id} ended {status} "
+                               f"({runs[0].get('status-details', '')}); see {server_log}")
+    compute = runs[0].get("compute-time", {})
+    print(f"deploy: run {run_id} completed: {float(runs[0].get('elapsed', 0)):.1f}s running "
+          f"(ServerApp {float(compute.get('serverapp-seconds', 0)):.1f}s, ClientApps "
+          f"{float(compute.get('clientapp-seconds', 0)):.1f}s in all)", flush=True)
+    return Path(config.output) / config.name
+
+
+def run_config_overrides(config: RunConfig) -> dict:
+    """The values of ``config`` that differ from the Flower app's run config defaults.
+
+    ``flwr run`` refuses a key that pyproject.toml's ``[tool.flwr.app.config]`` lacks; a
+    key it lacks whose value is RunConfig's default needs no sending, the server uses it.
+    """
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    app_defaults = pyproject["tool"]["flwr"]["app"]["config"]
+    defaults = RunConfig().to_dict()
+    overrides = {}
+    for key, value in config.to_dict().items():
+        if key not in app_defaults and value != defaults[key]:
+            raise FedLoraError(f"pyproject.toml's [tool.flwr.app.config] lacks '{key}', "
+                               f"so flwr run cannot pass {key} = {value!r}")
+        if key in app_defaults and value != app_defaults[key]:
+            overrides[key] = value
+    return overrides
+
+
+def _copy_lines(source, path: Path) -> None:
+    with path.open("w") as log:
+        for line in source:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            log.write(line)
+
+
+def deploy(configs: list[RunConfig], federation: Federation) -> list[Path]:
+    """Run ``configs`` one after another on one federation; return their run folders."""
+    from fedlora.models import resolve_model
+    from strategies import strategy_class
+
+    if not (ROOT / "pyproject.toml").is_file():
+        raise FedLoraError(f"python -m fedlora.deploy runs the Flower app of the project "
+                           f"folder, and {ROOT} has no pyproject.toml; install from a clone")
+    for config in configs:  # mistakes fail here, before a process starts
+        strategy_class(config.strategy)
+        resolve_model(config.model)  # convert a GGUF once, before the processes load it
+        run_config_overrides(config)  # a key that flwr run would refuse
+        if (Path(config.output) / config.name / "metrics.jsonl").exists():
+            raise FedLoraError(f"run folder {Path(config.output) / config.name} already "
+                               "holds a run; choose another --name")
+    folder = Path(configs[0].output) / configs[0].name
+    if len(configs) > 1:
+        folder = folder.parent
+    log_dir = folder / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    work = Path(tempfile.mkdtemp(prefix="fedlora-deploy-"))  # FLWR_HOME, certificates
+    processes = Processes(flower_env(work / "flwr-home"), log_dir)
+    try:
+        certs = make_certs(work / "certs") if federation.tls else None
+        port = start_federation(federation, processes, certs)
+        write_connection(work / "flwr-home", port, certs)
+        return [run_once(config, federation, processes, work) for config in configs]
+    finally:
+        # a second Ctrl-C or SIGTERM must not cut the clean-up short
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            processes.stop()
+            print(f"deploy: stopped the {len(processes.started)} processes it started "
+                  f"(logs: {log_dir})", flush=True)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM: stop the processes as a Ctrl-C does
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes of deps
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    start = time.perf_counter()
+    try:
+        configs, federation = parse_args(argv)
+        run_dirs = deploy(configs, federation)
+    except DeploymentFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except FedLoraError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"done in {time.perf_counter() - start:.0f}s: {run_dirs[-1]}/ "
+          "(config.toml, metrics.jsonl, adapter/, report.png, logs/)")
+    if len(run_dirs) > 1:
+        from server.report import write_comparison
+
+        folder = Path(run_dirs[0]).parent
+        print("\n" + write_comparison(run_dirs, folder))
+        print(f"comparison: {folder}/comparison.md, {folder}/comparison.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""``python -m fedlora.deploy``: a SuperLink and SuperNodes as real processes on loopback.
+
+Each deployment runs in a subprocess whose TMPDIR is the test's folder, so every Flower
+process it starts has a FLWR_HOME there; the test also records the process ids of the
+deployment's descendants while it runs, and checks afterwards that none is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedlora import deploy
+from fedlora.config import RunConfig
+
+# Seconds matter here: tiny model, tiny evaluation, Fed-SB without its gradient round.
+TINY = ["--model", "tiny-llama", "--local-steps", "2", "--batch-size", "4",
+        "--eval-size", "16", "--max-length", "48"]
+FAST = [*TINY, "--strategy", "fedsb", "--fedsb-init", "random"]
+# The keys a simulation writes for every trained round (docs: README, Outputs).
+ROUND_KEYS = {"round", "strategy", "clients", "train_loss", "eval_loss", "eval_accuracy",
+              "bytes_up", "bytes_down", "cumulative_bytes_up", "cumulative_bytes_down",
+              "seconds", "eval_seconds", "client_train_seconds"}
+
+
+def running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def flower_processes(folder: Path) -> list[psutil.Process]:
+    """Running processes whose FLWR_HOME lies under ``folder``."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("FLWR_HOME", "").startswith(str(folder)) and running(process):
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+def run_deploy(tmp_path: Path, *flags: str, terminate_on: str | None = None,
+               timeout: float = 300):
+    """Run ``python -m fedlora.deploy`` with ``flags``; return (exit code, output, left).
+
+    ``left`` lists the processes the deployment started that still run after it exited.
+    With ``terminate_on``, the deployment gets SIGTERM once one of the processes it
+    started runs a command line that holds this text.
+    """
+    output = tmp_path / "deploy.out"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # deploy's FLWR_HOME goes under it
+    command = [sys.executable, "-m", "fedlora.deploy", *flags,
+               "--output", str(tmp_path / "runs")]
+    seen: dict[int, psutil.Process] = {}
+    with output.open("w") as sink:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=sink,
+                                   stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                children = psutil.Process(process.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                children = []
+            for child in children:
+                seen.setdefault(child.pid, child)
+                if terminate_on and terminate_on in " ".join(_command(child)):
+                    process.send_signal(signal.SIGTERM)
+                    terminate_on = None
+            time.sleep(0.2)
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        left = [p for p in seen.values() if running(p)]
+        left += [p for p in flower_processes(tmp_path) if p.pid not in seen]
+    finally:
+        for leftover in [*seen.values(), *flower_processes(tmp_path)]:
+            if running(leftover):  # psutil checks the pid still names the same process
+                leftover.kill()
+    return process.returncode, output.read_text(), left
+
+
+def _command(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+def check_outputs(run_dir: Path, rounds: int, clients: int) -> list[dict]:
+    """The output contract of a run folder, as a simulation writes it."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    assert [r["round"] for r in rows] == list(range(rounds + 1))
+    for row in rows[1:]:
+        assert ROUND_KEYS <= set(row), ROUND_KEYS - set(row)
+        assert row["clients"] == clients and row["bytes_up"] > 0 and row["bytes_down"] > 0
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (run_dir / "report.png").is_file()
+    config = tomllib.loads((run_dir / "config.toml").read_text())
+    assert config["num-clients"] == clients and config["rounds"] == rounds
+    for name in ("superlink", "supernode-0", "supernode-1", "server"):
+        assert (run_dir / "logs" / f"{name}.log").is_file(), name
+    return rows
+
+
+def test_two_supernodes_run_two_rounds_and_write_the_outputs(tmp_path):
+    code, output, left = run_deploy(tmp_path, "--clients", "2", "--rounds", "2",
+                                    "--name", "plain", *FAST)
+    assert code == 0, output[-3000:]
+    assert left == []
+    run_dir = tmp_path / "runs" / "plain"
+    check_outputs(run_dir, rounds=2, clients=2)
+    assert "(no TLS)" in output
+    assert "Uvicorn running on http://127.0.0.1" in (run_dir / "logs" / "superlink.log").read_text()
+    assert "train loss" in (run_dir / "logs" / "server.log").read_text()  # the streamed table
+
+
+def test_tls_deployment_runs_two_rounds(tmp_path):
+    code, output, left = run_deploy(tmp_path, "--clients", "2", "--rounds", "2", "--tls",
+                                    "--name", "tls", *FAST)
+    assert code == 0, output[-3000:]
+    assert left == []
+    run_dir = tmp_path / "runs" / "tls"
+    check_outputs(run_dir, rounds=2, clients=2)
+    assert "(TLS)" in output
+    superlink_log = (run_dir / "logs" / "superlink.log").read_text()
+    assert "--insecure" not in superlink_log
+    assert "Uvicorn running on https://127.0.0.1" in superlink_log
+    assert not list(tmp_path.glob("fedlora-deploy-*")), "the temporary folder (keys) is gone"
+
+
+def test_failed_run_stops_every_process_and_says_why(tmp_path):
+    # rank-4 clients under a rank-8 FedAvg: the server drops both replies, the round fails
+    code, output, left = run_deploy(tmp_path, "--clients", "2", "--client-ranks", "4",
+                                    "--rounds", "1", "--name", "failed", *TINY)
+    assert code == 1, output[-3000:]
+    assert left == []
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("error: run ") and "finished:failed" in last
+    assert "round 1 failed: 0 of 2 clients" in last
+
+
+def test_sigterm_while_clients_train_stops_every_process(tmp_path):
+    code, output, left = run_deploy(tmp_path, "--clients", "2", "--rounds", "2",
+                                    "--name", "stopped", *FAST, terminate_on="flwr-clientapp")
+    assert code == 130, output[-3000:]
+    assert left == []
+    assert "stopped the" in output and output.strip().endswith("interrupted")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--clients", "2", "--num-clients", "3"], "--clients 2 and --num-clients 3 differ"),
+    (["--client-devices", "tpu"], "unknown device 'tpu'; valid choices: auto, cpu, cuda"),
+    (["--client-ranks", "8,x"], "--client-ranks: 'x' is not a rank"),
+    (["--rank", "0"], "--rank"),
+])
+def test_a_mistake_is_one_line_and_exit_code_2(flags, message, capsys):
+    assert deploy.main(flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_a_bad_flag_is_argparse_exit_code_2(capsys):
+    with pytest.raises(SystemExit) as exit:
+        deploy.main(["--clients", "two"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_node_config_cycles_ranks_and_devices():
+    federation = deploy.Federation(3, ranks=(16, 8), devices=("cuda", "cpu"))
+    assert federation.node_config(0) == 'partition-id=0 num-partitions=3 rank=16 device="cuda"'
+    assert federation.node_config(2) == 'partition-id=2 num-partitions=3 rank=16 device="cuda"'
+    assert deploy.Federation(2).node_config(1) == "partition-id=1 num-partitions=2"
+
+
+def test_run_config_sends_what_differs_from_the_app_defaults():
+    config = RunConfig.from_dict({"model": "tiny-llama", "rounds": 2, "name": "x"})
+    assert deploy.run_config_overrides(config) == {"model": "tiny-llama", "rounds": 2,
+                                                   "name": "x"}

@@ -1,0 +1,84 @@
+"""Faults in a simulation: clients that raise, hang or die; too few replies; resuming."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+COMMON = [
+    "--model", "tiny-llama", "--local-steps", "5", "--lr", "0.01", "--eval-size", "32",
+    "--max-length", "48", "--target-modules", "q_proj,v_proj,o_proj,down_proj",
+]
+
+
+def simulate(*flags, faults="", timeout=600):
+    env = {**os.environ, "FEDLORA_INJECT_FAULTS": faults}
+    return subprocess.run([sys.executable, "-m", "fedlora.simulate", *COMMON, *flags],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def rows_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+
+
+def test_clients_that_raise_hang_or_die_do_not_kill_the_round(tmp_path):
+    result = simulate(
+        "--num-clients", "3", "--min-clients", "1", "--rounds", "2", "--round-timeout", "45",
+        "--output", str(tmp_path), "--name", "faults",
+        faults="raise:0@1,exit:2@2,hang:1@2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = rows_of(tmp_path / "faults")
+    # Round 1: partition 0 raised, its error reply was dropped. Round 2: partition 1 hung
+    # past the timeout and partition 2's process died: partition 0 carried the round.
+    assert [r["clients"] for r in rows[1:]] == [2, 1]
+    assert "injected fault: partition 0 raises in round 1" in result.stderr
+    assert rows[-1]["round"] == 2 and (tmp_path / "faults" / "adapter").is_dir()
+
+
+def test_a_round_with_too_few_replies_fails_clearly_and_keeps_its_outputs(tmp_path):
+    result = simulate("--num-clients", "2", "--min-clients", "2", "--rounds", "2",
+                      "--output", str(tmp_path), "--name", "short", faults="raise:1@2")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: round 2 failed: 1 of 2 clients gave a usable reply, "
+                           "--min-clients is 2; outputs so far are in ")
+    assert [r["round"] for r in rows_of(tmp_path / "short")] == [0, 1]
+    assert (tmp_path / "short" / "checkpoint.pt").is_file()  # resumable from round 1
+
+
+def test_an_interrupted_run_resumed_ends_like_an_uninterrupted_one(tmp_path):
+    # The state a resume must restore: the server Adam's moments, the DP noise generator
+    # and accountant, the metrics so far.
+    flags = ["--strategy", "sparse", "--server-optimizer", "adam", "--server-lr", "0.01",
+             "--upload-density", "0.5", "--dp", "user", "--dp-noise", "0.3", "--dp-clip", "1.0",
+             "--dp-noise-seed", "5",
+             "--num-clients", "2", "--output", str(tmp_path)]
+    full = simulate(*flags, "--rounds", "3", "--name", "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    part = simulate(*flags, "--rounds", "2", "--name", "part")
+    assert part.returncode == 0, part.stderr[-3000:]
+    again = simulate(*flags, "--name", "part")
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fedlora.simulate", "--resume", str(tmp_path / "part"), "--rounds", "3"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    timing = {"seconds", "eval_seconds", "client_train_seconds"}
+    expected = [{k: v for k, v in r.items() if k not in timing} for r in rows_of(tmp_path / "full")]
+    got = [{k: v for k, v in r.items() if k not in timing} for r in rows_of(tmp_path / "part")]
+    assert got == expected
+    assert expected[-1]["round"] == 3 and expected[-1]["epsilon"] > expected[1]["epsilon"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resume", "nowhere"], "--resume nowhere: not a run folder (no config.toml there)"),
+    (["--resume", "nowhere", "--config", "simulations/default.toml"], "drop --config"),
+])
+def test_bad_resume_is_a_one_line_error(flags, message):
+    result = subprocess.run([sys.executable, "-m", "fedlora.simulate", *flags],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {message}"
