@@ -290,3 +290,42 @@ def test_a_dpsgd_simulation_trains_and_reports_epsilon(tmp_path):
         expected = max(independent_epsilon(0.7, 16 / n, 10 * row["round"], 1 / n) for n in sizes)
         assert row["epsilon"] == pytest.approx(expected, rel=1e-9)
         assert row["delta"] == pytest.approx(1 / min(sizes))
+
+
+@pytest.mark.parametrize("adapter", ["lora", "lorasb"])
+def test_opacus_per_example_gradients_on_peft_llama_and_lora_sb_are_exact(tiny_model_dir, adapter):
+    # What DP-SGD clips is each example's gradient: Opacus' hooks on peft's lora_A / lora_B
+    # and on LoRA-SB's R must give the gradient of that example alone.
+    from opacus import GradSampleModule
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedlora.adapters import attach_lora, attach_lora_sb, target_linears
+    from fedlora.aggregate import random_lora_sb
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    generator = torch.Generator().manual_seed(0)
+    if adapter == "lora":
+        model = attach_lora(base, 4, 8.0, ["q_proj", "v_proj"], seed=0)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at 0, which would hide A's gradient
+                parameter.data = torch.randn(parameter.shape, generator=generator) * 0.1
+    else:
+        factors = {}
+        for path, linear in target_linears(base, ["q_proj", "v_proj"]).items():
+            B, A, R = random_lora_sb(linear.out_features, linear.in_features, 4, generator)
+            factors.update({f"{path}.lora_A.weight": A, f"{path}.lora_B.weight": B,
+                            f"{path}.lora_R.weight": R + 0.1})
+        model = attach_lora_sb(base, factors, ["q_proj", "v_proj"])
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_("lora_R" in name)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    wrapped = GradSampleModule(model)
+    answer_loss(wrapped, make_batch(EXAMPLES, tokenizer, 32), per_example=True).backward()
+    per_example = [p.grad_sample.clone() for p in trainable]
+    wrapped.remove_hooks()
+    for i, example in enumerate(EXAMPLES):
+        model.zero_grad()
+        answer_loss(model, make_batch([example], tokenizer, 32), per_example=True).backward()
+        for parameter, samples in zip(trainable, per_example):
+            torch.testing.assert_close(samples[i], parameter.grad, rtol=1e-4, atol=1e-6)
