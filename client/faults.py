@@ -1,9 +1,12 @@
 """Fault injection for tests and fire drills: make chosen clients fail on purpose.
 
 ``FEDLORA_INJECT_FAULTS="raise:0@1,hang:1@2,exit:2@1"`` makes the client of partition 0
-raise in round 1, partition 1 hang in round 2 (until the server's round timeout passes it
-by) and partition 2's process die in round 1. The variable reaches the clients through the
-environment, in a simulation (Ray workers) and on a SuperNode alike. Unset, nothing happens.
+raise in round 1, partition 1 hang in round 2 for ``FEDLORA_HANG_SECONDS`` (default 3600,
+so that the server's round timeout passes it by) and partition 2's process die in round 1.
+The variables reach the clients through the environment, in a simulation (Ray workers) and
+on a SuperNode alike. Unset, nothing happens. (Flower's simulation engine waits for a hung
+client before it returns, so a simulation test hangs a client only for a little longer
+than the round timeout.)
 """
 
 from __future__ import annotations
@@ -28,5 +31,6 @@ def inject(partition_id: int, server_round: int) -> None:
         if kind == "raise":
             raise RuntimeError(f"injected fault: partition {partition_id} raises in round {server_round}")
         if kind == "hang":
-            time.sleep(3600)
+            time.sleep(float(os.environ.get("FEDLORA_HANG_SECONDS", "3600")))
+            return
         os._exit(1)  # "exit": the process dies without a reply

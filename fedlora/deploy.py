@@ -141,13 +141,15 @@ class Processes:
         self.env = env
         self.log_dir = log_dir
         self.started: dict[str, subprocess.Popen] = {}
+        self.log_offsets: dict[str, int] = {}  # where this deployment's part of a log starts
 
     def start(self, name: str, command: list[str], pipe: bool = False) -> subprocess.Popen:
         """Start ``command``; its output goes to ``logs/<name>.log``, or to a pipe."""
         if pipe:
             output = subprocess.PIPE
         else:
-            output = (self.log_dir / f"{name}.log").open("w")
+            output = (self.log_dir / f"{name}.log").open("ab")  # a resumed run adds to it
+            self.log_offsets[name] = output.tell()
         process = subprocess.Popen(
             command, env=self.env, stdin=subprocess.DEVNULL, stdout=output,
             stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -156,6 +158,12 @@ class Processes:
             output.close()  # the child holds its own copy
         self.started[name] = process
         return process
+
+    def log(self, name: str) -> str:
+        """What process ``name`` has written to its log so far."""
+        with (self.log_dir / f"{name}.log").open("rb") as log:
+            log.seek(self.log_offsets[name])
+            return log.read().decode(errors="replace")
 
     def check(self, *names: str) -> None:
         """Raise DeploymentFailed if one of the named processes has exited."""
@@ -328,8 +336,7 @@ def start_federation(federation: Federation, processes: Processes, certs: Path |
         ])
 
     def connected() -> bool:  # a SuperNode logs its id once the SuperLink registered it
-        return all("SuperNode ID:" in (processes.log_dir / f"{n}.log").read_text()
-                   for n in nodes)
+        return all("SuperNode ID:" in processes.log(n) for n in nodes)
 
     wait_until(connected, "not every SuperNode connected to the SuperLink", processes,
                ["superlink", *nodes])
@@ -373,9 +380,15 @@ def run_once(config: RunConfig, federation: Federation, processes: Processes,
     copier = threading.Thread(target=_copy_lines, daemon=True,
                               args=(stream.stdout, processes.log_dir / f"{log_name}.log"))
     copier.start()
-    nodes = [f"supernode-{i}" for i in range(federation.clients)]
+    alive = {f"supernode-{i}" for i in range(federation.clients)}
     while stream.poll() is None:  # the stream ends when the run does
-        processes.check("superlink", *nodes)
+        processes.check("superlink")
+        # A SuperNode that dies is a client fault: the server passes it by at the round
+        # timeout and goes on while --min-clients reply. Say so once; do not stop the run.
+        for name in sorted(n for n in alive if processes.started[n].poll() is not None):
+            alive.discard(name)
+            print(f"deploy: {name} exited with code {processes.started[name].poll()}; the "
+                  f"run goes on without it (see {processes.log_dir / (name + '.log')})", flush=True)
         time.sleep(0.5)
     copier.join(timeout=5)
 
@@ -393,7 +406,13 @@ def run_once(config: RunConfig, federation: Federation, processes: Processes,
     print(f"deploy: run {run_id} completed: {float(runs[0].get('elapsed', 0)):.1f}s running "
           f"(ServerApp {float(compute.get('serverapp-seconds', 0)):.1f}s, ClientApps "
           f"{float(compute.get('clientapp-seconds', 0)):.1f}s in all)", flush=True)
-    return Path(config.output) / config.name
+    return run_folder(config)
+
+
+def run_folder(config: RunConfig) -> Path:
+    """Where the server writes the run (server.run.make_run_dir): the ``--resume`` folder,
+    else ``<output>/<name>``."""
+    return Path(config.resume) if config.resume else Path(config.output) / config.name
 
 
 def run_config_overrides(config: RunConfig) -> dict:
@@ -416,7 +435,7 @@ def run_config_overrides(config: RunConfig) -> dict:
 
 
 def _copy_lines(source, path: Path) -> None:
-    with path.open("w") as log:
+    with path.open("a") as log:
         for line in source:
             sys.stdout.write(line)
             sys.stdout.flush()
@@ -435,10 +454,10 @@ def deploy(configs: list[RunConfig], federation: Federation) -> list[Path]:
         strategy_class(config.strategy)
         resolve_model(config.model)  # convert a GGUF once, before the processes load it
         run_config_overrides(config)  # a key that flwr run would refuse
-        if (Path(config.output) / config.name / "metrics.jsonl").exists():
-            raise FedLoraError(f"run folder {Path(config.output) / config.name} already "
-                               "holds a run; choose another --name")
-    folder = Path(configs[0].output) / configs[0].name
+        if not config.resume and (run_folder(config) / "metrics.jsonl").exists():
+            raise FedLoraError(f"run folder {run_folder(config)} already holds a run; "
+                               f"choose another --name or continue it with --resume")
+    folder = run_folder(configs[0])
     if len(configs) > 1:
         folder = folder.parent
     log_dir = folder / "logs"

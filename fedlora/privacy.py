@@ -23,11 +23,19 @@ import math
 import secrets
 from dataclasses import dataclass
 
-import torch
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+import logging
 
-from fedlora.errors import FedLoraError
+import torch
+
+_root_handlers = list(logging.getLogger().handlers)
+from opacus import GradSampleModule  # noqa: E402
+from opacus.accountants import RDPAccountant  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+from opacus.optimizers import DPOptimizer  # noqa: E402
+
+logging.getLogger().handlers = _root_handlers  # Opacus calls logging.basicConfig on import
+
+from fedlora.errors import FedLoraError  # noqa: E402
 
 State = dict[str, torch.Tensor]
 
@@ -155,6 +163,18 @@ class DPSGD:
     clip: float
     sample_rate: float
     seed: int
+
+
+def make_private(model, optimizer, dpsgd: DPSGD, expected_batch_size: int, device: torch.device):
+    """Opacus' DP-SGD around a model and its optimizer: the model keeps each example's
+    gradient (``GradSampleModule``, whose hooks the caller removes with ``remove_hooks``)
+    and the optimizer clips and noises them (``DPOptimizer``)."""
+    private_optimizer = DPOptimizer(
+        optimizer, noise_multiplier=dpsgd.noise, max_grad_norm=dpsgd.clip,
+        expected_batch_size=expected_batch_size,
+        generator=torch.Generator(device).manual_seed(dpsgd.seed + 1),
+    )
+    return GradSampleModule(model), private_optimizer
 
 
 Event = tuple[object, float, float, int, int]  # (party, noise, sample rate, steps, records)

@@ -15,12 +15,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 
 from fedlora.data import Example
 from fedlora.errors import FedLoraError
-from fedlora.privacy import DPSGD
+from fedlora.privacy import DPSGD, make_private
 
 
 @dataclass
@@ -118,11 +116,8 @@ def train_local(
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed if dpsgd is None else dpsgd.seed)
     if dpsgd is not None:
-        model = GradSampleModule(model)  # hooks that keep each example's gradient
-        optimizer = DPOptimizer(
-            optimizer, noise_multiplier=dpsgd.noise, max_grad_norm=dpsgd.clip,
-            expected_batch_size=round(dpsgd.sample_rate * len(examples)),
-            generator=torch.Generator(device).manual_seed(dpsgd.seed + 1),
+        model, optimizer = make_private(
+            model, optimizer, dpsgd, round(dpsgd.sample_rate * len(examples)), device
         )
     order = torch.empty(0, dtype=torch.long)
     losses = []

@@ -52,12 +52,14 @@ def flower_processes(folder: Path) -> list[psutil.Process]:
 
 
 def run_deploy(tmp_path: Path, *flags: str, terminate_on: str | None = None,
-               timeout: float = 300):
+               kill_on: tuple[str, str] | None = None, timeout: float = 300):
     """Run ``python -m fedlora.deploy`` with ``flags``; return (exit code, output, left).
 
     ``left`` lists the processes the deployment started that still run after it exited.
     With ``terminate_on``, the deployment gets SIGTERM once one of the processes it
-    started runs a command line that holds this text.
+    started runs a command line that holds this text. With ``kill_on = (trigger, victim)``,
+    once a process's command line holds ``trigger``, the one whose command line holds
+    ``victim`` is killed (SIGKILL).
     """
     output = tmp_path / "deploy.out"
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # deploy's FLWR_HOME goes under it
@@ -79,6 +81,11 @@ def run_deploy(tmp_path: Path, *flags: str, terminate_on: str | None = None,
                 if terminate_on and terminate_on in " ".join(_command(child)):
                     process.send_signal(signal.SIGTERM)
                     terminate_on = None
+                if kill_on and kill_on[0] in " ".join(_command(child)):
+                    victims = [c for c in children if kill_on[1] in " ".join(_command(c))]
+                    assert len(victims) == 1, [_command(c) for c in victims]
+                    victims[0].kill()
+                    kill_on = None
             time.sleep(0.2)
         if process.poll() is None:
             process.kill()
@@ -139,6 +146,22 @@ def test_tls_deployment_runs_two_rounds(tmp_path):
     assert "--insecure" not in superlink_log
     assert "Uvicorn running on https://127.0.0.1" in superlink_log
     assert not list(tmp_path.glob("fedlora-deploy-*")), "the temporary folder (keys) is gone"
+
+
+def test_a_supernode_killed_mid_round_does_not_kill_the_run(tmp_path):
+    # SuperNode 1 dies once the clients train: its reply never comes, the round times out
+    # on it and goes on with SuperNode 0's (--min-clients 1).
+    code, output, left = run_deploy(
+        tmp_path, "--clients", "2", "--rounds", "1", "--min-clients", "1", "--round-timeout", "40",
+        "--name", "killed", *FAST, kill_on=("flwr-clientapp", "partition-id=1 "),
+    )
+    assert code == 0, output[-3000:]
+    assert left == []
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "killed" / "metrics.jsonl").open()]
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients"] == 1
+    assert "deploy: supernode-1 exited with code -9; the run goes on without it" in output
+    assert "round 1: 1 of 2 clients did not reply within 40s" in (
+        tmp_path / "runs" / "killed" / "logs" / "server.log").read_text()
 
 
 def test_failed_run_stops_every_process_and_says_why(tmp_path):
