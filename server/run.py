@@ -68,7 +68,8 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     model, tokenizer = load_model(config.model, device)
     task = load_task(config)
     strategy = build_strategy(config)
-    plan = ConfigRecord(config.to_dict())
+    # What clients get: the run config, less the server's own --resume path.
+    plan = ConfigRecord({k: v for k, v in config.to_dict().items() if k != "resume"})
 
     def central_evaluation(arrays: ArrayRecord | None) -> dict[str, float]:
         """Evaluate the base model with the global adapter (none for round 0)."""
