@@ -62,7 +62,11 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 class RunConfig:
     """Everything a federated run needs; see each field's ``help``."""
 
-    strategy: str = field(default="fedavg", metadata={"help": "aggregation method"})
+    strategy: str = field(
+        default="fedavg",
+        metadata={"help": "fedavg, ffa, flora, fedsb, sparse, an entry point of the group "
+                          "fedlora.strategies, or module:Class; a,b,c compares them"},
+    )
     model: str = field(
         default="smollm2-135m",
         metadata={"help": "smollm2-135m, tiny-llama, a Hugging Face folder or a .gguf file"},
