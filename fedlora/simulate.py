@@ -123,10 +123,12 @@ def simulate(config: RunConfig):
 
     from client.app import app as client_app
     from fedlora.models import resolve_model
-    from server.run import run_federation
+    from server.run import check_unused, run_federation
     from strategies import build_strategy
 
     build_strategy(config)  # a bad strategy or combination fails here, before Ray starts
+    if config.name and not config.resume:
+        check_unused(Path(config.output) / config.name)
     resolve_model(config.model)  # convert a GGUF once, before clients ask for it
 
     outcome: dict = {}

@@ -176,13 +176,18 @@ def make_run_dir(config: RunConfig) -> Path:
     else:
         name = config.name or f"{folder_name(config.strategy)}-{datetime.now():%Y%m%d-%H%M%S}"
         run_dir = Path(config.output) / name
-        if (run_dir / "metrics.jsonl").exists():
-            raise FedLoraError(f"run folder {run_dir} already holds a run; choose another --name "
-                               f"or continue it with --resume {run_dir}")
+        check_unused(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {**config.to_dict(), "name": name, "resume": ""}
     (run_dir / "config.toml").write_text(tomli_w.dumps(resolved))
     return run_dir
+
+
+def check_unused(run_dir: Path) -> None:
+    """Raise FedLoraError if ``run_dir`` already holds a run."""
+    if (run_dir / "metrics.jsonl").exists():
+        raise FedLoraError(f"run folder {run_dir} already holds a run; choose another --name "
+                           f"or continue it with --resume {run_dir}")
 
 
 def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, strategy) -> None:
