@@ -10,7 +10,9 @@ import pytest
 from conftest import make_reply
 from flwr.app import RecordDict
 
-from server.run import exchange
+from fedlora.errors import FedLoraError
+from fedlora.simulate import main
+from server.run import check_unused, exchange
 
 COMMON = [
     "--model", "tiny-llama", "--local-steps", "5", "--lr", "0.01", "--eval-size", "32",
@@ -84,8 +86,8 @@ def test_an_interrupted_run_resumed_ends_like_an_uninterrupted_one(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
     part = simulate(*flags, "--rounds", "2", "--name", "part")
     assert part.returncode == 0, part.stderr[-3000:]
-    again = simulate(*flags, "--name", "part")
-    assert again.returncode == 2 and "already holds a run" in again.stderr
+    with pytest.raises(FedLoraError, match="already holds a run; choose another --name or continue"):
+        check_unused(tmp_path / "part")
     resumed = subprocess.run(
         [sys.executable, "-m", "fedlora.simulate", "--resume", str(tmp_path / "part"), "--rounds", "3"],
         capture_output=True, text=True, timeout=600,
@@ -103,7 +105,6 @@ def test_an_interrupted_run_resumed_ends_like_an_uninterrupted_one(tmp_path):
     (["--resume", "nowhere", "--config", "simulations/default.toml"],
      "--resume continues a run with its own saved config; drop --config"),
 ])
-def test_bad_resume_is_a_one_line_error(flags, message):
-    result = subprocess.run([sys.executable, "-m", "fedlora.simulate", *flags],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.strip() == f"error: {message}"
+def test_bad_resume_is_a_one_line_error(flags, message, capsys):
+    assert main(flags) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"

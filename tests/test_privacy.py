@@ -221,15 +221,14 @@ def test_fedsb_init_auto_is_random_under_dp_and_gradient_without():
     assert build_strategy(config(strategy="fedsb", dp="sample")).init == "random"
 
 
-def test_the_cli_refuses_flora_with_user_dp_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "fedlora.simulate", "--strategy", "flora", "--dp", "user",
-         "--model", "tiny-llama", "--output", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0
-    assert "--dp user cannot protect --strategy flora" in result.stderr
+def test_the_cli_refuses_flora_with_user_dp_in_one_line(tmp_path, capsys):
+    from fedlora.simulate import main
+
+    code = main(["--strategy", "flora", "--dp", "user", "--model", "tiny-llama",
+                 "--output", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: --dp user cannot protect --strategy flora")
 
 
 # ---- DP-SGD -----------------------------------------------------------------------------
