@@ -34,7 +34,7 @@ import tomli_w
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
 from fedlora.simulate import build_parser as build_simulate_parser
-from fedlora.simulate import configs_from_args
+from fedlora.simulate import configs_from_args, print_outputs
 
 # The project folder: `flwr run` builds the Flower app from its pyproject.toml.
 ROOT = Path(__file__).resolve().parents[1]
@@ -445,6 +445,7 @@ def _copy_lines(source, path: Path) -> None:
 def deploy(configs: list[RunConfig], federation: Federation) -> list[Path]:
     """Run ``configs`` one after another on one federation; return their run folders."""
     from fedlora.models import resolve_model
+    from server.run import check_unused
     from strategies import build_strategy
 
     if not (ROOT / "pyproject.toml").is_file():
@@ -454,9 +455,8 @@ def deploy(configs: list[RunConfig], federation: Federation) -> list[Path]:
         build_strategy(config)  # an unknown strategy or a refused combination
         resolve_model(config.model)  # convert a GGUF once, before the processes load it
         run_config_overrides(config)  # a key that flwr run would refuse
-        if not config.resume and (run_folder(config) / "metrics.jsonl").exists():
-            raise FedLoraError(f"run folder {run_folder(config)} already holds a run; "
-                               f"choose another --name or continue it with --resume")
+        if not config.resume:
+            check_unused(run_folder(config))
     folder = run_folder(configs[0])
     if len(configs) > 1:
         folder = folder.parent
@@ -505,14 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(f"done in {time.perf_counter() - start:.0f}s: {run_dirs[-1]}/ "
-          "(config.toml, metrics.jsonl, adapter/, report.png, logs/)")
-    if len(run_dirs) > 1:
-        from server.report import write_comparison
-
-        folder = Path(run_dirs[0]).parent
-        print("\n" + write_comparison(run_dirs, folder))
-        print(f"comparison: {folder}/comparison.md, {folder}/comparison.png")
+    print_outputs(run_dirs, time.perf_counter() - start,
+                  "config.toml, metrics.jsonl, adapter/, report.png, logs/")
     return 0
 
 

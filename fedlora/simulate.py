@@ -123,12 +123,8 @@ def simulate(config: RunConfig):
 
     from client.app import app as client_app
     from fedlora.models import resolve_model
-    from server.run import check_unused, run_federation
-    from strategies import build_strategy
+    from server.run import run_federation
 
-    build_strategy(config)  # a bad strategy or combination fails here, before Ray starts
-    if config.name and not config.resume:
-        check_unused(Path(config.output) / config.name)
     resolve_model(config.model)  # convert a GGUF once, before clients ask for it
 
     outcome: dict = {}
@@ -168,10 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes of deps
     try:
         configs = parse_configs(argv)
+        from server.run import check_unused
         from strategies import build_strategy
 
-        for config in configs:  # every strategy is built once before the first run starts
-            build_strategy(config)
+        for config in configs:  # mistakes fail here, before Ray starts for the first run
+            build_strategy(config)  # an unknown strategy or a refused combination
+            if config.name and not config.resume:
+                check_unused(Path(config.output) / config.name)
         start = time.perf_counter()
         run_dirs = []
         for config in configs:
@@ -181,15 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     except FedLoraError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"done in {time.perf_counter() - start:.0f}s: {run_dirs[-1]}/ "
-          "(config.toml, metrics.jsonl, adapter/, report.png)")
+    print_outputs(run_dirs, time.perf_counter() - start, "config.toml, metrics.jsonl, adapter/, report.png")
+    return 0
+
+
+def print_outputs(run_dirs: list[Path], seconds: float, files: str) -> None:
+    """Say where the runs' outputs are; with several runs, write and print their comparison."""
+    print(f"done in {seconds:.0f}s: {run_dirs[-1]}/ ({files})")
     if len(run_dirs) > 1:
         from server.report import write_comparison
 
         folder = Path(run_dirs[0]).parent
         print("\n" + write_comparison(run_dirs, folder))
         print(f"comparison: {folder}/comparison.md, {folder}/comparison.png")
-    return 0
 
 
 if __name__ == "__main__":

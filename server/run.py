@@ -157,7 +157,6 @@ def over_budget(strategy, config: RunConfig, server_round: int) -> bool:
         raise FedLoraError(f"{message}: the budget is spent before any round; raise "
                            "--dp-max-epsilon or --dp-noise")
     log.warning("%s: stopping after round %d", message, server_round - 1)
-    tqdm.write(f"{message}: stopping after round {server_round - 1}")
     return True
 
 
