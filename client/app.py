@@ -4,8 +4,9 @@ It knows adapter kinds (peft LoRA, LoRA-SB), not methods. A message carries:
 
 - ``config``: the plan: the run config, plus ``server-round``, ``task`` ("train" or
   "gradient"), ``adapter``, ``trainable`` (which adapter tensors to train and upload),
-  ``upload`` ("delta": trained minus received, or "weights"), ``upload-codec`` and
-  ``kept-batches``;
+  ``upload`` ("delta": trained minus received, or "weights"), ``upload-codec``,
+  ``kept-batches`` and ``aggregated-round`` (the last round whose reply from this node the
+  server aggregated);
 - ``arrays`` and ``codec``: global adapter tensors to load (any subset of the adapter's),
   encoded by the codec the ``codec`` header names (fedlora.codec);
 - ``keep``: tensors to keep for the whole run, in numbered batches: ``<i>/frozen/<key>``
@@ -14,6 +15,11 @@ It knows adapter kinds (peft LoRA, LoRA-SB), not methods. A message carries:
 
 Kept tensors live in Flower's per-node ``context.state``, which outlives a message even in
 deployment, where each message starts a fresh process.
+
+A reply carries, besides tensors and metrics, the ConfigRecord ``client`` with
+``client-id``: the node-config value of that name, else the partition id. It is the
+identity the server keys this client's privacy accountant by, and it is what the client
+says it is.
 """
 
 from __future__ import annotations
@@ -38,11 +44,13 @@ from fedlora.data import client_examples, load_task
 from fedlora.errors import FedLoraError
 from fedlora.models import load_model, pick_device
 from fedlora.privacy import Privacy
+from fedlora.seeds import stream_seed
 from fedlora.train import train_local, weight_gradients
 
 app = ClientApp()
 KEPT = "fedlora-kept"  # the context.state record that holds kept tensors
-RESIDUAL = "fedlora-residual"  # and the one that holds the error-feedback residual
+RESIDUAL = "fedlora-residual"  # the error-feedback residual, for either fate of the last reply
+RESIDUAL_ROUND = "fedlora-residual-round"  # and the round of that reply
 
 
 def plan_to_config(plan) -> RunConfig:
@@ -94,8 +102,10 @@ def train(msg: Message, context: Context) -> Message:
     config = plan_to_config(plan)
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
+    client_id = str(context.node_config.get("client-id", partition_id))
+    server_round = int(plan["server-round"])
     device = pick_device(str(context.node_config.get("device", config.device)))
-    faults.inject(partition_id, int(plan["server-round"]))  # only when a test asks for it
+    faults.inject(partition_id, server_round)  # only when a test asks for it
     frozen, merges = keep_tensors(context, msg.content.get("keep"), int(plan["kept-batches"]))
 
     model, tokenizer = load_model(config.model, device)
@@ -107,7 +117,8 @@ def train(msg: Message, context: Context) -> Message:
             batch_size=config.batch_size, max_length=config.max_length, device=device,
         )
         metrics = {"num-examples": min(len(examples), int(plan["gradient-examples"]))}
-        return reply(msg, *encode_payload(arrays, Codec.parse(config.upload_codec)), metrics, device)
+        payload, header = encode_payload(arrays, Codec.parse(config.upload_codec))
+        return reply(msg, payload, header, metrics, client_id, device)
 
     for merge in merges:  # FLoRA: the global base is the base plus every round's stack
         merge_lora(model, merge)
@@ -117,8 +128,9 @@ def train(msg: Message, context: Context) -> Message:
     rank = client_rank(config, context.node_config, partition_id)
     if plan["adapter"] == "lorasb":
         adapted = attach_lora_sb(model, {**frozen, **received}, config.target_module_list)
-    elif plan["adapter"] == "lora":
-        seed = int(plan.get("init-seed", config.seed)) + partition_id
+    elif plan["adapter"] == "lora":  # a fresh LoRA: what it holds is overwritten by what was
+        # sent, except for FLoRA, which trains a new one each round
+        seed = stream_seed(config.seed, server_round, partition_id, "lora-init")
         adapted = attach_lora(model, rank, config.alpha, config.target_module_list, seed)
         load_adapter_state(adapted, {**frozen, **received}, partial=True)
     else:
@@ -127,13 +139,15 @@ def train(msg: Message, context: Context) -> Message:
     for name, parameter in adapted.named_parameters():
         parameter.requires_grad_(any(t in name for t in trainable))
 
-    seed = 1000 * int(plan["server-round"]) + partition_id  # this client, this round
     privacy = Privacy.from_config(config)
-    dpsgd = privacy.client_dpsgd(config, len(examples), seed) if privacy and privacy.mode == "sample" else None
+    dpsgd = None
+    if privacy and privacy.mode == "sample":
+        dpsgd = privacy.client_dpsgd(config, len(examples), server_round, partition_id)
     stats = train_local(
         adapted, tokenizer, examples,
         steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
-        max_length=config.max_length, seed=config.seed + seed, device=device, dpsgd=dpsgd,
+        max_length=config.max_length, device=device, dpsgd=dpsgd,
+        seed=stream_seed(config.seed, server_round, partition_id, "batches"),
     )
     state = lora_sb_state(adapted) if plan["adapter"] == "lorasb" else adapter_state(adapted)
     upload = {k: v for k, v in state.items() if any(t in k for t in trainable)}
@@ -150,32 +164,56 @@ def train(msg: Message, context: Context) -> Message:
                         "dp-steps": config.local_steps})
     codec = Codec.parse(config.upload_codec)
     if plan.get("error-feedback", False):
-        payload, header = encode_with_feedback(context, upload, codec)
+        payload, header = encode_with_feedback(
+            context, upload, codec, server_round, int(plan.get("aggregated-round", 0))
+        )
     else:
         payload, header = encode_payload(upload, codec)
-    return reply(msg, payload, header, metrics, device)
+    return reply(msg, payload, header, metrics, client_id, device)
 
 
-def encode_with_feedback(context: Context, update: dict, codec: Codec):
-    """Encode the update plus the residual kept from earlier rounds, and keep as the new
-    residual what the codec did not send: after any number of rounds, everything sent plus
-    the residual equals the sum of the updates (error feedback)."""
-    stored = context.state.get(RESIDUAL)
-    residual = stored.to_torch_state_dict() if isinstance(stored, ArrayRecord) else {}
+def encode_with_feedback(context: Context, update: dict, codec: Codec, server_round: int,
+                         aggregated_round: int):
+    """Encode the update plus the residual of earlier rounds (error feedback).
+
+    What the server has not aggregated stays in the residual: after any number of rounds,
+    the aggregated replies plus the residual equal the sum of the updates. So two
+    residuals are kept until the next message says the reply's fate
+    (``aggregated_round``): what the codec did not send, if the server aggregated the
+    reply, and everything it carried, if the reply was dropped or late.
+    """
+    residual = feedback_residual(context, aggregated_round)
     total = {k: v + residual[k] if k in residual else v for k, v in update.items()}
     payload, header = encode_payload(total, codec)
     sent = decode_payload(payload, header)
-    context.state[RESIDUAL] = ArrayRecord({k: total[k] - sent[k] for k in total})
+    context.state[RESIDUAL] = ArrayRecord({
+        **{f"aggregated/{k}": total[k] - sent[k] for k in total},
+        **{f"dropped/{k}": total[k] for k in total},
+    })
+    context.state[RESIDUAL_ROUND] = ConfigRecord({"round": server_round})
     return payload, header
 
 
-def reply(msg: Message, payload: dict, header: dict, metrics: dict, device: torch.device) -> Message:
-    """The reply: the encoded tensors, the codec header and the metrics. GPU memory is given
-    back before the process waits for the next message."""
+def feedback_residual(context: Context, aggregated_round: int) -> dict[str, torch.Tensor]:
+    """The residual after this node's last reply, given the last round the server
+    aggregated a reply of this node in (none before the first reply)."""
+    stored, last = context.state.get(RESIDUAL), context.state.get(RESIDUAL_ROUND)
+    if not isinstance(stored, ArrayRecord) or not isinstance(last, ConfigRecord):
+        return {}
+    fate = "aggregated/" if int(last["round"]) == aggregated_round else "dropped/"
+    return {k.removeprefix(fate): v for k, v in stored.to_torch_state_dict().items()
+            if k.startswith(fate)}
+
+
+def reply(msg: Message, payload: dict, header: dict, metrics: dict, client_id: str,
+          device: torch.device) -> Message:
+    """The reply: the encoded tensors, the codec header, the metrics and the client's
+    identity. GPU memory is given back before the process waits for the next message."""
     content = RecordDict({
         "arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
         "codec": ConfigRecord(header),
         "metrics": MetricRecord(metrics),
+        "client": ConfigRecord({"client-id": client_id}),
     })
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -198,16 +198,43 @@ def lora_sb_to_peft(factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return state
 
 
+class Fp32Linear(torch.nn.Linear):
+    """A linear layer kept in fp32 inside a bf16 (or fp16) model: merged deltas below the
+    model dtype's resolution (~1e-3 of |W| in bf16) are kept. Inputs are cast up, outputs
+    back to the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
+def fp32_linear(model, path: str) -> torch.nn.Linear:
+    """The linear layer at ``path``, first replaced (in place) by an fp32 copy if the model
+    holds it in a lower precision."""
+    linear = model.get_submodule(path)
+    if linear.weight.dtype == torch.float32:
+        return linear
+    copy = Fp32Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                      device=linear.weight.device, dtype=torch.float32)
+    copy.load_state_dict({k: v.float() for k, v in linear.state_dict().items()})
+    copy.requires_grad_(False)
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), name, copy)
+    return copy
+
+
 @torch.no_grad()
 def merge_lora(model, factors: dict[str, torch.Tensor]) -> None:
     """W <- W + B @ A for every (lora_A, lora_B) pair of ``factors`` (keys as module_path
-    reads them), computed in fp32: FLoRA's merge of a round's stacked delta."""
+    reads them): FLoRA's merge of a round's stacked delta. The merged layers are fp32
+    whatever the model's dtype (see Fp32Linear), so merges accumulate exactly to fp32
+    rounding on a bf16 GPU model too, and every client trains on the base the server
+    evaluates."""
     modules = dict(model.named_modules())
     for key, A in factors.items():
         if key.endswith(".lora_A.weight"):
             B = factors[key.replace(".lora_A.", ".lora_B.")]
             path = module_path(key)
-            if path not in modules:
-                raise FedLoraError(f"cannot merge into {path}: the model has no such module")
-            weight = modules[path].weight
-            weight.copy_((weight.float() + B.float().to(weight.device) @ A.float().to(weight.device)).to(weight.dtype))
+            if not isinstance(modules.get(path), torch.nn.Linear):
+                raise FedLoraError(f"cannot merge into {path}: the model has no such linear module")
+            weight = fp32_linear(model, path).weight
+            weight += B.float().to(weight.device) @ A.float().to(weight.device)

@@ -65,10 +65,12 @@ class Codec:
 
     @property
     def name(self) -> str:
-        """The canonical text, as the payload carries it."""
+        """The canonical text, as the payload carries it. A top-k density is written in
+        full (Python's shortest round-trip repr), so that ``parse(name)`` gives back the
+        very same float and both ends count the same k = ceil(density * n)."""
         if self.kind != "topk":
             return self.kind
-        return f"topk:{self.density:g},{self.values}" + (",per-tensor" if self.per_tensor else "")
+        return f"topk:{float(self.density)!r},{self.values}" + (",per-tensor" if self.per_tensor else "")
 
 
 def index_dtype(size: int) -> np.dtype:

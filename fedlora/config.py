@@ -136,7 +136,7 @@ class RunConfig:
         default=1.0, metadata={"help": "sparse: densities shrink by this factor every ..."}
     )
     density_decay_every: int = field(
-        default=1, metadata={"help": "sparse: ... this many rounds: d_t = d_0 * decay^(t // every)"}
+        default=1, metadata={"help": "sparse: ... this many rounds: d_t = d_0 * decay^((t - 1) // every)"}
     )
     server_optimizer: str = field(
         default="avg", metadata={"help": "sparse: avg (FedAvg) or adam (FedOpt) on the global adapter"}
@@ -159,7 +159,8 @@ class RunConfig:
         default=1.0, metadata={"help": "DP: noise multiplier z (noise std = z * C)"}
     )
     dp_delta: float = field(
-        default=0.0, metadata={"help": "DP: delta; 0 means 1/n (n: clients, or a client's examples)"}
+        default=0.0,
+        metadata={"help": "DP: delta; 0 means min(1e-5, 1/(10 n)) (n: clients, or a client's examples)"},
     )
     dp_target_epsilon: float = field(
         default=0.0,

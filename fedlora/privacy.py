@@ -36,6 +36,7 @@ from opacus.optimizers import DPOptimizer  # noqa: E402
 logging.getLogger().handlers = _root_handlers  # Opacus calls logging.basicConfig on import
 
 from fedlora.errors import FedLoraError  # noqa: E402
+from fedlora.seeds import stream_seed  # noqa: E402
 
 State = dict[str, torch.Tensor]
 
@@ -93,7 +94,8 @@ class Privacy:
         z: the noise standard deviation as a multiple of C. Under ``sample`` with
         ``target_epsilon`` each client finds its own from its number of examples.
     delta : float
-        delta; 0 means 1/n, n the records protected (clients, or a client's examples).
+        delta; 0 means min(1e-5, 1/(10 n)), n the records protected (clients, or a
+        client's examples).
     target_epsilon : float
         The epsilon the whole run should end at (0: use ``noise``).
     max_epsilon : float
@@ -103,7 +105,8 @@ class Privacy:
     clients : int
         The number of clients in the federation (user level's n).
     noise_seed : int
-        Seed of the noise and of DP-SGD's sampling, or -1 for a fresh one from the OS. A
+        Seed of the noise and of DP-SGD's sampling, or -1 for a fresh one from the OS
+        (each stream derives its own seed from it: fedlora.seeds). A
         seeded noise can be recomputed, and so removed, by anyone who knows the seed (the
         clients know the run's ``--seed``): seeds are for experiments only.
     """
@@ -131,38 +134,54 @@ class Privacy:
             noise_seed=config.dp_noise_seed,
         )
         if privacy.mode == "user" and privacy.target_epsilon:
-            delta = privacy.delta or 1.0 / config.num_clients
+            delta = privacy.delta_for(config.num_clients)
             noise = noise_for_budget(privacy.target_epsilon, delta, privacy.sample_rate, config.rounds)
             privacy = dataclasses.replace(privacy, noise=noise)
         return privacy
 
-    def seed(self, offset: int = 0) -> int:
-        """A noise seed: ``noise_seed + offset``, or a fresh one from the OS."""
-        return self.noise_seed + offset if self.noise_seed >= 0 else secrets.randbits(63)
+    def seed(self, *stream: int | str) -> int:
+        """The seed of one noise stream (e.g. ``seed(round, partition, "dp-sgd-noise")``):
+        derived from ``noise_seed`` and the stream's name, or fresh from the OS."""
+        return stream_seed(self.noise_seed, *stream) if self.noise_seed >= 0 else secrets.randbits(63)
 
-    def client_dpsgd(self, config, num_examples: int, offset: int) -> DPSGD:
+    def client_dpsgd(self, config, num_examples: int, server_round: int, partition: int) -> DPSGD:
         """A client's DP-SGD settings: Poisson rate batch_size / n_k, the noise that meets
-        ``target_epsilon`` if the client trains in every round, and a seed (``noise_seed +
-        offset``, else from the OS)."""
+        ``target_epsilon`` if the client trains in every round, and the seeds of its
+        sampling and noise in this round (from ``noise_seed``, else from the OS)."""
         sample_rate = min(1.0, config.batch_size / num_examples)
         noise = self.noise
         if self.target_epsilon:
-            delta = self.delta or 1.0 / num_examples
             steps = config.rounds * config.local_steps
-            noise = noise_for_budget(self.target_epsilon, delta, sample_rate, steps)
-        return DPSGD(noise=noise, clip=self.clip, sample_rate=sample_rate, seed=self.seed(offset))
+            noise = noise_for_budget(self.target_epsilon, self.delta_for(num_examples),
+                                     sample_rate, steps)
+        return DPSGD(
+            noise=noise, clip=self.clip, sample_rate=sample_rate,
+            sampling_seed=self.seed(server_round, partition, "dp-sgd-sampling"),
+            noise_seed=self.seed(server_round, partition, "dp-sgd-noise"),
+        )
+
+    def delta_for(self, records: int) -> float:
+        """delta of a party holding ``records`` records: ``--dp-delta``, else the default."""
+        return self.delta or default_delta(records)
+
+
+def default_delta(records: int) -> float:
+    """min(1e-5, 1 / (10 n)): well below 1/n, which admits a mechanism that publishes one
+    of the n records in the clear."""
+    return min(1e-5, 1.0 / (10 * records))
 
 
 @dataclass(frozen=True)
 class DPSGD:
     """One client's DP-SGD settings: Poisson sampling at ``sample_rate``, per-example
-    clipping to ``clip`` and Gaussian noise ``noise * clip`` on each batch's sum, drawn
-    (sampling and noise) from generators seeded with ``seed``."""
+    clipping to ``clip`` and Gaussian noise ``noise * clip`` on each batch's sum; the
+    sampling and the noise each come from a generator of their own seed."""
 
     noise: float
     clip: float
     sample_rate: float
-    seed: int
+    sampling_seed: int
+    noise_seed: int
 
 
 def make_private(model, optimizer, dpsgd: DPSGD, expected_batch_size: int, device: torch.device):
@@ -172,7 +191,7 @@ def make_private(model, optimizer, dpsgd: DPSGD, expected_batch_size: int, devic
     private_optimizer = DPOptimizer(
         optimizer, noise_multiplier=dpsgd.noise, max_grad_norm=dpsgd.clip,
         expected_batch_size=expected_batch_size,
-        generator=torch.Generator(device).manual_seed(dpsgd.seed + 1),
+        generator=torch.Generator(device).manual_seed(dpsgd.noise_seed),
     )
     return GradSampleModule(model), private_optimizer
 
@@ -188,7 +207,7 @@ class PrivacyAccountant:
     Parameters
     ----------
     delta : float (default: 0.0)
-        delta of every party, or 0 for 1 / (the party's number of records).
+        delta of every party, or 0 for min(1e-5, 1 / (10 n)), n the party's records.
     """
 
     def __init__(self, delta: float = 0.0) -> None:
@@ -211,7 +230,7 @@ class PrivacyAccountant:
         every party is (epsilon, delta)-DP; (0, 0) before anything was released."""
         if not self.accountants:
             return 0.0, 0.0
-        deltas = {p: self.delta or 1.0 / n for p, n in self.records.items()}
+        deltas = {p: self.delta or default_delta(n) for p, n in self.records.items()}
         epsilon = max(_epsilon(a, deltas[p]) for p, a in self.accountants.items())
         return epsilon, max(deltas.values())
 
@@ -250,7 +269,8 @@ def check_settings(config) -> None:
     if config.dp == "off":
         return
     if not 0.0 <= config.dp_delta < 1.0:
-        raise FedLoraError(f"--dp-delta must be in (0, 1), or 0 for 1/n; got {config.dp_delta:g}")
+        raise FedLoraError(f"--dp-delta must be in (0, 1), or 0 for min(1e-5, 1/(10 n)); "
+                           f"got {config.dp_delta:g}")
     if config.dp_target_epsilon and config.dp_noise != 1.0:
         raise FedLoraError("give --dp-noise or --dp-target-epsilon, not both")
     if config.dp_max_epsilon and config.dp_target_epsilon > config.dp_max_epsilon:

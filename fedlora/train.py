@@ -63,17 +63,35 @@ def make_batch(examples: list[Example], tokenizer, max_length: int) -> Batch:
     )
 
 
-def answer_logits(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits that predict each answer token, and those tokens (shape: batch x keep-1)."""
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=batch.keep,
-    )
+def answer_logits(model, batch: Batch, fp32_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits that predict each answer token, and those tokens (shape: batch x keep-1).
+
+    With ``fp32_head`` the output head of a bf16 (or fp16) model runs in fp32 on the final
+    hidden states it receives: bf16 logits keep 8 bits of mantissa, so close label scores
+    tie there and argmax picks the first label.
+    """
+    head = model.get_output_embeddings() if fp32_head else None
+    if head is not None and head.weight.dtype == torch.float32:
+        head = None  # the model's own logits are fp32 already
+    head_inputs = []
+    hook = head.register_forward_hook(lambda _, args, __: head_inputs.append(args[0])) if head else None
+    try:
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=batch.keep,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
+    logits = out.logits
+    if head is not None:
+        bias = None if head.bias is None else head.bias.float()
+        logits = F.linear(head_inputs[-1].float(), head.weight.float(), bias)
     # Position i predicts token i + 1: the kept logits but the last predict the kept
     # tokens but the first.
-    return out.logits[:, :-1].float(), batch.labels[:, -batch.keep + 1 :]
+    return logits[:, :-1].float(), batch.labels[:, -batch.keep + 1 :]
 
 
 def answer_loss(model, batch: Batch, per_example: bool = False) -> torch.Tensor:
@@ -107,14 +125,14 @@ def train_local(
     DP-SGD through Opacus instead: each example joins the batch with probability
     ``dpsgd.sample_rate`` (Poisson sampling, which the accountant assumes), per-example
     gradients are clipped to ``dpsgd.clip`` and their sum gets N(0, (noise * clip)^2)
-    before AdamW; sampling and noise come from ``dpsgd.seed``, not ``seed``, which the
-    server knows. Returns the mean, first and last batch loss and the seconds spent.
+    before AdamW; sampling and noise come from ``dpsgd``'s own seeds, not ``seed``, which
+    the server knows. Returns the mean, first and last batch loss and the seconds spent.
     """
     if not examples:
         raise FedLoraError("this client has no training examples")
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed if dpsgd is None else dpsgd.seed)
+    generator = torch.Generator().manual_seed(seed if dpsgd is None else dpsgd.sampling_seed)
     if dpsgd is not None:
         model, optimizer = make_private(
             model, optimizer, dpsgd, round(dpsgd.sample_rate * len(examples)), device
@@ -173,7 +191,8 @@ def evaluate(
     """Answer-token loss, and for labelled data the accuracy of the top label word.
 
     The model's choice is the label word whose first token has the highest logit at the
-    position that predicts the answer's first token.
+    position that predicts the answer's first token. Logits are computed in fp32 whatever
+    the model's dtype.
     """
     choice_ids = label_token_ids(tokenizer, label_words) if label_words else None
     model.eval()
@@ -181,7 +200,7 @@ def evaluate(
     for begin in range(0, len(examples), batch_size):
         chunk = examples[begin : begin + batch_size]
         batch = make_batch(chunk, tokenizer, max_length).to(device)
-        logits, targets = answer_logits(model, batch)
+        logits, targets = answer_logits(model, batch, fp32_head=True)
         mask = targets != -100
         loss_sum += F.cross_entropy(logits[mask], targets[mask], reduction="sum").item()
         tokens += int(mask.sum())

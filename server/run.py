@@ -41,7 +41,8 @@ COLUMNS = [  # (metrics key, table heading, width, format spec)
     ("eval_accuracy", "accuracy", 8, ".3f"),
     ("bytes_up", "bytes up", 13, ","),
     ("bytes_down", "bytes down", 13, ","),
-    ("epsilon", "epsilon", 7, ".3g"),
+    ("epsilon", "epsilon", 7, ".3g"),  # these two only with --dp
+    ("delta", "delta", 7, ".0e"),
     ("seconds", "seconds", 7, ".1f"),
 ]
 
@@ -71,8 +72,8 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     # What clients get: the run config, less the server's own --resume path.
     plan = ConfigRecord({k: v for k, v in config.to_dict().items() if k != "resume"})
 
-    def central_evaluation(arrays: ArrayRecord | None) -> dict[str, float]:
-        """Evaluate the base model with the global adapter (none for round 0)."""
+    def central_evaluation(arrays: ArrayRecord) -> dict[str, float]:
+        """Evaluate the base model with the global adapter (none while the state is empty)."""
         begin = time.perf_counter()
         with global_adapter(arrays) as evaluated:
             metrics = evaluate(
@@ -82,15 +83,15 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         return {**metrics, "eval_seconds": time.perf_counter() - begin}
 
     @contextmanager
-    def global_adapter(arrays: ArrayRecord | None):
-        if arrays is None:
+    def global_adapter(arrays: ArrayRecord):
+        if not arrays:  # FLoRA before its first round: the base model is the global model
             yield model
             return
         state, rank, alpha = strategy.peft_adapter(arrays)
         with lora_applied(model, state, rank, alpha, config.target_module_list) as adapted:
             yield adapted
 
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", private=strategy.privacy is not None)
     start = time.perf_counter()
     arrays = strategy.initialize(model)
     if config.resume:
@@ -102,7 +103,9 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             arrays = strategy.aggregate_init(init_replies)
         metrics_log.write({
             "round": 0, "strategy": config.strategy, "clients": len(init_replies),
-            **central_evaluation(None),  # round 0: the base model alone
+            # Round 0: the model clients start from: the base model with the initial
+            # adapter (zero for LoRA; B R A for Fed-SB's gradient initialisation).
+            **central_evaluation(arrays),
             "bytes_up": traffic(init_replies), "bytes_down": traffic(init_messages),
             "seconds": time.perf_counter() - start,
         })
@@ -151,8 +154,9 @@ def over_budget(strategy, config: RunConfig, server_round: int) -> bool:
     projected = strategy.epsilon_after_next_round() if config.dp_max_epsilon else None
     if projected is None or projected <= config.dp_max_epsilon:
         return False
-    message = (f"round {server_round} would raise epsilon to {projected:.3g}, over "
-               f"--dp-max-epsilon {config.dp_max_epsilon:g}")
+    delta = strategy.accountant.spent()[1] or strategy.privacy.delta_for(config.num_clients)
+    message = (f"round {server_round} would raise epsilon to {projected:.3g} (delta {delta:.3g}), "
+               f"over --dp-max-epsilon {config.dp_max_epsilon:g}")
     if server_round == 1:
         raise FedLoraError(f"{message}: the budget is spent before any round; raise "
                            "--dp-max-epsilon or --dp-noise")
@@ -242,11 +246,12 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, label: str) ->
 class MetricsLog:
     """metrics.jsonl, one JSON object per round, and the table row printed for it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, private: bool = False) -> None:
         self.path = path
         self.rows: list[dict] = []
         self.total_up = self.total_down = 0
-        tqdm.write("  ".join(f"{heading:>{width}}" for _, heading, width, _ in COLUMNS))
+        self.columns = [c for c in COLUMNS if private or c[0] not in ("epsilon", "delta")]
+        tqdm.write("  ".join(f"{heading:>{width}}" for _, heading, width, _ in self.columns))
 
     def restore(self, rows: list[dict]) -> None:
         """Start over from ``rows`` (a resumed run drops rounds after its checkpoint)."""
@@ -264,5 +269,5 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
         tqdm.write("  ".join(
             f"{'-' if row.get(key) is None else format(row[key], spec):>{width}}"
-            for key, _, width, spec in COLUMNS
+            for key, _, width, spec in self.columns
         ))

@@ -136,9 +136,10 @@ class LoraStrategy(FedAvg):
         # an append-only list of batches; each node is sent the batches it lacks.
         self.kept_batches: list[dict[str, torch.Tensor]] = []
         self.node_batches: dict[int, int] = {}  # node id -> batches it holds
+        self.aggregated_rounds: dict[int, int] = {}  # node id -> last round its reply counted
         self.privacy = privacy
         self.accountant = PrivacyAccountant(privacy.delta) if privacy else None
-        self.noise_generator = torch.Generator().manual_seed(privacy.seed() if privacy else 0)
+        self.noise_generator = torch.Generator().manual_seed(privacy.seed("server-noise") if privacy else 0)
         self.sampled = self.available = 0  # clients sampled and connected, last round
         if privacy and privacy.mode == "user" and self.upload != "delta":
             raise FedLoraError(
@@ -259,7 +260,8 @@ class LoraStrategy(FedAvg):
         }
         self.node_batches[node_id] = len(self.kept_batches)
         content = RecordDict({
-            "config": plan,
+            # The fate of its last reply: error feedback keeps what the server never used.
+            "config": ConfigRecord({**plan, "aggregated-round": self.aggregated_rounds.get(node_id, 0)}),
             "arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
             "codec": ConfigRecord(header),
             "keep": ArrayRecord(keep),
@@ -279,6 +281,8 @@ class LoraStrategy(FedAvg):
         valid, states = self.valid_replies(server_round, replies)  # as sent: updates
         if not valid or len(valid) < self.min_train_nodes:
             return None, None
+        for reply in valid:
+            self.aggregated_rounds[reply.metadata.src_node_id] = server_round
         metrics = [r.content["metrics"] for r in valid]
         weights = self.weights(metrics)
         aggregated = MetricRecord({
@@ -313,9 +317,9 @@ class LoraStrategy(FedAvg):
             self.accountant.record("clients", self.privacy.noise, self.sampled / self.available,
                                    1, self.privacy.clients)
             return
-        for reply in valid:
+        for reply in valid:  # by the client's identity: Flower's node ids change on restarts
             m = reply.content["metrics"]
-            self.accountant.record(reply.metadata.src_node_id, m["dp-noise"], m["dp-sample-rate"],
+            self.accountant.record(client_identity(reply), m["dp-noise"], m["dp-sample-rate"],
                                    m["dp-steps"], m[self.weighted_by_key])
 
     def epsilon_after_next_round(self) -> float | None:
@@ -374,6 +378,7 @@ class LoraStrategy(FedAvg):
                 raise FedLoraError(f"'{key}' must be a finite number, got {value!r}")
         if self.privacy and self.privacy.mode == "sample":
             check_dpsgd_metrics(metrics)
+            client_identity(reply)
         if not isinstance(content.get("codec"), ConfigRecord):
             raise FedLoraError("the reply has no ConfigRecord 'codec'")
         try:
@@ -407,6 +412,7 @@ class LoraStrategy(FedAvg):
         """Restore :meth:`state_dict` (after :meth:`initialize`)."""
         self.kept_batches = state["kept_batches"]
         self.node_batches = {}  # the clients of a resumed run hold nothing yet
+        self.aggregated_rounds = {}
         self.noise_generator.set_state(state["noise_generator"])
         if self.accountant:
             self.accountant.load_state_dict(state["accountant"])
@@ -434,6 +440,16 @@ class LoraStrategy(FedAvg):
     def peft_adapter(self, arrays: ArrayRecord) -> tuple[State, int, float]:
         """The global adapter as a PEFT LoRA: (state with peft keys, rank, alpha)."""
         return self.complete(arrays.to_torch_state_dict()), self.rank, self.alpha
+
+
+def client_identity(reply: Message) -> str:
+    """The ``client-id`` a reply names its sender by (its own word: the partition id in
+    simulation, a node-config value in deployment), or FedLoraError."""
+    record = reply.content.get("client")
+    client_id = record.get("client-id") if isinstance(record, ConfigRecord) else None
+    if not isinstance(client_id, str) or not 0 < len(client_id) <= 200:
+        raise FedLoraError(f"the reply names no 'client-id' of 1 to 200 characters (got {client_id!r})")
+    return client_id
 
 
 def check_dpsgd_metrics(metrics: MetricRecord) -> None:

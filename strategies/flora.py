@@ -55,7 +55,6 @@ class FLoRA(LoraStrategy):
     def plan(self, config: ConfigRecord, server_round: int, task: str) -> ConfigRecord:
         plan = super().plan(config, server_round, task)
         plan["ranks"] = ",".join(map(str, self.ranks))
-        plan["init-seed"] = self.seed + 1000 * server_round  # a fresh LoRA every round
         return plan
 
     def expected_shapes(self, metrics: MetricRecord) -> dict[str, tuple[int, ...]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -10,6 +11,7 @@ from flwr.serverapp import Grid
 
 from fedlora.aggregate import State
 from fedlora.codec import Codec
+from fedlora.errors import FedLoraError
 from strategies.base import LoraStrategy
 
 
@@ -18,12 +20,13 @@ class SparseLoRA(LoraStrategy):
 
     Each round the server sends the top-k (by magnitude, across all LoRA tensors) of the
     global adapter at density d_down, and each client uploads the top-k of its update
-    (trained - received) at density d_up; both decay as d_t = d_0 * decay^floor(t / every).
-    The server adds the weighted mean of the sparse updates to its dense global adapter
-    ("avg"), or feeds it to Adam as a pseudo-gradient ("adam", FedOpt). With
-    ``error_feedback`` clients keep the part of their update they did not send and add it
-    to the next one (FLASC drops it). Values travel in fp32, indices in the smallest integer
-    type that holds them.
+    (trained - received) at density d_up; both decay as d_t = d_0 * decay^floor((t - 1) /
+    every), so round 1 uses d_0. The server adds the weighted mean of the sparse updates to
+    its dense global adapter ("avg"), or feeds it to Adam as a pseudo-gradient ("adam",
+    FedOpt). With ``error_feedback`` clients keep the part of their update the server did
+    not receive and add it to the next one (FLASC drops it). Values travel as the codecs
+    say (fp32 unless ``fp16`` or ``topk:D,fp16``; ``per-tensor`` picks the entries within
+    each tensor), indices in the smallest integer type that holds them.
 
     Parameters
     ----------
@@ -40,7 +43,9 @@ class SparseLoRA(LoraStrategy):
     error_feedback : bool (default: False)
         Whether clients carry their unsent residual to the next round.
     **kwargs
-        See LoraStrategy (its codecs are replaced by the densities above).
+        See LoraStrategy. Its ``upload_codec`` and ``download_codec`` give the value type
+        and index option of each direction (fp32, fp16, or topk:D[,fp16][,per-tensor] with
+        D the initial density of that direction); the densities come from the schedule.
     """
 
     name = "sparse"
@@ -57,6 +62,8 @@ class SparseLoRA(LoraStrategy):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        self.upload_form = sparse_form(self.upload_codec, upload_density, "upload")
+        self.download_form = sparse_form(self.download_codec, download_density, "download")
         self.upload_density, self.download_density = upload_density, download_density
         self.density_decay, self.density_decay_every = density_decay, density_decay_every
         self.server_optimizer, self.server_lr = server_optimizer, server_lr
@@ -78,14 +85,14 @@ class SparseLoRA(LoraStrategy):
         }
 
     def density(self, initial: float, server_round: int) -> float:
-        """d_t = d_0 * decay^floor(t / every)."""
-        return initial * self.density_decay ** (server_round // self.density_decay_every)
+        """d_t = d_0 * decay^floor((t - 1) / every): rounds count from 1, which uses d_0."""
+        return initial * self.density_decay ** ((server_round - 1) // self.density_decay_every)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.upload_codec = topk(self.density(self.upload_density, server_round))
-        self.download_codec = topk(self.density(self.download_density, server_round))
+        self.upload_codec = at_density(self.upload_form, self.density(self.upload_density, server_round))
+        self.download_codec = at_density(self.download_form, self.density(self.download_density, server_round))
         return super().configure_train(server_round, arrays, config, grid)
 
     def plan(self, config: ConfigRecord, server_round: int, task: str) -> ConfigRecord:
@@ -126,6 +133,23 @@ class SparseLoRA(LoraStrategy):
         return {k: p.detach().clone() for k, p in self.parameters.items()}
 
 
-def topk(density: float) -> Codec:
-    """The codec of a density: dense fp32 at 1.0, else global top-k with fp32 values."""
-    return Codec("fp32") if density >= 1.0 else Codec("topk", density, "fp32")
+def sparse_form(given: Codec, density: float, direction: str) -> Codec:
+    """The top-k codec a direction uses, from the codec the user gave it: its value type
+    and index option, at the direction's initial ``density``; FedLoraError for a codec
+    that cannot be a top-k, or whose density contradicts the schedule's."""
+    flag = f"--{direction}-codec {given.name}"
+    if given.kind in ("fp32", "fp16"):
+        return Codec("topk", density, given.kind)
+    if given.kind != "topk":
+        raise FedLoraError(f"{flag}: --strategy sparse sends top-k entries as fp32 or fp16 "
+                           "values; valid: fp32, fp16, topk:D[,fp16][,per-tensor]")
+    if given.density != density:
+        raise FedLoraError(f"{flag}: --strategy sparse takes its density from "
+                           f"--{direction}-density ({density:g}); give that density here, or "
+                           "only the value type (fp16)")
+    return given
+
+
+def at_density(form: Codec, density: float) -> Codec:
+    """``form`` at ``density``: dense values of its type at 1.0."""
+    return Codec(form.values) if density >= 1.0 else dataclasses.replace(form, density=density)

@@ -8,13 +8,15 @@ import sys
 import pytest
 import torch
 from conftest import train_reply
+from flwr.app import ConfigRecord
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
 
 from fedlora.config import RunConfig
 from fedlora.data import Example
 from fedlora.errors import FedLoraError
-from fedlora.privacy import DPSGD, Privacy, clip_update, private_mean, update_norm
+from fedlora.privacy import DPSGD, Privacy, clip_update, default_delta, private_mean, update_norm
+from fedlora.seeds import stream_seed
 from fedlora.train import answer_loss, make_batch, train_local
 from server.run import over_budget
 from strategies import build_strategy
@@ -103,35 +105,56 @@ def test_user_level_epsilon_matches_an_independent_computation():
         assert metrics["delta"] == 1e-3
 
 
-def dpsgd_reply(node, update, num_examples, noise, rate, steps):
+def dpsgd_reply(node, update, num_examples, noise, rate, steps, client_id="auto"):
     reply = train_reply(node, update, num_examples)
     metrics = reply.content["metrics"]
     metrics.update({"dp-noise": noise, "dp-sample-rate": rate, "dp-steps": steps})
+    if client_id is not None:  # the client names itself; by default after its node here
+        reply.content["client"] = ConfigRecord(
+            {"client-id": f"client-{node}" if client_id == "auto" else client_id})
     return reply
 
 
-def test_sample_level_epsilon_is_the_largest_over_clients_at_delta_one_over_n_k():
+def test_sample_level_epsilon_is_the_largest_over_clients_at_the_default_delta():
     strategy, updates = server_with_replies("fedavg", dp="sample")
     for server_round in (1, 2):
         replies = [dpsgd_reply(1, updates[0], 100, 0.9, 0.08, 10),
-                   dpsgd_reply(2, updates[1], 400, 1.2, 0.02, 10)]
+                   dpsgd_reply(2, updates[1], 20_000, 1.2, 0.02, 10)]
         _, metrics = strategy.aggregate_train(server_round, replies)
         steps = 10 * server_round
-        expected = max(independent_epsilon(0.9, 0.08, steps, 1 / 100),
-                       independent_epsilon(1.2, 0.02, steps, 1 / 400))
+        # delta = min(1e-5, 1 / (10 n_k)): 1e-5 for 100 examples, 5e-6 for 20,000
+        expected = max(independent_epsilon(0.9, 0.08, steps, 1e-5),
+                       independent_epsilon(1.2, 0.02, steps, 5e-6))
         assert metrics["epsilon"] == pytest.approx(expected, rel=1e-9)
-        assert metrics["delta"] == 1 / 100
+        assert metrics["delta"] == 1e-5
 
 
-def test_a_dpsgd_reply_without_its_settings_is_dropped():
+def test_sample_level_accounting_follows_the_client_not_its_node_id():
+    """A restarted client (new node id, same client-id) composes with its past rounds,
+    also across a checkpoint and resume; a new client-id starts its own accountant."""
+    strategy, updates = server_with_replies("fedavg", dp="sample")
+    strategy.aggregate_train(1, [dpsgd_reply(1, updates[0], 100, 0.9, 0.08, 10, "hospital-a")])
+    resumed = build_strategy(config(strategy="fedavg", dp="sample"))
+    resumed.load_state_dict(strategy.state_dict())
+    resumed.global_state, resumed.sent_shapes = strategy.global_state, strategy.sent_shapes
+    _, metrics = resumed.aggregate_train(2, [dpsgd_reply(77, updates[0], 100, 0.9, 0.08, 10, "hospital-a"),
+                                             dpsgd_reply(78, updates[1], 100, 0.9, 0.08, 10, "hospital-b")])
+    assert metrics["epsilon"] == pytest.approx(independent_epsilon(0.9, 0.08, 20, 1e-5), rel=1e-9)
+
+
+def test_a_dpsgd_reply_without_its_settings_or_identity_is_dropped():
     strategy, updates = server_with_replies("fedavg", dp="sample")
     replies = [dpsgd_reply(1, updates[0], 100, 0.9, 0.08, 10), train_reply(2, updates[1], 100),
-               dpsgd_reply(3, updates[1], 100, 0.9, 1.5, 10)]
+               dpsgd_reply(3, updates[1], 100, 0.9, 1.5, 10),
+               dpsgd_reply(4, updates[1], 100, 0.9, 0.08, 10, client_id=None),
+               dpsgd_reply(5, updates[1], 100, 0.9, 0.08, 10, client_id="")]
     valid, _ = strategy.valid_replies(1, replies)
     assert [r.metadata.src_node_id for r in valid] == [1]
     reasons = dict(strategy.dropped)
     assert "'dp-noise' must be a finite float" in reasons[2]
     assert "'dp-sample-rate' must be a float in (0, 1]" in reasons[3]
+    assert reasons[4] == "the reply names no 'client-id' of 1 to 200 characters (got None)"
+    assert reasons[5] == "the reply names no 'client-id' of 1 to 200 characters (got '')"
 
 
 def test_the_budget_stops_a_run_before_the_round_that_would_exceed_it():
@@ -151,7 +174,7 @@ def test_the_budget_stops_a_run_before_the_round_that_would_exceed_it():
 def test_epsilon_is_never_negative():
     # Opacus' conversion returns a negative epsilon for a large delta (here 1/2).
     assert independent_epsilon(2.0, 1.0, 1, 0.5) < 0
-    strategy, updates = server_with_replies("fedavg", dp="user", **{"dp-noise": 2.0})
+    strategy, updates = server_with_replies("fedavg", dp="user", **{"dp-noise": 2.0, "dp-delta": 0.5})
     _, metrics = strategy.aggregate_train(1, [train_reply(1, updates[0], 10)])
     assert metrics["epsilon"] == 0.0 and metrics["delta"] == 0.5
 
@@ -165,18 +188,23 @@ def test_a_budget_spent_before_any_round_is_a_clear_error():
 
 def test_target_epsilon_sets_the_noise_that_ends_the_run_there():
     privacy = Privacy.from_config(config(dp="user", rounds=5, **{"dp-target-epsilon": 3.0}))
-    assert independent_epsilon(privacy.noise, 1.0, 5, 1 / 2) == pytest.approx(3.0, abs=0.03)
+    assert independent_epsilon(privacy.noise, 1.0, 5, 1e-5) == pytest.approx(3.0, abs=0.03)
     client = Privacy.from_config(config(dp="sample", **{"dp-target-epsilon": 3.0, "local-steps": 7}))
-    dpsgd = client.client_dpsgd(config(**{"local-steps": 7}), num_examples=500, offset=0)
+    dpsgd = client.client_dpsgd(config(**{"local-steps": 7}), num_examples=500, server_round=1,
+                                partition=0)
     assert dpsgd.sample_rate == 8 / 500
-    assert independent_epsilon(dpsgd.noise, 8 / 500, 3 * 7, 1 / 500) == pytest.approx(3.0, abs=0.03)
+    assert independent_epsilon(dpsgd.noise, 8 / 500, 3 * 7, 1e-5) == pytest.approx(3.0, abs=0.03)
+
+
+def test_the_default_delta_is_well_below_one_over_n():
+    assert [default_delta(n) for n in (2, 1000, 10_000, 200_000)] == [1e-5, 1e-5, 1e-5, 5e-7]
 
 
 @pytest.mark.parametrize("values, message", [
     ({"dp": "user", "dp-clip": 0.0}, r"--dp-clip must be in \(0, 1e\+06\], got 0"),
     ({"dp": "user", "dp-clip": -1.0}, r"--dp-clip must be in \(0"),
     ({"dp": "user", "dp-noise": -0.5}, r"--dp-noise must be in \[0, 1e\+06\], got -0.5"),
-    ({"dp": "user", "dp-delta": 1.0}, r"--dp-delta must be in \(0, 1\), or 0 for 1/n; got 1"),
+    ({"dp": "user", "dp-delta": 1.0}, r"--dp-delta must be in \(0, 1\), or 0 for min\(1e-5, 1/\(10 n\)\); got 1"),
     ({"dp": "user", "dp-delta": -0.1}, r"--dp-delta must be in \(0, 1\)"),
     ({"dp": "user", "dp-target-epsilon": 8.0, "dp-max-epsilon": 3.0},
      "--dp-target-epsilon 8 exceeds the budget --dp-max-epsilon 3"),
@@ -212,7 +240,19 @@ def test_noise_is_fresh_from_the_os_unless_a_noise_seed_is_given():
     assert not torch.equal(torch.randn(8, generator=one.noise_generator),
                            torch.randn(8, generator=two.noise_generator))
     seeded = Privacy.from_config(config(dp="sample", **{"dp-noise-seed": 3}))
-    assert seeded.seed(5) == 8 and seeded.client_dpsgd(config(), 100, offset=5).seed == 8
+    dpsgd = seeded.client_dpsgd(config(), 100, server_round=2, partition=5)
+    assert dpsgd.sampling_seed == stream_seed(3, 2, 5, "dp-sgd-sampling") == seeded.seed(2, 5, "dp-sgd-sampling")
+    assert dpsgd.noise_seed == stream_seed(3, 2, 5, "dp-sgd-noise") != dpsgd.sampling_seed
+
+
+def test_per_client_per_round_seeds_never_collide():
+    # seed + 1000 * round + partition gave client p + 1000 in round r the seed of client p
+    # in round r + 1, and a client's noise seed its neighbour's sampling seed.
+    seeds = [stream_seed(0, server_round, partition, purpose)
+             for server_round in range(1, 11) for partition in range(2002)
+             for purpose in ("batches", "dp-sgd-sampling", "dp-sgd-noise")]
+    assert len(set(seeds)) == len(seeds) == 10 * 2002 * 3
+    assert all(0 <= s < 2**63 for s in seeds)
 
 
 def test_fedsb_init_auto_is_random_under_dp_and_gradient_without():
@@ -261,13 +301,15 @@ def test_dpsgd_steps_even_on_an_empty_poisson_sample(tiny_model_dir):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     stats = train_local(model, tokenizer, EXAMPLES, steps=3, batch_size=2, lr=0.01, max_length=32,
                         seed=0, device=torch.device("cpu"),
-                        dpsgd=DPSGD(noise=1.0, clip=1.0, sample_rate=1e-9, seed=0))
+                        dpsgd=DPSGD(noise=1.0, clip=1.0, sample_rate=1e-9, sampling_seed=0, noise_seed=1))
     assert math.isnan(stats["train_loss"])  # no example was ever sampled...
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed  # ...yet each step moved the adapter by the noise
 
 
-def test_a_dpsgd_simulation_trains_and_reports_epsilon(tmp_path):
+def test_a_dpsgd_simulation_trains_and_reports_epsilon_also_when_resumed(tmp_path):
+    """Two rounds, then resumed to three: Flower gives the resumed run new node ids, and
+    each client's accountant still composes all three rounds (as an uninterrupted run)."""
     command = [
         sys.executable, "-m", "fedlora.simulate", "--model", "tiny-llama", "--num-clients", "2",
         "--rounds", "2", "--local-steps", "10", "--lr", "0.01", "--batch-size", "16",
@@ -278,17 +320,25 @@ def test_a_dpsgd_simulation_trains_and_reports_epsilon(tmp_path):
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "epsilon    delta" in result.stdout  # the table names delta beside epsilon
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fedlora.simulate", "--resume", str(tmp_path / "dpsgd"), "--rounds", "3"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "dpsgd" / "metrics.jsonl").open()]
-    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.2
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert rows[2]["eval_loss"] < rows[0]["eval_loss"] - 0.2
     assert "epsilon" not in rows[0]
     from fedlora.data import client_examples, load_task
 
     run = RunConfig.from_dict({"model": "tiny-llama", "num-clients": 2, "eval-size": 32})
     sizes = [len(client_examples(load_task(run), run, k, 2)) for k in (0, 1)]
-    for row in rows[1:]:
-        expected = max(independent_epsilon(0.7, 16 / n, 10 * row["round"], 1 / n) for n in sizes)
-        assert row["epsilon"] == pytest.approx(expected, rel=1e-9)
-        assert row["delta"] == pytest.approx(1 / min(sizes))
+    for row in rows[1:]:  # an uninterrupted run composes 10 steps per round, per client
+        expected = max(independent_epsilon(0.7, 16 / n, 10 * row["round"], default_delta(n)) for n in sizes)
+        assert row["epsilon"] == pytest.approx(expected, rel=1e-6)
+        assert row["delta"] == max(default_delta(n) for n in sizes)
+    assert rows[3]["epsilon"] > rows[2]["epsilon"]
 
 
 @pytest.mark.parametrize("adapter", ["lora", "lorasb"])
