@@ -4,9 +4,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedlora.adapters import adapter_state, attach_lora, load_adapter_state, save_adapter
+from fedlora.adapters import adapter_state, attach_lora, load_adapter_state, merge_lora, save_adapter
+from fedlora.data import Example
 from fedlora.errors import FedLoraError
 from fedlora.models import load_model
+from fedlora.train import answer_loss, make_batch
 
 CPU = torch.device("cpu")
 
@@ -104,3 +106,30 @@ def test_lora_sb_layer_computes_w_plus_b_r_a_and_trains_only_r(model_and_tokeniz
     with lora_applied(base, lora_sb_to_peft(state), 3, 3.0, ["q_proj", "v_proj"]) as peft_model:
         with torch.no_grad():
             torch.testing.assert_close(peft_model(ids).logits, sb_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_flora_merges_stay_exact_on_a_bf16_model(model_and_tokenizer):
+    """Five rounds of stacked deltas with entries near bf16's resolution of |W| merged
+    into a bf16 model: the merged weights equal the fp64 sum within fp32 rounding, and the
+    model still trains a LoRA on top of them."""
+    model, tokenizer = model_and_tokenizer
+    model.to(torch.bfloat16)
+    target = "model.layers.0.self_attn.q_proj"
+    base = model.get_submodule(target).weight.detach().double().clone()
+    reference = base.clone()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        A = torch.randn(6, 32, generator=generator) * 5e-3
+        B = torch.randn(32, 6, generator=generator) * 5e-3
+        merge_lora(model, {f"{target}.lora_A.weight": A, f"{target}.lora_B.weight": B})
+        reference += B.double() @ A.double()
+    merged = model.get_submodule(target).weight.detach().double()
+    # Five fp32 roundings of at most half a step (2^-24 |W|) each; bf16 would round each
+    # merge to 2^-9 |W|, the size of the deltas themselves.
+    assert ((merged - reference).abs() <= 6 * 2**-24 * reference.abs() + 1e-12).all()
+    adapted = attach_lora(model, 4, 8, ["q_proj", "v_proj"], seed=0)
+    batch = make_batch([Example("the movie was good", " positive")], tokenizer, 32)
+    loss = answer_loss(adapted, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and adapted.get_submodule(f"base_model.model.{target}").base_layer is not None
+    assert all(p.grad is not None for n, p in adapted.named_parameters() if p.requires_grad)

@@ -43,6 +43,15 @@ def test_exact_methods_are_exact_and_fedavg_is_not(comparison):
     assert min(r["aggregation_error"] for r in rows["fedavg"][1:]) > 1e-4
 
 
+def test_round_0_evaluates_the_model_clients_start_from(comparison):
+    _, rows, _ = comparison
+    # FedAvg's and FFA's zero B and FLoRA's empty stack leave the base model as it is;
+    # Fed-SB's gradient initialisation starts clients from W + B R A.
+    base = {s: (rows[s][0]["eval_loss"], rows[s][0]["eval_accuracy"]) for s in ("fedavg", "ffa", "flora")}
+    assert len(set(base.values())) == 1
+    assert rows["fedsb"][0]["eval_loss"] != rows["fedavg"][0]["eval_loss"]
+
+
 def test_communication_follows_the_methods(comparison):
     _, rows, _ = comparison
     up = {s: rows[s][1]["bytes_up"] for s in STRATEGIES}

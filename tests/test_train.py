@@ -49,3 +49,44 @@ def test_local_training_learns_a_learnable_task(tiny_model_dir):
     assert after["eval_loss"] < before["eval_loss"] - 0.4
     assert before["eval_accuracy"] == 0.5 and after["eval_accuracy"] == 1.0
     assert set(before) == {"eval_loss", "eval_accuracy"}
+
+
+def test_label_scores_are_compared_in_fp32_on_a_bf16_model(tiny_model_dir):
+    """Two label rows of the output head that differ by 2^-7 in one entry: their bf16
+    logits (8 bits of mantissa, at magnitude ~3) mostly tie, and argmax would pick label 0;
+    in fp32 every prediction is the fp64 argmax."""
+    model, tokenizer = load_model(str(tiny_model_dir), CPU)
+    model.to(torch.bfloat16)
+    words = ["good", "great", "fun", "bad", "awful", "boring"]
+    prompts = [f"the {a} movie was {b} .\nQuestion: which label fits this text ?\nAnswer:"
+               for a in words for b in words]
+
+    def last_states():  # hidden state and logits where the answer's first token is predicted
+        states = []
+        for prompt in prompts:
+            batch = make_batch([Example(prompt, " positive")], tokenizer, 64)
+            with torch.no_grad():
+                out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids, output_hidden_states=True)
+            at = -int(batch.answer_lengths[0]) - 1
+            states.append((out.hidden_states[-1][0, at], out.logits[0, at]))
+        return states
+
+    hidden = torch.stack([h for h, _ in last_states()]).double()
+    column = int((hidden > 0).double().mean(dim=0).sub(0.5).abs().argmin())  # signs vary most
+    ids = [tokenizer(" " + w, add_special_tokens=False).input_ids[0] for w in LABELS]
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        row = torch.where(torch.arange(head.shape[1]) % 2 == 0, 0.5, -0.5).to(head.dtype)
+        head[ids[0]], head[ids[1]] = row, row
+        head[ids[1], column] += 2**-7  # representable: bf16's step at 0.5 is 2^-8
+    data, bf16_predictions = [], []
+    for prompt, (state, logits) in zip(prompts, last_states()):
+        truth = int((state.double() @ head[ids].double().T).argmax())
+        bf16_predictions.append(int(logits[ids].argmax()))
+        data.append(Example(prompt, " " + LABELS[truth], truth))
+    truths = [e.label for e in data]
+    assert 0 < sum(truths) < len(truths)  # both labels occur
+    assert bf16_predictions != truths  # the bf16 head cannot tell them apart
+    metrics = evaluate(model, tokenizer, data, LABELS, batch_size=8, max_length=64, device=CPU)
+    assert metrics["eval_accuracy"] == 1.0
