@@ -33,7 +33,8 @@ def main() -> None:
     config = RunConfig(model=args.model)
     examples = client_examples(load_task(config), config, 0, config.num_clients)
     device = torch.device("cpu")
-    dpsgd = DPSGD(noise=1.0, clip=1.0, sample_rate=config.batch_size / len(examples), seed=0)
+    dpsgd = DPSGD(noise=1.0, clip=1.0, sample_rate=config.batch_size / len(examples),
+                  sampling_seed=0, noise_seed=1)
     seconds: dict[str, list[float]] = {"no DP": [], "DP-SGD": []}
     for repeat in range(args.repeats + 1):  # the first round warms up, uncounted
         for label, private in (("no DP", None), ("DP-SGD", dpsgd)):
