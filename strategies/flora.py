@@ -28,7 +28,7 @@ class FLoRA(LoraStrategy):
         Client ranks, cycled over the clients by partition id; a client's ``rank``
         node-config value overrides it. Each client announces its rank in its reply.
     **kwargs
-        See LoraStrategy.
+        See LoraStrategy; ``download_codec`` must be fp32 (the stacks are all it sends).
     """
 
     name = "flora"
@@ -37,6 +37,12 @@ class FLoRA(LoraStrategy):
 
     def __init__(self, ranks: tuple[int, ...] = (8,), **kwargs) -> None:
         super().__init__(**kwargs)
+        if self.download_codec.kind != "fp32":
+            raise FedLoraError(
+                f"--download-codec {self.download_codec.name}: --strategy flora sends only its "
+                "stacks, which travel in fp32 so that every client's merged base stays exact; "
+                "drop --download-codec (--upload-codec applies)"
+            )
         self.ranks = tuple(ranks)
         self.module_shapes: dict[str, tuple[int, int]] = {}
         self.round_stacks: list[State] = []

@@ -221,6 +221,16 @@ def test_heterogeneous_ranks_are_refused_except_by_flora(name):
     assert isinstance(build_strategy(RunConfig.from_dict({"strategy": "flora", "ranks": "16,8,4"})), FLoRA)
 
 
+def test_fedsb_initialises_with_the_runs_learning_rate():
+    assert build_strategy(RunConfig.from_dict({"strategy": "fedsb", "lr": 0.02})).init_eta == 0.02
+
+
+def test_flora_refuses_a_download_codec_it_would_not_use():
+    with pytest.raises(FedLoraError) as err:
+        build_strategy(RunConfig.from_dict({"strategy": "flora", "download-codec": "fp16"}))
+    assert str(err.value).startswith("--download-codec fp16: --strategy flora sends only its stacks")
+
+
 def test_flora_client_that_missed_a_round_catches_up_exactly(tiny_model_dir):
     """Round 1: nodes 1-3 train; round 2: only nodes 1-2; round 3: node 3 returns and must be
     sent both stacks, so that its merged base equals the server's global base."""
