@@ -200,7 +200,7 @@ def lora_sb_to_peft(factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 class Fp32Linear(torch.nn.Linear):
     """A linear layer kept in fp32 inside a bf16 (or fp16) model: merged deltas below the
-    model dtype's resolution (~1e-3 of |W| in bf16) are kept. Inputs are cast up, outputs
+    model dtype's resolution (2^-9 |W| in bf16) are kept. Inputs are cast up, outputs
     back to the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,13 +213,13 @@ def fp32_linear(model, path: str) -> torch.nn.Linear:
     linear = model.get_submodule(path)
     if linear.weight.dtype == torch.float32:
         return linear
-    copy = Fp32Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+    wide = Fp32Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                       device=linear.weight.device, dtype=torch.float32)
-    copy.load_state_dict({k: v.float() for k, v in linear.state_dict().items()})
-    copy.requires_grad_(False)
+    wide.load_state_dict({k: v.float() for k, v in linear.state_dict().items()})
+    wide.requires_grad_(False)
     parent_path, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent_path), name, copy)
-    return copy
+    setattr(model.get_submodule(parent_path), name, wide)
+    return wide
 
 
 @torch.no_grad()

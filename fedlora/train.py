@@ -74,7 +74,8 @@ def answer_logits(model, batch: Batch, fp32_head: bool = False) -> tuple[torch.T
     if head is not None and head.weight.dtype == torch.float32:
         head = None  # the model's own logits are fp32 already
     head_inputs = []
-    hook = head.register_forward_hook(lambda _, args, __: head_inputs.append(args[0])) if head else None
+    hook = None if head is None else head.register_forward_hook(
+        lambda _, args, __: head_inputs.append(args[0]))
     try:
         out = model(
             input_ids=batch.input_ids,
