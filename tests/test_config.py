@@ -89,10 +89,8 @@ def test_missing_config_file_and_bad_toml(tmp_path):
 
 @pytest.mark.parametrize(
     "flags, expected",
-    [
+    [  # a whole interpreter: nothing else reaches the terminal (imports, warnings)
         (["--strategy", "nope"], "error: unknown strategy 'nope'; valid choices: fedavg, ffa, flora, fedsb, sparse"),
-        (["--rank", "0"], "error: --rank must be in [1, 4096], got 0"),
-        (["--dataset", "missing.jsonl"], "error: dataset file not found: missing.jsonl"),
         (["--no-such-flag", "1"], "error: unrecognized arguments: --no-such-flag 1"),
     ],
 )
@@ -105,3 +103,18 @@ def test_cli_prints_one_line_and_exits_2(flags, expected):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].endswith(expected), result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [  # the same path in this process (an interpreter start costs seconds each)
+        (["--rank", "0"], "error: --rank must be in [1, 4096], got 0"),
+        (["--dataset", "missing.jsonl"], "error: dataset file not found: missing.jsonl"),
+    ],
+)
+def test_cli_mistakes_in_values_are_one_line_and_exit_2(flags, expected, capsys):
+    from fedlora.simulate import main
+
+    assert main(flags) == 2
+    captured = capsys.readouterr()
+    assert captured.err == expected + "\n" and captured.out == ""

@@ -122,25 +122,16 @@ def check_outputs(run_dir: Path, rounds: int, clients: int) -> list[dict]:
     return rows
 
 
-def test_two_supernodes_run_two_rounds_and_write_the_outputs(tmp_path):
-    code, output, left = run_deploy(tmp_path, "--clients", "2", "--rounds", "2",
-                                    "--name", "plain", *FAST)
-    assert code == 0, output[-3000:]
-    assert left == []
-    run_dir = tmp_path / "runs" / "plain"
-    check_outputs(run_dir, rounds=2, clients=2)
-    assert "(no TLS)" in output
-    assert "Uvicorn running on http://127.0.0.1" in (run_dir / "logs" / "superlink.log").read_text()
-    assert "train loss" in (run_dir / "logs" / "server.log").read_text()  # the streamed table
-
-
-def test_tls_deployment_runs_two_rounds(tmp_path):
+def test_two_supernodes_run_two_rounds_over_tls_and_write_the_outputs(tmp_path):
+    # One deployment serves both: the output contract, and TLS (plain HTTP is what the
+    # killed-SuperNode test below runs).
     code, output, left = run_deploy(tmp_path, "--clients", "2", "--rounds", "2", "--tls",
                                     "--name", "tls", *FAST)
     assert code == 0, output[-3000:]
     assert left == []
     run_dir = tmp_path / "runs" / "tls"
     check_outputs(run_dir, rounds=2, clients=2)
+    assert "train loss" in (run_dir / "logs" / "server.log").read_text()  # the streamed table
     assert "(TLS)" in output
     superlink_log = (run_dir / "logs" / "superlink.log").read_text()
     assert "--insecure" not in superlink_log
@@ -157,7 +148,10 @@ def test_a_supernode_killed_mid_round_does_not_kill_the_run(tmp_path):
     )
     assert code == 0, output[-3000:]
     assert left == []
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "killed" / "metrics.jsonl").open()]
+    assert "(no TLS)" in output
+    run_dir = tmp_path / "runs" / "killed"
+    assert "Uvicorn running on http://127.0.0.1" in (run_dir / "logs" / "superlink.log").read_text()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients"] == 1
     assert "deploy: supernode-1 exited with code -9; the run goes on without it" in output
     assert "round 1: 1 of 2 clients did not reply within 30s" in (

@@ -28,6 +28,7 @@ def run_dir(tmp_path_factory):
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "DEPRECATED" not in result.stdout + result.stderr  # run_simulation's notice is kept out
     return output / "e2e"
 
 
