@@ -42,7 +42,7 @@ from fedlora.codec import Codec, decode_payload, encode_payload
 from fedlora.config import RunConfig
 from fedlora.data import client_examples, load_task
 from fedlora.errors import FedLoraError
-from fedlora.models import load_model, pick_device
+from fedlora.models import borrowed_model, pick_device
 from fedlora.privacy import Privacy
 from fedlora.seeds import stream_seed
 from fedlora.train import train_local, weight_gradients
@@ -97,18 +97,26 @@ def keep_tensors(context: Context, message_keep: ArrayRecord | None, batches: in
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Run the plan: train an adapter (or estimate gradients) on this node's data."""
+    """Run the plan: train an adapter (or estimate gradients) on this node's data, on the
+    base model this process loaded once (and gets back as loaded after each message)."""
+    config = plan_to_config(msg.content["config"])
+    device = pick_device(str(context.node_config.get("device", config.device)))
+    faults.inject(int(context.node_config["partition-id"]),  # only when a test asks for it
+                  int(msg.content["config"]["server-round"]))
+    with borrowed_model(config.model, device) as (model, tokenizer):
+        return run_plan(msg, context, config, model, tokenizer, device)
+
+
+def run_plan(msg: Message, context: Context, config: RunConfig, model, tokenizer,
+             device: torch.device) -> Message:
+    """The reply to a train message, computed on ``model`` (which it may change: adapters,
+    merges; ``train`` restores it)."""
     plan = msg.content["config"]
-    config = plan_to_config(plan)
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     client_id = str(context.node_config.get("client-id", partition_id))
     server_round = int(plan["server-round"])
-    device = pick_device(str(context.node_config.get("device", config.device)))
-    faults.inject(partition_id, server_round)  # only when a test asks for it
     frozen, merges = keep_tensors(context, msg.content.get("keep"), int(plan["kept-batches"]))
-
-    model, tokenizer = load_model(config.model, device)
     examples = client_examples(load_task(config), config, partition_id, num_partitions)
     if plan["task"] == "gradient":
         arrays = weight_gradients(

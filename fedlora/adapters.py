@@ -199,19 +199,20 @@ def lora_sb_to_peft(factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 class Fp32Linear(torch.nn.Linear):
-    """A linear layer kept in fp32 inside a bf16 (or fp16) model: merged deltas below the
-    model dtype's resolution (2^-9 |W| in bf16) are kept. Inputs are cast up, outputs
-    back to the input's dtype."""
+    """An fp32 copy of a linear layer that merged deltas go into: in a bf16 (or fp16) model,
+    deltas below the model dtype's resolution (2^-9 |W| in bf16) are kept. Inputs are cast
+    up, outputs back to the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.to(self.weight.dtype)).to(x.dtype)
 
 
 def fp32_linear(model, path: str) -> torch.nn.Linear:
-    """The linear layer at ``path``, first replaced (in place) by an fp32 copy if the model
-    holds it in a lower precision."""
+    """The linear layer at ``path`` as an Fp32Linear: the first time, the layer is replaced
+    (in place) by an fp32 copy, so the original weights are never written to (a cached
+    base model stays as loaded: fedlora.models.borrowed_model)."""
     linear = model.get_submodule(path)
-    if linear.weight.dtype == torch.float32:
+    if isinstance(linear, Fp32Linear):
         return linear
     wide = Fp32Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                       device=linear.weight.device, dtype=torch.float32)
@@ -226,9 +227,9 @@ def fp32_linear(model, path: str) -> torch.nn.Linear:
 def merge_lora(model, factors: dict[str, torch.Tensor]) -> None:
     """W <- W + B @ A for every (lora_A, lora_B) pair of ``factors`` (keys as module_path
     reads them): FLoRA's merge of a round's stacked delta. The merged layers are fp32
-    whatever the model's dtype (see Fp32Linear), so merges accumulate exactly to fp32
-    rounding on a bf16 GPU model too, and every client trains on the base the server
-    evaluates."""
+    copies whatever the model's dtype (see Fp32Linear), so merges accumulate exactly to
+    fp32 rounding on a bf16 GPU model too, every client trains on the base the server
+    evaluates, and the model's own layers are left as they were."""
     modules = dict(model.named_modules())
     for key, A in factors.items():
         if key.endswith(".lora_A.weight"):

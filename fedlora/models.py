@@ -12,6 +12,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -92,6 +94,45 @@ def load_model(name: str, device: torch.device):
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model, tokenizer
+
+
+# The base models this process has loaded, by (name, device): a cache, never state (in
+# deployment every message is a fresh process and finds it empty).
+_LOADED: dict[tuple[str, str], tuple] = {}
+
+
+@contextmanager
+def borrowed_model(name: str, device: torch.device) -> Iterator[tuple]:
+    """(model, tokenizer) for ``name`` on ``device``, loaded once per process and, after
+    each ``with``, restored to exactly what was loaded.
+
+    A simulation's client actor serves many messages, for many virtual clients: loading
+    the frozen base once saves a load per message (a fraction of a second for 135M
+    parameters on a CPU, 10 to 30 s for a 7B model on a GPU). What a borrower changes is
+    undone on exit: every module it replaced anywhere in the tree (peft's LoRA layers,
+    LoRA-SB's layers, FLoRA's fp32 merge copies) is put back, attributes it set on the
+    model are removed, and every parameter is frozen, without gradient, in eval mode. A
+    borrower must not write into the base weights themselves (FLoRA merges into copies);
+    tests/test_model_cache.py holds every kind of message to bit-identical results.
+    """
+    key = (name, str(device))
+    if key not in _LOADED:
+        _LOADED[key] = load_model(name, device)
+    model, tokenizer = _LOADED[key]
+    children = {module: dict(module._modules) for module in model.modules()}
+    attributes = set(vars(model))
+    try:
+        yield model, tokenizer
+    finally:
+        for module, kept in children.items():
+            module._modules.clear()
+            module._modules.update(kept)
+        for attribute in set(vars(model)) - attributes:  # e.g. peft's peft_config
+            delattr(model, attribute)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+            parameter.grad = None
+        model.eval()
 
 
 def _cached(key: str, build) -> Path:
