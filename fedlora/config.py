@@ -38,6 +38,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {
     "server_lr": (0.0, 10.0, False),
     "eval_batch_size": (1, 65_536, True),
     "seed": (0, 2**31 - 1, True),
+    "client_cpus": (1, 1024, True),
     "round_timeout": (0.0, 1e7, False),
     "dp_clip": (0.0, 1e6, False),
     "dp_noise": (0.0, 1e6, True),
@@ -187,6 +188,11 @@ class RunConfig:
         default=3600.0, metadata={"help": "seconds to wait for client replies in a round"}
     )
     device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cpu or cuda"})
+    client_cpus: int = field(
+        default=1,
+        metadata={"help": "simulation: CPU cores (and torch threads) of each client actor; "
+                          "cores / client-cpus clients train at once"},
+    )
     output: str = field(default="runs", metadata={"help": "folder that holds run folders"})
     name: str = field(
         default="", metadata={"help": "run folder name (default: strategy and a timestamp)"}

@@ -125,6 +125,10 @@ def simulate(config: RunConfig):
     from fedlora.models import resolve_model
     from server.run import run_federation
 
+    cores = os.cpu_count() or 1
+    if config.client_cpus > cores:
+        raise FedLoraError(f"--client-cpus {config.client_cpus} exceeds this machine's {cores} "
+                           "cores: no client could be scheduled")
     resolve_model(config.model)  # convert a GGUF once, before clients ask for it
 
     outcome: dict = {}
@@ -149,8 +153,10 @@ def simulate(config: RunConfig):
             client_app=client_app,
             num_supernodes=config.num_clients,
             backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 1.0 if gpu else 0.0},
-                "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": False},
+                # Ray gives each actor OMP_NUM_THREADS = its CPUs: torch's threads follow.
+                "client_resources": {"num_cpus": config.client_cpus,
+                                     "num_gpus": 1.0 if gpu else 0.0},
+                "init_args": {"num_cpus": cores, "log_to_driver": False},
             },
         )
     finally:

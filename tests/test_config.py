@@ -1,5 +1,6 @@
 """Config loading, validation and the one-line errors of the CLI."""
 
+import os
 import subprocess
 import sys
 
@@ -110,6 +111,9 @@ def test_cli_prints_one_line_and_exits_2(flags, expected):
     [  # the same path in this process (an interpreter start costs seconds each)
         (["--rank", "0"], "error: --rank must be in [1, 4096], got 0"),
         (["--dataset", "missing.jsonl"], "error: dataset file not found: missing.jsonl"),
+        (["--client-cpus", "1024", "--model", "tiny-llama", "--name", "never"],
+         f"error: --client-cpus 1024 exceeds this machine's {os.cpu_count()} cores: no client "
+         "could be scheduled"),
     ],
 )
 def test_cli_mistakes_in_values_are_one_line_and_exit_2(flags, expected, capsys):
