@@ -12,7 +12,8 @@ Two levels (``--dp``):
   the run reports the largest over clients.
 
 Only the math that Opacus does not offer lives here (clipping a whole update and noising a
-sum of updates); the accounting is Opacus' RDP accountant.
+sum of updates); the accounting is Opacus' RDP accountant. Opacus is imported on first use
+(``opacus()``), so a run without ``--dp`` never loads it.
 """
 
 from __future__ import annotations
@@ -23,24 +24,28 @@ import math
 import secrets
 from dataclasses import dataclass
 
+import importlib
 import logging
+from types import ModuleType
 
 import torch
 
-_root_handlers = list(logging.getLogger().handlers)
-from opacus import GradSampleModule  # noqa: E402
-from opacus.accountants import RDPAccountant  # noqa: E402
-from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
-from opacus.optimizers import DPOptimizer  # noqa: E402
-
-logging.getLogger().handlers = _root_handlers  # Opacus calls logging.basicConfig on import
-
-from fedlora.errors import FedLoraError  # noqa: E402
-from fedlora.seeds import stream_seed  # noqa: E402
+from fedlora.errors import FedLoraError
+from fedlora.seeds import stream_seed
 
 State = dict[str, torch.Tensor]
 
 MODES = ("off", "user", "sample")
+
+
+def opacus(module: str) -> ModuleType:
+    """``opacus.<module>``, imported on first use, with the logging.basicConfig that
+    Opacus calls on import undone (it would duplicate every log line)."""
+    handlers = list(logging.getLogger().handlers)
+    try:
+        return importlib.import_module(f"opacus.{module}")
+    finally:
+        logging.getLogger().handlers = handlers
 
 
 def update_norm(update: State) -> float:
@@ -74,7 +79,7 @@ def private_mean(
 def noise_for_budget(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The smallest noise multiplier whose ``steps`` events at ``sample_rate`` stay within
     (epsilon, delta), by Opacus' RDP accountant."""
-    return get_noise_multiplier(
+    return opacus("accountants.utils").get_noise_multiplier(
         target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
         accountant="rdp",
     )
@@ -188,12 +193,12 @@ def make_private(model, optimizer, dpsgd: DPSGD, expected_batch_size: int, devic
     """Opacus' DP-SGD around a model and its optimizer: the model keeps each example's
     gradient (``GradSampleModule``, whose hooks the caller removes with ``remove_hooks``)
     and the optimizer clips and noises them (``DPOptimizer``)."""
-    private_optimizer = DPOptimizer(
+    private_optimizer = opacus("optimizers").DPOptimizer(
         optimizer, noise_multiplier=dpsgd.noise, max_grad_norm=dpsgd.clip,
         expected_batch_size=expected_batch_size,
         generator=torch.Generator(device).manual_seed(dpsgd.noise_seed),
     )
-    return GradSampleModule(model), private_optimizer
+    return opacus("grad_sample").GradSampleModule(model), private_optimizer
 
 
 Event = tuple[object, float, float, int, int]  # (party, noise, sample rate, steps, records)
@@ -212,14 +217,16 @@ class PrivacyAccountant:
 
     def __init__(self, delta: float = 0.0) -> None:
         self.delta = delta
-        self.accountants: dict[object, RDPAccountant] = {}
+        self.accountants: dict[object, object] = {}  # party -> Opacus' RDPAccountant
         self.records: dict[object, int] = {}
         self.last_round: dict[object, Event] = {}
 
     def record(self, party, noise: float, sample_rate: float, steps: int, records: int) -> None:
         """Compose ``steps`` Gaussian events of ``noise`` at ``sample_rate`` for ``party``,
         which holds ``records`` records."""
-        accountant = self.accountants.setdefault(party, RDPAccountant())
+        if party not in self.accountants:
+            self.accountants[party] = opacus("accountants").RDPAccountant()
+        accountant = self.accountants[party]
         for _ in range(steps):  # the accountant merges equal events into one entry
             accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
         self.records[party] = records
@@ -245,7 +252,7 @@ class PrivacyAccountant:
     def load_state_dict(self, state: dict) -> None:
         self.accountants = {}
         for party, history in state["histories"].items():
-            self.accountants[party] = RDPAccountant()
+            self.accountants[party] = opacus("accountants").RDPAccountant()
             self.accountants[party].history = [tuple(event) for event in history]
         self.records = dict(state["records"])
         self.last_round = {p: tuple(e) for p, e in state["last_round"].items()}
@@ -258,7 +265,7 @@ class PrivacyAccountant:
         return projected.spent()[0]
 
 
-def _epsilon(accountant: RDPAccountant, delta: float) -> float:
+def _epsilon(accountant, delta: float) -> float:
     if any(noise == 0 for noise, _, _ in accountant.history):
         return math.inf  # no noise, no privacy (Opacus would divide by zero)
     return max(0.0, accountant.get_epsilon(delta))  # Opacus goes below 0 for a large delta

@@ -28,7 +28,6 @@ from fedlora.data import load_task
 from fedlora.errors import FedLoraError
 from fedlora.models import load_model, pick_device
 from fedlora.train import evaluate
-from server.report import plot_report
 from strategies import build_strategy, folder_name
 
 log = logging.getLogger("fedlora")
@@ -141,6 +140,8 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         save_checkpoint(run_dir, server_round, arrays, strategy)
     with global_adapter(arrays) as adapted:
         save_adapter(adapted, run_dir / "adapter")
+    from server.report import plot_report  # matplotlib: only once a report is written
+
     plot_report(metrics_log.rows, run_dir / "report.png")
     return run_dir
 

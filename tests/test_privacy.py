@@ -378,3 +378,12 @@ def test_opacus_per_example_gradients_on_peft_llama_and_lora_sb_are_exact(tiny_m
         answer_loss(model, make_batch([example], tokenizer, 32), per_example=True).backward()
         for parameter, samples in zip(trainable, per_example):
             torch.testing.assert_close(samples[i], parameter.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_client_and_server_apps_load_opacus_and_matplotlib_only_when_used():
+    # A run without --dp never imports Opacus; plotting is imported to write the report.
+    code = ("import sys, client.app, server.run; "
+            "print(sorted(m for m in ('opacus', 'matplotlib') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
