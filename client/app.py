@@ -99,10 +99,11 @@ def keep_tensors(context: Context, message_keep: ArrayRecord | None, batches: in
 def train(msg: Message, context: Context) -> Message:
     """Run the plan: train an adapter (or estimate gradients) on this node's data, on the
     base model this process loaded once (and gets back as loaded after each message)."""
-    config = plan_to_config(msg.content["config"])
+    plan = msg.content["config"]
+    config = plan_to_config(plan)
     device = pick_device(str(context.node_config.get("device", config.device)))
-    faults.inject(int(context.node_config["partition-id"]),  # only when a test asks for it
-                  int(msg.content["config"]["server-round"]))
+    partition_id = int(context.node_config["partition-id"])
+    faults.inject(partition_id, int(plan["server-round"]))  # only when a test asks for it
     with borrowed_model(config.model, device) as (model, tokenizer):
         return run_plan(msg, context, config, model, tokenizer, device)
 

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
+import logging
 import math
 import secrets
 from dataclasses import dataclass
-
-import importlib
-import logging
 from types import ModuleType
 
 import torch
