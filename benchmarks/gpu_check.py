@@ -11,7 +11,7 @@ one line of what it measured:
   seconds per step against fp32 on the CPU, and the peak GPU memory;
 - dp-sgd: the same with Opacus' DP-SGD (Poisson batches, per-example clipping, noise);
 - evaluation: the trained adapter evaluated in bf16 on the GPU and in fp32 on the CPU
-  (loss, accuracy, predictions that agree);
+  (loss and accuracy of each);
 - flora merge: five rounds of stacked deltas merged into the bf16 model, the relative
   error of the merged delta against an fp64 sum (and what merging in bf16 would give);
 - messages: the ClientApp's train handler on two messages in one process (as a Ray
@@ -51,7 +51,7 @@ def reset_peak(device: torch.device) -> None:
 
 def seconds_per_step(config, examples, device, steps, dpsgd=None):
     """Train a fresh LoRA for ``steps`` steps (after one uncounted step); return
-    (seconds per step, the adapted model)."""
+    (seconds per step, the adapted model, its tokenizer)."""
     model, tokenizer = load_model(config.model, device)
     adapted = attach_lora(model, config.rank, config.alpha, config.target_module_list, seed=0)
     common = dict(batch_size=config.batch_size, lr=config.lr, max_length=config.max_length,

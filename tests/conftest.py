@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny Llama built and saved here, and Flower reply messages."""
+"""Shared fixtures: a tiny Llama built and saved here, Flower reply messages, a fake Grid
+and the run identity that Flower messages need."""
 
 from __future__ import annotations
 
@@ -41,6 +42,26 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class FakeGrid:
+    """The part of Flower's Grid that configure_train uses: the connected node ids."""
+
+    def __init__(self, nodes=(1, 2)):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+@pytest.fixture
+def task_identity():
+    """Flower messages need a run to belong to; a unit test has none."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
 
 
 def make_reply(node_id: int, content=None, error: str | None = None):

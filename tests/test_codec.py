@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import FakeGrid
 from flwr.app import ArrayRecord, RecordDict
 
 from fedlora.codec import Codec, decode, encode, index_dtype
@@ -124,31 +125,22 @@ def test_hostile_payloads_are_rejected_with_a_reason(state):
                Codec.parse("fp16"), shapes)
 
 
-def test_reported_bytes_are_flowers_serialization_of_the_content():
+def test_reported_bytes_are_flowers_serialization_of_the_content(task_identity):
     """payload_bytes (what metrics.jsonl sums) = Flower's serialized message minus the
     message's own envelope (ids, timestamps), for a real round-1 message of each codec."""
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fedlora.config import RunConfig
     from server.run import payload_bytes
     from strategies.fedavg import FedAvgLoRA
 
-    class Grid:
-        def get_node_ids(self):
-            return [7]
-
     g = torch.Generator().manual_seed(0)
     global_state = {f"l{i}.lora_{x}.weight": torch.randn(shape, generator=g)
                     for i in range(4) for x, shape in (("A", (8, 96)), ("B", (64, 8)))}
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    try:
-        for codec in ("fp32", "fp16", "int8", "topk:0.1,fp16"):
-            strategy = FedAvgLoRA(download_codec=codec)
-            [message] = strategy.configure_train(1, ArrayRecord(global_state), RunConfig().to_dict(), Grid())
-            whole = sum(len(o.deflate()) for o in get_all_nested_objects(message).values())
-            envelope = len(message.deflate())
-            assert payload_bytes(message) == whole - envelope
-            assert envelope < 1200  # Flower's ~1.1 KB of ids and headers per message
-    finally:
-        TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
+    for codec in ("fp32", "fp16", "int8", "topk:0.1,fp16"):
+        strategy = FedAvgLoRA(download_codec=codec)
+        [message] = strategy.configure_train(1, ArrayRecord(global_state), RunConfig().to_dict(),
+                                             FakeGrid([7]))
+        whole = sum(len(o.deflate()) for o in get_all_nested_objects(message).values())
+        envelope = len(message.deflate())
+        assert payload_bytes(message) == whole - envelope
+        assert envelope < 1200  # Flower's ~1.1 KB of ids and headers per message

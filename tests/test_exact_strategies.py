@@ -3,8 +3,7 @@ here from the client updates; FedAvg's error measured by the same test."""
 
 import pytest
 import torch
-from conftest import train_reply
-from flwr.supercore.task_identity import TaskIdentity
+from conftest import FakeGrid, train_reply
 
 from fedlora.aggregate import delta_weights
 from fedlora.config import RunConfig
@@ -21,22 +20,7 @@ EXAMPLES = [120, 300, 580]  # three clients with different amounts of data
 TARGETS = ("q_proj", "v_proj")
 
 
-class FakeGrid:
-    """The part of Flower's Grid that configure_train uses."""
-
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return self.nodes
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Flower messages need a run to belong to; a unit test has none."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: messages need a run
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,15 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 import client.app
+from conftest import FakeGrid
 from fedlora.config import RunConfig
 from fedlora.models import borrowed_model, load_model
 from strategies import build_strategy
 
 CPU = torch.device("cpu")
-
-
-class TwoNodes:
-    def get_node_ids(self):
-        return [1, 2]
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: messages need a run
 
 
 @contextmanager
@@ -47,21 +43,14 @@ def run_rounds(config: RunConfig, rounds: int = 2) -> dict[tuple[int, int], dict
             payloads[server_round, r.metadata.src_node_id] = arrays
         return replies
 
-    init = strategy.configure_init(arrays, plan, TwoNodes())
+    init = strategy.configure_init(arrays, plan, FakeGrid())
     if init:
         arrays = strategy.aggregate_init(serve(0, init))
     for server_round in range(1, rounds + 1):
-        replies = serve(server_round, strategy.configure_train(server_round, arrays, plan, TwoNodes()))
+        replies = serve(server_round, strategy.configure_train(server_round, arrays, plan, FakeGrid()))
         arrays, _ = strategy.aggregate_train(server_round, replies)
         assert not strategy.dropped, strategy.dropped
     return payloads
-
-
-@pytest.fixture(autouse=True)
-def message_ids():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
 
 
 @pytest.mark.parametrize("values", [

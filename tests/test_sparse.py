@@ -5,9 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import train_reply
+from conftest import FakeGrid, train_reply
 from flwr.app import ArrayRecord, Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import encode_with_feedback, feedback_residual
 from fedlora.codec import Codec, decode_payload, encode_payload
@@ -23,20 +22,8 @@ def random_state(seed, shift=0.0):
             "m.lora_B.weight": torch.randn(20, 4, generator=g) + shift}
 
 
-class FakeGrid:
-    def get_node_ids(self):
-        return [1, 2]
 
-
-@pytest.fixture
-def message_ids():
-    """Flower stamps messages built outside a run with this identity."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
-
-
-def test_densities_start_at_d0_decay_and_reach_the_plan(message_ids):
+def test_densities_start_at_d0_decay_and_reach_the_plan(task_identity):
     strategy = SparseLoRA(upload_density=0.2, download_density=0.5, density_decay=0.5,
                           density_decay_every=2)
     # d_t = d_0 * 0.5^floor((t - 1) / 2): round 1 sends d_0 itself.
@@ -99,7 +86,7 @@ def test_every_scheduled_density_decodes_at_both_ends(per_tensor):
     assert cases == 4 * len(DENSITIES) * len(DECAYS) * len(ROUNDS)
 
 
-def test_sparse_honours_the_value_type_and_index_option_it_is_given(message_ids):
+def test_sparse_honours_the_value_type_and_index_option_it_is_given(task_identity):
     config = RunConfig.from_dict({"strategy": "sparse", "upload-codec": "topk:0.1,fp16,per-tensor",
                                   "download-codec": "fp16", "download-density": 0.5,
                                   "num-clients": 2})  # FakeGrid's two nodes
@@ -174,7 +161,7 @@ def test_error_feedback_keeps_what_the_server_never_aggregated():
         assert kept == math.ceil(0.05 * 200)  # 5 % of the 200 entries
 
 
-def test_the_plan_tells_each_node_whether_its_last_reply_was_aggregated(message_ids):
+def test_the_plan_tells_each_node_whether_its_last_reply_was_aggregated(task_identity):
     strategy = SparseLoRA(upload_density=0.5, error_feedback=True)
     config = RunConfig().to_dict()
     messages = strategy.configure_train(1, ArrayRecord(random_state(0)), config, FakeGrid())
