@@ -32,7 +32,8 @@ from fedlora.config import RunConfig
 from fedlora.data import client_examples, load_task
 from fedlora.models import load_model
 from fedlora.privacy import DPSGD
-from fedlora.train import evaluate, train_local
+from fedlora.evaluate import evaluate
+from fedlora.train import train_local
 
 GiB = 2**30
 

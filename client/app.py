@@ -24,6 +24,9 @@ says it is.
 
 from __future__ import annotations
 
+import json
+from contextlib import nullcontext
+
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -34,17 +37,19 @@ from fedlora.adapters import (
     attach_lora,
     attach_lora_sb,
     load_adapter_state,
+    lora_applied,
     lora_sb_state,
     merge_lora,
     target_linears,
 )
 from fedlora.codec import Codec, decode_payload, encode_payload
 from fedlora.config import RunConfig
-from fedlora.data import client_examples, load_task
+from fedlora.data import client_data
 from fedlora.errors import FedLoraError
 from fedlora.models import borrowed_model, pick_device
 from fedlora.privacy import Privacy
 from fedlora.seeds import stream_seed
+from fedlora.evaluate import score
 from fedlora.train import train_local, weight_gradients
 
 app = ClientApp()
@@ -114,11 +119,10 @@ def run_plan(msg: Message, context: Context, config: RunConfig, model, tokenizer
     merges; ``train`` restores it)."""
     plan = msg.content["config"]
     partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
-    client_id = str(context.node_config.get("client-id", partition_id))
+    client_id = client_identity(context)
     server_round = int(plan["server-round"])
     frozen, merges = keep_tensors(context, msg.content.get("keep"), int(plan["kept-batches"]))
-    examples = client_examples(load_task(config), config, partition_id, num_partitions)
+    examples, _ = local_data(plan, config, context)
     if plan["task"] == "gradient":
         arrays = weight_gradients(
             model, tokenizer, examples[: int(plan["gradient-examples"])],
@@ -179,6 +183,52 @@ def run_plan(msg: Message, context: Context, config: RunConfig, model, tokenizer
     else:
         payload, header = encode_payload(upload, codec)
     return reply(msg, payload, header, metrics, client_id, device)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global adapter the message carries (a PEFT LoRA; none: the base model)
+    on this node's held-out slice; reply with the counts every metric is computed from."""
+    plan = msg.content["config"]
+    config = plan_to_config(plan)
+    device = pick_device(str(context.node_config.get("device", config.device)))
+    _, held_out = local_data(plan, config, context)
+    if not held_out:
+        raise FedLoraError("federated evaluation asked, but this client holds no examples out")
+    state = {k: torch.from_numpy(a.numpy().copy()) for k, a in msg.content["arrays"].items()}
+    with borrowed_model(config.model, device) as (model, tokenizer):
+        with lora_applied(model, state, int(plan["eval-rank"]), float(plan["eval-alpha"]),
+                          config.target_module_list) if state else nullcontext(model) as evaluated:
+            scores = score(evaluated, tokenizer, held_out, label_words(plan),
+                           batch_size=config.eval_batch_size, max_length=config.max_length,
+                           device=device, max_new_tokens=config.eval_max_new_tokens)
+    content = RecordDict({
+        "metrics": MetricRecord(scores.to_record()),
+        "client": ConfigRecord({"client-id": client_identity(context)}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def label_words(plan) -> list[str] | None:
+    """The run's label set, as the server sends it (none for prompt/response data)."""
+    words = json.loads(str(plan.get("label-words", "null")))
+    return words if words else None
+
+
+def local_data(plan, config: RunConfig, context: Context):
+    """(train, held out) examples of this node: its node-config ``data-file``, else its
+    file of ``--client-data``, else its partition of ``--dataset``."""
+    partition_id = int(context.node_config["partition-id"])
+    data_file = context.node_config.get("data-file")
+    if not data_file and config.client_data:
+        data_file = config.client_data_list[partition_id]
+    return client_data(config, str(data_file) if data_file else None, partition_id,
+                       int(context.node_config["num-partitions"]), label_words(plan))
+
+
+def client_identity(context: Context) -> str:
+    """The node-config ``client-id``, else the partition id."""
+    return str(context.node_config.get("client-id", context.node_config["partition-id"]))
 
 
 def encode_with_feedback(context: Context, update: dict, codec: Codec, server_round: int,

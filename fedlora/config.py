@@ -37,6 +37,9 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {
     "density_decay_every": (1, 1_000_000, True),
     "server_lr": (0.0, 10.0, False),
     "eval_batch_size": (1, 65_536, True),
+    "eval_every": (1, 100_000, True),
+    "eval_max_new_tokens": (1, 4096, True),
+    "client_eval_fraction": (0.0, 0.9, False),
     "seed": (0, 2**31 - 1, True),
     "client_cpus": (1, 1024, True),
     "round_timeout": (0.0, 1e7, False),
@@ -56,6 +59,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "fedsb_weighting": ("examples", "uniform"),
     "server_optimizer": ("avg", "adam"),
     "dp": ("off", "user", "sample"),
+    "evaluation": ("auto", "central", "federated", "both"),
 }
 
 
@@ -74,7 +78,24 @@ class RunConfig:
     )
     dataset: str = field(
         default="rotten-tomatoes",
-        metadata={"help": "rotten-tomatoes, imdb, or a .jsonl / .csv file"},
+        metadata={"help": "rotten-tomatoes, imdb, or a .jsonl / .csv / .parquet file or a "
+                          "datasets.save_to_disk folder, partitioned over the clients"},
+    )
+    client_data: str = field(
+        default="",
+        metadata={"help": "simulation: one data file per client (a.jsonl,b.csv,...): client i "
+                          "trains on file i instead of a partition of --dataset; sets --num-clients"},
+    )
+    eval_dataset: str = field(
+        default="", metadata={"help": "a data file the server evaluates on (central evaluation)"}
+    )
+    labels: str = field(
+        default="",
+        metadata={"help": "the label words, comma-separated (default: those of the server's "
+                          "evaluation data)"},
+    )
+    label_names: str = field(
+        default="", metadata={"help": "words for raw labels, e.g. 0=negative,1=positive"}
     )
     text_column: str = field(default="text", metadata={"help": "input text column of a user file"})
     label_column: str = field(default="label", metadata={"help": "label column of a user file"})
@@ -179,10 +200,28 @@ class RunConfig:
         default=False,
         metadata={"help": "log each round's aggregation_error against sum_k p_k DeltaW_k"},
     )
+    evaluation: str = field(
+        default="auto",
+        metadata={"help": "central (the server's data), federated (each client's held-out "
+                          "slice), both, or auto: federated with --client-data and no "
+                          "--eval-dataset, else central"},
+    )
+    client_eval_fraction: float = field(
+        default=0.1,
+        metadata={"help": "federated evaluation: seeded fraction of each client's data held "
+                          "out (never trained on)"},
+    )
+    eval_every: int = field(
+        default=1, metadata={"help": "evaluate every K rounds (and always round 0 and the last)"}
+    )
     eval_size: int = field(
-        default=200, metadata={"help": "held-out examples for central evaluation"}
+        default=200, metadata={"help": "held-out examples of --dataset for central evaluation"}
     )
     eval_batch_size: int = field(default=32, metadata={"help": "batch size of evaluation"})
+    eval_max_new_tokens: int = field(
+        default=64,
+        metadata={"help": "prompt/response data: tokens greedy decoding may generate for exact match"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of data split, init and training"})
     round_timeout: float = field(
         default=3600.0, metadata={"help": "seconds to wait for client replies in a round"}
@@ -221,6 +260,8 @@ class RunConfig:
                     f"unknown config key '{key}'; valid keys: {', '.join(cls.keys())}"
                 )
             kwargs[name] = _convert(key, value, type(fields[name].default))
+        if kwargs.get("client_data") and "num_clients" not in kwargs:  # one client per file
+            kwargs["num_clients"] = len(_items(kwargs["client_data"]))
         config = cls(**kwargs)
         config.validate()
         return config
@@ -257,6 +298,16 @@ class RunConfig:
                 raise FedLoraError(
                     f"unknown {name} '{value}'; valid choices: {', '.join(choices)}"
                 )
+        if self.client_data and len(self.client_data_list) != self.num_clients:
+            raise FedLoraError(
+                f"--client-data names {len(self.client_data_list)} files but --num-clients is "
+                f"{self.num_clients}: one client per file (drop --num-clients)"
+            )
+        if self.evaluation_mode in ("central", "both") and self.client_data and not self.eval_dataset:
+            raise FedLoraError(
+                f"--evaluation {self.evaluation} evaluates at the server, which holds no data "
+                "with --client-data: give --eval-dataset FILE or --evaluation federated"
+            )
         if self.min_clients > self.num_clients:
             raise FedLoraError(
                 f"--min-clients {self.min_clients} exceeds --num-clients {self.num_clients}"
@@ -274,11 +325,15 @@ class RunConfig:
         if bool(self.prompt_column) != bool(self.response_column):
             raise FedLoraError("--prompt-column and --response-column go together; give both")
         # Model and dataset names are checked where they are resolved, against their registries.
-        from fedlora.data import check_dataset_name
+        from fedlora.data import check_data_file, check_dataset_name, declared_label_words
         from fedlora.models import check_model_name
 
         check_model_name(self.model)
-        check_dataset_name(self.dataset)
+        if not self.client_data:  # clients read their own files: their errors are theirs
+            check_dataset_name(self.dataset)
+        if self.eval_dataset:
+            check_data_file(self.eval_dataset, "--eval-dataset")
+        declared_label_words(self)  # raises on a malformed --labels / --label-names
 
     @property
     def rank_list(self) -> list[int]:
@@ -296,7 +351,24 @@ class RunConfig:
     @property
     def target_module_list(self) -> list[str]:
         """``target_modules`` split at commas."""
-        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        return _items(self.target_modules)
+
+    @property
+    def client_data_list(self) -> list[str]:
+        """``client_data`` split at commas: client i's file is the i-th."""
+        return _items(self.client_data)
+
+    @property
+    def evaluation_mode(self) -> str:
+        """``evaluation`` with ``auto`` resolved: federated when the clients bring their
+        own data and the server has none, else central."""
+        if self.evaluation != "auto":
+            return self.evaluation
+        return "federated" if self.client_data and not self.eval_dataset else "central"
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _convert(key: str, value: Any, kind: type) -> Any:

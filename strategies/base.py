@@ -24,6 +24,7 @@ from fedlora.adapters import check_adapter_state, fresh_lora_state, target_linea
 from fedlora.aggregate import State, aggregation_error, delta_weights, example_weights
 from fedlora.codec import Codec, decode_payload, encode_payload
 from fedlora.errors import FedLoraError
+from fedlora.evaluate import Scores
 from fedlora.privacy import Privacy, PrivacyAccountant, private_mean
 
 log = logging.getLogger("fedlora")
@@ -110,20 +111,14 @@ class LoraStrategy(FedAvg):
         weighted_by_key: str = "num-examples",
         privacy: Privacy | None = None,
     ) -> None:
-        flower_log = logging.getLogger("flwr")
-        level = flower_log.level
-        flower_log.setLevel(logging.ERROR)  # FedAvg warns that evaluation is off: by design here
-        try:
-            super().__init__(
-                fraction_train=fraction_train,
-                fraction_evaluate=0.0,  # evaluation is central, on the server's held-out split
-                min_train_nodes=min_train_nodes,
-                min_evaluate_nodes=0,
-                min_available_nodes=min_available_nodes,
-                weighted_by_key=weighted_by_key,
-            )
-        finally:
-            flower_log.setLevel(level)
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=1.0,  # federated evaluation asks every client
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=1,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
+        )
         self.rank, self.alpha, self.seed = rank, alpha, seed
         self.target_modules = tuple(target_modules)
         self.check_exactness = check_exactness
@@ -360,9 +355,7 @@ class LoraStrategy(FedAvg):
 
     def check_reply(self, reply: Message, expected_shapes) -> dict[str, torch.Tensor]:
         """The reply's decoded tensors, or FedLoraError saying why the reply is unusable."""
-        if reply.has_error():  # the reason's last line says what happened; above: a traceback
-            lines = str(reply.error.reason).strip().splitlines() or ["no reason given"]
-            raise FedLoraError(f"the client failed: {lines[-1][:300]}")
+        check_no_error(reply)
         content = reply.content
         if not isinstance(content.get("arrays"), ArrayRecord):
             raise FedLoraError("the reply has no ArrayRecord 'arrays'")
@@ -396,6 +389,50 @@ class LoraStrategy(FedAvg):
     def expected_shapes(self, metrics: MetricRecord) -> dict[str, tuple[int, ...]]:
         """Keys and shapes a client's reply must have: by default, those sent."""
         return self.sent_shapes
+
+    # ---- federated evaluation ---------------------------------------------------------
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Send every connected client the global adapter as a PEFT LoRA (the form any
+        client can attach), to evaluate on its held-out slice."""
+        state, rank, alpha = self.peft_adapter(arrays) if arrays else ({}, 0, 0.0)
+        plan = ConfigRecord({**self.plan(config, server_round, task="evaluate"),
+                             "eval-rank": int(rank), "eval-alpha": float(alpha)})
+        sample_nodes(grid, self.min_available_nodes, 0)  # waits for the federation to connect
+        content = RecordDict({
+            "config": plan,
+            "arrays": ArrayRecord({k: Array(v.float().numpy()) for k, v in state.items()}),
+        })
+        return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node)
+                for node in sorted(grid.get_node_ids())]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
+                           num_labels: int = 0) -> MetricRecord | None:
+        """Pool the clients' counts (bad replies are logged and left out): ``fed_eval_*``
+        metrics of the pooled held-out data, ``fed_eval_accuracy_min`` (or
+        ``..._exact_match_min``) of the worst client and ``fed_eval_clients``; None when
+        no reply is usable."""
+        reports = []
+        for reply in replies:
+            try:
+                check_no_error(reply)
+                metrics = reply.content.get("metrics")
+                if not isinstance(metrics, MetricRecord):
+                    raise FedLoraError("the reply has no MetricRecord 'metrics'")
+                reports.append(Scores.from_record(metrics, num_labels))
+            except FedLoraError as err:
+                log.warning("round %d evaluation: left out node %d: %s", server_round,
+                            reply.metadata.src_node_id, err)
+        if not reports:
+            return None
+        pooled = sum(reports[1:], reports[0])
+        metrics = pooled.metrics("fed_eval_")
+        for key in ("accuracy", "exact_match"):
+            if f"fed_eval_{key}" in metrics:
+                metrics[f"fed_eval_{key}_min"] = min(r.metrics("")[key] for r in reports)
+        return MetricRecord({**metrics, "fed_eval_clients": len(reports)})
 
     # ---- checkpoints ----------------------------------------------------------------
 
@@ -440,6 +477,13 @@ class LoraStrategy(FedAvg):
     def peft_adapter(self, arrays: ArrayRecord) -> tuple[State, int, float]:
         """The global adapter as a PEFT LoRA: (state with peft keys, rank, alpha)."""
         return self.complete(arrays.to_torch_state_dict()), self.rank, self.alpha
+
+
+def check_no_error(reply: Message) -> None:
+    """Raise FedLoraError with the client's reason if the reply is an error."""
+    if reply.has_error():  # the reason's last line says what happened; above: a traceback
+        lines = str(reply.error.reason).strip().splitlines() or ["no reason given"]
+        raise FedLoraError(f"the client failed: {lines[-1][:300]}")
 
 
 def client_identity(reply: Message) -> str:

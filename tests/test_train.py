@@ -5,7 +5,8 @@ import torch
 from fedlora.adapters import attach_lora
 from fedlora.data import Example
 from fedlora.models import load_model
-from fedlora.train import evaluate, make_batch, train_local
+from fedlora.evaluate import evaluate
+from fedlora.train import make_batch, train_local
 
 CPU = torch.device("cpu")
 LABELS = ["negative", "positive"]
@@ -25,14 +26,16 @@ def examples(n):
 def test_batches_are_left_padded_with_labels_only_on_answers(tiny_model_dir):
     _, tokenizer = load_model(str(tiny_model_dir), CPU)
     batch = make_batch([Example("a b c", " good"), Example("a", " bad awful")], tokenizer, 64)
-    assert batch.input_ids.shape == (2, 4)
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
-    assert batch.position_ids[1].tolist() == [0, 0, 1, 2]
+    assert batch.input_ids.shape == (2, 5)  # answers end with end-of-sequence
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
+    assert batch.position_ids[1].tolist() == [0, 0, 1, 2, 3]
     ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
-    assert batch.labels.tolist() == [[-100, -100, -100, *ids(" good")], [-100, -100, *ids(" bad awful")]]
-    assert batch.keep == 3
+    eos = tokenizer.eos_token_id
+    assert batch.labels.tolist() == [[-100, -100, -100, *ids(" good"), eos],
+                                     [-100, -100, *ids(" bad awful"), eos]]
+    assert batch.keep == 4
     cut = make_batch([Example("a b c d e f g h i j", " good")], tokenizer, 8)
-    assert cut.input_ids.shape[1] == 8 and cut.input_ids[0, -1] == tokenizer(" good").input_ids[-1]
+    assert cut.input_ids.shape[1] == 8 and cut.input_ids[0, -2] == tokenizer(" good").input_ids[-1]
 
 
 def test_local_training_learns_a_learnable_task(tiny_model_dir):
@@ -48,7 +51,8 @@ def test_local_training_learns_a_learnable_task(tiny_model_dir):
     # the label choice, though, becomes right for every example.
     assert after["eval_loss"] < before["eval_loss"] - 0.4
     assert before["eval_accuracy"] == 0.5 and after["eval_accuracy"] == 1.0
-    assert set(before) == {"eval_loss", "eval_accuracy"}
+    assert after["eval_macro_f1"] == 1.0 and after["eval_majority_accuracy"] == 0.5
+    assert set(before) == {"eval_loss", "eval_accuracy", "eval_macro_f1", "eval_majority_accuracy"}
 
 
 def test_label_scores_are_compared_in_fp32_on_a_bf16_model(tiny_model_dir):

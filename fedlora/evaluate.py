@@ -1,0 +1,277 @@
+"""Evaluation: label scores by whole-sequence log-likelihood, greedy generation, and the
+counts every metric is computed from.
+
+A classification example is scored as multiple-choice evaluation harnesses do: each
+label's whole token sequence after the prompt gets its log-likelihood, and the most
+likely label is the model's answer. Labels may thus have several tokens, share their
+first ones, and number in the dozens. The prompt runs once; each label continues it from
+the KV cache.
+
+Every answer, label word or response, ends with the end-of-sequence token (as in
+training): a label that is a prefix of another ("good", "good fun") is then a complete
+answer of its own, not a sure part of the longer one.
+
+Every metric comes from :class:`Scores`, counts that add up across batches and across
+clients: federated evaluation sums the clients' counts, so its loss, accuracy and
+macro-F1 are those of the pooled held-out data, computed exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+
+from fedlora.data import Example
+from fedlora.errors import FedLoraError
+from fedlora.train import answer_ids, answer_logits, forward_logits, make_batch
+
+# GSM8K-style solutions end in "#### 42"; a generation without it answers with its last number.
+FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+@dataclass
+class Scores:
+    """Counts of one evaluation; ``+`` pools two of them.
+
+    ``label_counts[c]``, ``predicted_counts[c]`` and ``correct_counts[c]``: examples of
+    label c, examples predicted as c, and both (classification only). ``numeric_examples``:
+    responses that end in a numeric answer (``#### 42``), ``numeric_matches`` of them
+    answered with that number.
+    """
+
+    examples: int = 0
+    loss_sum: float = 0.0  # cross-entropy summed over the true answers' tokens
+    tokens: int = 0
+    label_counts: list[int] = field(default_factory=list)
+    predicted_counts: list[int] = field(default_factory=list)
+    correct_counts: list[int] = field(default_factory=list)
+    generated: int = 0  # examples decoded (prompt/response data)
+    exact_matches: int = 0
+    numeric_examples: int = 0
+    numeric_matches: int = 0
+
+    def __add__(self, other: Scores) -> Scores:
+        def add(a, b):
+            if isinstance(a, list):
+                return [x + y for x, y in zip(a, b, strict=True)] if a and b else a or b
+            return a + b
+
+        return Scores(**{f.name: add(getattr(self, f.name), getattr(other, f.name))
+                         for f in fields(self)})
+
+    def metrics(self, prefix: str = "eval_") -> dict[str, float]:
+        """Loss per answer token; with labels accuracy, macro-F1 and the accuracy of always
+        answering the most common label; with generation exact match (and numeric match)."""
+        metrics = {"loss": self.loss_sum / self.tokens if self.tokens else math.nan}
+        if self.label_counts:
+            metrics["accuracy"] = sum(self.correct_counts) / self.examples
+            metrics["macro_f1"] = macro_f1(self.label_counts, self.predicted_counts,
+                                           self.correct_counts)
+            metrics["majority_accuracy"] = max(self.label_counts) / self.examples
+        if self.generated:
+            metrics["exact_match"] = self.exact_matches / self.generated
+        if self.numeric_examples:
+            metrics["numeric_match"] = self.numeric_matches / self.numeric_examples
+        return {prefix + k: v for k, v in metrics.items()}
+
+    def to_record(self) -> dict:
+        """The counts as MetricRecord values (dashed keys)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) != []}
+
+    @classmethod
+    def from_record(cls, record, num_labels: int) -> Scores:
+        """Counts from a client's MetricRecord, or FedLoraError saying why they are unusable
+        (a hostile or broken client must not skew the pooled figures)."""
+        values = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            value = record.get(key, [] if f.name.endswith("counts") else 0)
+            if f.name == "loss_sum":
+                ok = isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+            elif f.name.endswith("counts"):
+                ok = isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value)
+            else:
+                ok = isinstance(value, int) and value >= 0
+            if not ok:
+                raise FedLoraError(f"evaluation count '{key}' is unusable: {value!r}")
+            values[f.name] = value
+        scores = cls(**values)
+        scores.check(num_labels)
+        return scores
+
+    def check(self, num_labels: int) -> None:
+        """Raise FedLoraError unless the counts are consistent with each other."""
+        if self.examples < 1 or self.tokens < 1:
+            raise FedLoraError("the evaluation covers no examples")
+        counts = (self.label_counts, self.predicted_counts, self.correct_counts)
+        if num_labels:
+            if any(len(c) != num_labels for c in counts):
+                raise FedLoraError(f"label counts must have {num_labels} entries, one per label")
+            if sum(self.label_counts) != self.examples or sum(self.predicted_counts) != self.examples:
+                raise FedLoraError("label counts do not add up to the examples evaluated")
+            if any(c > min(t, p) for t, p, c in zip(*counts)):
+                raise FedLoraError("a label has more correct answers than examples or predictions")
+        elif any(counts):
+            raise FedLoraError("label counts sent for a task without labels")
+        if not (self.exact_matches <= self.generated <= self.examples
+                and self.numeric_matches <= self.numeric_examples <= self.generated):
+            raise FedLoraError("generation counts exceed the examples evaluated")
+
+
+def macro_f1(label_counts: list[int], predicted_counts: list[int],
+             correct_counts: list[int]) -> float:
+    """Mean F1 over the labels that occur in the truth or the predictions (as
+    scikit-learn's ``f1_score(average="macro")``); F1 = 2 correct / (true + predicted)."""
+    scores = [2 * c / (t + p) for t, p, c in zip(label_counts, predicted_counts, correct_counts)
+              if t + p]
+    return sum(scores) / len(scores)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, whitespace runs collapsed: what exact match compares."""
+    return " ".join(text.split()).lower()
+
+
+def final_number(text: str, marked_only: bool = False) -> str | None:
+    """The numeric answer of a text: after ``####`` if present, else (unless
+    ``marked_only``) its last number; commas and a trailing ".0" dropped."""
+    marked = FINAL_ANSWER.findall(text)
+    found = marked or ([] if marked_only else NUMBER.findall(text))
+    if not found:
+        return None
+    number = found[-1].replace(",", "")
+    if "." in number:
+        number = number.rstrip("0").rstrip(".")
+    return number or "0"
+
+
+@torch.no_grad()
+def score(
+    model,
+    tokenizer,
+    examples: list[Example],
+    label_words: list[str] | None,
+    *,
+    batch_size: int,
+    max_length: int,
+    device: torch.device,
+    max_new_tokens: int = 0,
+) -> Scores:
+    """The counts of ``examples``: labels scored by log-likelihood, or answer loss and,
+    with ``max_new_tokens``, greedy generations matched against the responses. Logits
+    are computed in fp32 whatever the model's dtype."""
+    model.eval()
+    total = Scores()
+    for begin in range(0, len(examples), batch_size):
+        chunk = examples[begin : begin + batch_size]
+        if label_words:
+            total += _score_labels(model, tokenizer, chunk, label_words, max_length, device)
+            continue
+        batch = make_batch(chunk, tokenizer, max_length).to(device)
+        logits, targets = answer_logits(model, batch, fp32_head=True)
+        mask = targets != -100
+        total += Scores(examples=len(chunk), tokens=int(mask.sum()),
+                        loss_sum=F.cross_entropy(logits[mask], targets[mask], reduction="sum").item())
+        if max_new_tokens:
+            total += _score_generations(model, tokenizer, chunk, max_length, max_new_tokens, device)
+    return total
+
+
+def evaluate(model, tokenizer, examples, label_words, **kwargs) -> dict[str, float]:
+    """:func:`score`'s metrics (``eval_loss``, ``eval_accuracy``, ...)."""
+    return score(model, tokenizer, examples, label_words, **kwargs).metrics()
+
+
+def label_log_likelihoods(model, tokenizer, prompts: list[str], label_words: list[str],
+                          max_length: int, device: torch.device) -> torch.Tensor:
+    """log p(" word" end-of-sequence | prompt), summed over the answer's tokens: shape
+    (prompts, labels).
+
+    Prompts are cut from the left to leave room for the longest label, then run once;
+    each label's tokens continue from the KV cache, which is rewound after each label.
+    """
+    label_ids = [answer_ids(tokenizer, " " + w) for w in label_words]
+    if len(set(map(tuple, label_ids))) < len(label_ids):
+        raise FedLoraError(f"label words {label_words} tokenize alike; they cannot be told apart")
+    room = max(1, max_length - max(map(len, label_ids)))
+    prompt_ids = [ids[-room:] for ids in tokenizer(prompts, add_special_tokens=True).input_ids]
+    width = max(map(len, prompt_ids))
+    input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, ids in enumerate(prompt_ids):
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        mask[i, width - len(ids):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = forward_logits(model, True, input_ids=input_ids, attention_mask=mask,
+                         position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1].log_softmax(dim=-1)  # predicts every label's first token
+    # transformers 5 calls the KV cache ``cache``, 4.x ``past_key_values``
+    name = "cache" if "cache" in out.keys() else "past_key_values"
+    cache = out[name]
+    scores = torch.empty((len(prompts), len(label_words)), device=device)
+    for j, ids in enumerate(label_ids):
+        scores[:, j] = first[:, ids[0]]
+        if len(ids) == 1:
+            continue
+        rest = torch.tensor(ids[:-1], device=device).expand(len(prompts), -1)
+        out = forward_logits(
+            model, True, input_ids=rest, **{name: cache}, use_cache=True,
+            attention_mask=torch.cat([mask, torch.ones_like(rest)], dim=1),
+            position_ids=positions[:, -1:] + 1 + torch.arange(len(ids) - 1, device=device),
+        )
+        following = torch.tensor(ids[1:], device=device)
+        scores[:, j] += out.logits.log_softmax(dim=-1)[:, torch.arange(len(ids) - 1), following].sum(dim=1)
+        _rewind(cache, width)
+    return scores
+
+
+def _rewind(cache, length: int) -> None:
+    """Cut a KV cache back to ``length`` positions (a negative crop removes that many
+    tokens, in transformers 4.x and 5 alike)."""
+    cache.crop(length - cache.get_seq_length())
+
+
+def _score_labels(model, tokenizer, chunk, label_words, max_length, device) -> Scores:
+    scores = label_log_likelihoods(model, tokenizer, [e.prompt for e in chunk], label_words,
+                                   max_length, device)
+    truth = torch.tensor([e.label for e in chunk], device=device)
+    predicted = scores.argmax(dim=1)
+    lengths = [len(answer_ids(tokenizer, " " + w)) for w in label_words]
+    n = len(label_words)
+    return Scores(
+        examples=len(chunk),
+        loss_sum=-scores[torch.arange(len(chunk)), truth].sum().item(),
+        tokens=sum(lengths[e.label] for e in chunk),
+        label_counts=torch.bincount(truth, minlength=n).tolist(),
+        predicted_counts=torch.bincount(predicted, minlength=n).tolist(),
+        correct_counts=torch.bincount(truth[predicted == truth], minlength=n).tolist(),
+    )
+
+
+def _score_generations(model, tokenizer, chunk, max_length, max_new_tokens, device) -> Scores:
+    """Greedy decoding of each prompt (batched, left-padded, with the KV cache)."""
+    from transformers import GenerationConfig
+
+    prompts = [Example(e.prompt, "") for e in chunk]
+    batch = make_batch(prompts, tokenizer, max_length).to(device)
+    settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
+    output = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            generation_config=settings)
+    texts = tokenizer.batch_decode(output[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    scores = Scores(generated=len(chunk))
+    for example, text in zip(chunk, texts):
+        scores.exact_matches += normalize_answer(text) == normalize_answer(example.answer)
+        expected = final_number(example.answer, marked_only=True)
+        if expected is not None:
+            scores.numeric_examples += 1
+            scores.numeric_matches += final_number(text) == expected
+    return scores
