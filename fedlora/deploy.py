@@ -56,10 +56,13 @@ class Federation:
     tls: bool = False
     ranks: tuple[int, ...] = ()  # node-config rank of each SuperNode, cycled
     devices: tuple[str, ...] = ()  # node-config device of each SuperNode, cycled
+    data_files: tuple[str, ...] = ()  # node-config data-file of each SuperNode
 
     def node_config(self, partition_id: int) -> str:
         """The ``--node-config`` of SuperNode ``partition_id`` (strings quoted, as TOML)."""
         items = [f"partition-id={partition_id}", f"num-partitions={self.clients}"]
+        if self.data_files:
+            items.append(f"data-file={json.dumps(self.data_files[partition_id])}")
         if self.ranks:
             items.append(f"rank={self.ranks[partition_id % len(self.ranks)]}")
         if self.devices:
@@ -115,7 +118,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[RunConfig], Federati
             )
         args["num_clients"] = clients
     configs = configs_from_args(args)
-    return configs, Federation(configs[0].num_clients, tls, ranks, devices)
+    # Each SuperNode reads its own file (node-config data-file), as on a client's machine;
+    # the run config keeps the list only so that the server knows it holds no data.
+    files = tuple(str(Path(f).resolve()) for f in configs[0].client_data_list)
+    for path in files:
+        if '"' in path:
+            raise FedLoraError(f"--client-data: '{path}' has a double quote, which "
+                               "flower-supernode's --node-config cannot carry; rename it")
+    return configs, Federation(configs[0].num_clients, tls, ranks, devices, files)
 
 
 def _ranks(text: str) -> tuple[int, ...]:

@@ -99,6 +99,10 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             replies = exchange(grid, messages, config.round_timeout, f"evaluation {server_round}")
             pooled = strategy.aggregate_evaluate(server_round, replies, len(label_words or []))
             metrics.update(dict(pooled or {}))
+            metrics["fed_eval_by_client"] = {
+                client: {"examples": scores.examples, **scores.metrics("")}
+                for client, scores in strategy.evaluated_clients.items()
+            }
             metrics.update(fed_eval_seconds=time.perf_counter() - begin,
                            eval_bytes_up=traffic(replies), eval_bytes_down=traffic(messages))
         return metrics

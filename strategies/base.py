@@ -132,6 +132,7 @@ class LoraStrategy(FedAvg):
         self.kept_batches: list[dict[str, torch.Tensor]] = []
         self.node_batches: dict[int, int] = {}  # node id -> batches it holds
         self.aggregated_rounds: dict[int, int] = {}  # node id -> last round its reply counted
+        self.evaluated_clients: dict[str, Scores] = {}  # client-id -> counts, last evaluation
         self.privacy = privacy
         self.accountant = PrivacyAccountant(privacy.delta) if privacy else None
         self.noise_generator = torch.Generator().manual_seed(privacy.seed("server-noise") if privacy else 0)
@@ -413,18 +414,23 @@ class LoraStrategy(FedAvg):
         """Pool the clients' counts (bad replies are logged and left out): ``fed_eval_*``
         metrics of the pooled held-out data, ``fed_eval_accuracy_min`` (or
         ``..._exact_match_min``) of the worst client and ``fed_eval_clients``; None when
-        no reply is usable."""
-        reports = []
+        no reply is usable. Each client's counts stay in ``evaluated_clients``, by
+        client-id."""
+        self.evaluated_clients = {}
         for reply in replies:
             try:
                 check_no_error(reply)
                 metrics = reply.content.get("metrics")
                 if not isinstance(metrics, MetricRecord):
                     raise FedLoraError("the reply has no MetricRecord 'metrics'")
-                reports.append(Scores.from_record(metrics, num_labels))
+                client = client_identity(reply)
+                if client in self.evaluated_clients:
+                    raise FedLoraError(f"a second reply names itself client '{client}'")
+                self.evaluated_clients[client] = Scores.from_record(metrics, num_labels)
             except FedLoraError as err:
                 log.warning("round %d evaluation: left out node %d: %s", server_round,
                             reply.metadata.src_node_id, err)
+        reports = list(self.evaluated_clients.values())
         if not reports:
             return None
         pooled = sum(reports[1:], reports[0])
