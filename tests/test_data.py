@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from fedlora.config import RunConfig
-from fedlora.data import MOVIE_LABEL_WORDS, client_examples, load_task, partition_indices
+from fedlora.data import (
+    MOVIE_LABEL_WORDS,
+    client_data,
+    client_examples,
+    declared_label_words,
+    load_task,
+    partition_indices,
+    server_data,
+)
 from fedlora.errors import FedLoraError
 
 
@@ -96,3 +104,64 @@ def test_user_file_errors(tmp_path):
         load_task(RunConfig.from_dict({"dataset": str(path), "text-column": "review", "eval-size": 1}))
     with pytest.raises(FedLoraError, match="--eval-size 2 leaves no training data"):
         load_task(RunConfig.from_dict({"dataset": str(path), "eval-size": 2}))
+
+
+def test_every_file_kind_reads_alike(tmp_path):
+    import datasets
+    import pandas as pd
+
+    frame = pd.DataFrame({"text": [f"note {i}" for i in range(12)],
+                          "label": ["cardiology" if i % 3 else "oncology" for i in range(12)]})
+    frame.to_csv(tmp_path / "a.csv", index=False)
+    frame.to_json(tmp_path / "a.jsonl", orient="records", lines=True)
+    frame.to_parquet(tmp_path / "a.parquet")
+    datasets.Dataset.from_pandas(frame).save_to_disk(str(tmp_path / "saved"))
+    config = RunConfig.from_dict({"evaluation": "federated", "client-eval-fraction": 0.25})
+    results = []
+    for name in ("a.csv", "a.jsonl", "a.parquet", "saved"):
+        train, held = client_data(config, str(tmp_path / name), 0, 1, ["cardiology", "oncology"])
+        assert (len(train), len(held)) == (9, 3)
+        results.append((train, held))
+    assert all(r == results[0] for r in results)
+    assert all(e.answer in (" cardiology", " oncology") for e in results[0][0])
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_pandas(frame),
+                                   "test": datasets.Dataset.from_pandas(frame)})
+    splits.save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(FedLoraError, match="holds the splits train, test; save one split"):
+        client_data(config, str(tmp_path / "splits"), 0, 1, None)
+
+
+def test_a_bad_client_file_says_which_file_and_which_value(tmp_path):
+    config = RunConfig.from_dict({"labels": "negative,positive"})
+    words = ["negative", "positive"]
+    good = tmp_path / "good.csv"
+    good.write_text("text,label\nfine,positive\nbad,negative\nmeh,neutral\n")
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 not really parquet")
+    cases = {
+        str(tmp_path / "missing.jsonl"): f"data-file: data file not found: {tmp_path}/missing.jsonl",
+        str(corrupt): f"cannot read {corrupt}: ",
+        str(tmp_path / "notes.txt"): f"data-file {tmp_path}/notes.txt: not a .jsonl, .csv or .parquet file",
+        str(good): f"{good}: label 'neutral' (row 3) is not in the run's label set: negative, positive",
+    }
+    for path, message in cases.items():
+        with pytest.raises(FedLoraError) as err:
+            client_data(config, path, 0, 1, words)
+        assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    other = RunConfig.from_dict({"text-column": "body"})
+    with pytest.raises(FedLoraError, match=f"{good} has no column 'body'; its columns: text, label"):
+        client_data(other, str(good), 0, 1, words)
+
+
+def test_label_names_map_raw_labels_and_declare_the_label_set(tmp_path):
+    path = tmp_path / "raw.csv"
+    path.write_text("text,label\n" + "".join(f"row {i},{i % 3}\n" for i in range(9)))
+    config = RunConfig.from_dict({"label-names": "2=high,0=low,1=mid", "client-data": str(path),
+                                  "evaluation": "federated"})
+    examples, held = client_data(config, str(path), 0, 1, declared_label_words(config))
+    assert declared_label_words(config) == ["high", "low", "mid"]  # in the order given
+    assert sorted({(e.answer, e.label) for e in examples + held}) == [
+        (" high", 0), (" low", 1), (" mid", 2)]
+    assert server_data(config) == (None, ["high", "low", "mid"])  # the server reads no file
+    with pytest.raises(FedLoraError, match="server holds none to read the label set from: give --labels"):
+        server_data(RunConfig.from_dict({"client-data": str(path)}))

@@ -26,10 +26,13 @@ from fedlora.config import RunConfig
 TINY = ["--model", "tiny-llama", "--local-steps", "2", "--batch-size", "4",
         "--eval-size", "16", "--max-length", "48"]
 FAST = [*TINY, "--strategy", "fedsb", "--fedsb-init", "random"]
-# The keys a simulation writes for every trained round (docs: README, Outputs).
-ROUND_KEYS = {"round", "strategy", "clients", "train_loss", "eval_loss", "eval_accuracy",
-              "bytes_up", "bytes_down", "cumulative_bytes_up", "cumulative_bytes_down",
-              "seconds", "eval_seconds", "client_train_seconds"}
+# The keys a simulation writes for every trained round (docs: README, Outputs), and those
+# of central or federated evaluation.
+ROUND_KEYS = {"round", "strategy", "clients", "train_loss", "bytes_up", "bytes_down",
+              "cumulative_bytes_up", "cumulative_bytes_down", "seconds", "client_train_seconds"}
+CENTRAL_KEYS = {"eval_loss", "eval_accuracy", "eval_macro_f1", "eval_seconds"}
+FEDERATED_KEYS = {"fed_eval_loss", "fed_eval_accuracy", "fed_eval_accuracy_min",
+                  "fed_eval_by_client", "fed_eval_seconds", "eval_bytes_up", "eval_bytes_down"}
 
 
 def running(process: psutil.Process) -> bool:
@@ -106,12 +109,12 @@ def _command(process: psutil.Process) -> list[str]:
         return []
 
 
-def check_outputs(run_dir: Path, rounds: int, clients: int) -> list[dict]:
+def check_outputs(run_dir: Path, rounds: int, clients: int, evaluation=CENTRAL_KEYS) -> list[dict]:
     """The output contract of a run folder, as a simulation writes it."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     assert [r["round"] for r in rows] == list(range(rounds + 1))
     for row in rows[1:]:
-        assert ROUND_KEYS <= set(row), ROUND_KEYS - set(row)
+        assert ROUND_KEYS | evaluation <= set(row), ROUND_KEYS | evaluation - set(row)
         assert row["clients"] == clients and row["bytes_up"] > 0 and row["bytes_down"] > 0
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     assert (run_dir / "report.png").is_file()
@@ -122,15 +125,28 @@ def check_outputs(run_dir: Path, rounds: int, clients: int) -> list[dict]:
     return rows
 
 
-def test_two_supernodes_run_two_rounds_over_tls_and_write_the_outputs(tmp_path):
-    # One deployment serves both: the output contract, and TLS (plain HTTP is what the
-    # killed-SuperNode test below runs).
-    code, output, left = run_deploy(tmp_path, "--clients", "2", "--rounds", "2", "--tls",
-                                    "--name", "tls", *FAST)
+def test_supernodes_with_their_own_files_and_a_server_without_data_over_tls(tmp_path):
+    # One deployment serves three checks: the output contract; a real federation (each
+    # SuperNode trains on and evaluates its own file, the server holds no data and
+    # evaluates through the clients); and TLS (plain HTTP is what the killed-SuperNode
+    # test below runs).
+    sizes = (30, 50)
+    files = []
+    for i, size in enumerate(sizes):
+        files.append(tmp_path / f"hospital-{i}.jsonl")
+        files[-1].write_text("".join(
+            json.dumps({"text": f"the film was {'good' if j % 2 else 'bad'} .",
+                        "label": ["negative", "positive"][j % 2]}) + "\n" for j in range(size)))
+    code, output, left = run_deploy(
+        tmp_path, "--client-data", ",".join(map(str, files)), "--labels", "negative,positive",
+        "--rounds", "2", "--tls", "--name", "tls", *FAST)
     assert code == 0, output[-3000:]
     assert left == []
     run_dir = tmp_path / "runs" / "tls"
-    check_outputs(run_dir, rounds=2, clients=2)
+    rows = check_outputs(run_dir, rounds=2, clients=2, evaluation=FEDERATED_KEYS)
+    assert not CENTRAL_KEYS & set(rows[-1])  # no data at the server, no central evaluation
+    # Each SuperNode held out a tenth of its own file: 3 of 30 and 5 of 50 examples.
+    assert sorted(c["examples"] for c in rows[-1]["fed_eval_by_client"].values()) == [3, 5]
     assert "train loss" in (run_dir / "logs" / "server.log").read_text()  # the streamed table
     assert "(TLS)" in output
     superlink_log = (run_dir / "logs" / "superlink.log").read_text()
