@@ -1,12 +1,16 @@
 """The Flower ClientApp: a generic executor of the plan the server sends.
 
-It knows adapter kinds (peft LoRA, LoRA-SB), not methods. A message carries:
+It knows adapter kinds (peft LoRA, LoRA-SB), not methods. Its data is the node-config
+``data-file``, else its file of ``--client-data``, else its partition of ``--dataset``;
+under federated evaluation a seeded slice of it is held out, never trained on.
+
+A train message carries:
 
 - ``config``: the plan: the run config, plus ``server-round``, ``task`` ("train" or
   "gradient"), ``adapter``, ``trainable`` (which adapter tensors to train and upload),
   ``upload`` ("delta": trained minus received, or "weights"), ``upload-codec``,
-  ``kept-batches`` and ``aggregated-round`` (the last round whose reply from this node the
-  server aggregated);
+  ``kept-batches``, ``aggregated-round`` (the last round whose reply from this node the
+  server aggregated) and ``label-words`` (the run's label set, JSON);
 - ``arrays`` and ``codec``: global adapter tensors to load (any subset of the adapter's),
   encoded by the codec the ``codec`` header names (fedlora.codec);
 - ``keep``: tensors to keep for the whole run, in numbered batches: ``<i>/frozen/<key>``
@@ -14,7 +18,9 @@ It knows adapter kinds (peft LoRA, LoRA-SB), not methods. A message carries:
   product is merged into the base weights, in batch order).
 
 Kept tensors live in Flower's per-node ``context.state``, which outlives a message even in
-deployment, where each message starts a fresh process.
+deployment, where each message starts a fresh process. An evaluate message carries the
+plan and the global adapter as a PEFT LoRA; the reply holds the evaluation counts
+(fedlora.evaluate.Scores) of the held-out slice.
 
 A reply carries, besides tensors and metrics, the ConfigRecord ``client`` with
 ``client-id``: the node-config value of that name, else the partition id. It is the

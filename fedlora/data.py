@@ -333,17 +333,19 @@ def server_data(config) -> tuple[list[Example] | None, list[str] | None]:
     The examples are all of ``--eval-dataset``, else the held-out split of ``--dataset``
     when the clients partition it. The label set is the declared one (``--labels``,
     ``--label-names``), else that of this data; with clients' own files and no server
-    data it must be declared.
+    data it must be declared. A declared label set and federated evaluation alone read
+    no data at all (a deployment's server may hold none).
     """
     words = declared_label_words(config)
+    central = config.evaluation_mode in ("central", "both")
     examples = None
     if config.eval_dataset:
         examples, words = read_examples(config.eval_dataset, config, words, "--eval-dataset")
-    elif not config.client_data:
-        task = load_task(config, words)
+    elif not config.client_data and (central or (words is None and not config.prompt_column)):
+        task = load_task(config, words)  # the clients partition it: a simulation's dataset
         examples, words = task.eval, task.label_words
     elif words is None and not config.prompt_column:
         raise FedLoraError("the clients bring their own data and the server holds none to "
                            "read the label set from: give --labels a,b,c (or --label-names, "
                            "or --eval-dataset FILE)")
-    return (examples if config.evaluation_mode in ("central", "both") else None), words
+    return (examples if central else None), words

@@ -72,27 +72,26 @@ def write_comparison(run_dirs: list[Path], folder: Path) -> str:
             for d in run_dirs}
     first = next(iter(runs.values()))
     quality, loss_name = quality_key(first), loss_key(first)
-    f1 = quality.replace("accuracy", "macro_f1") if "accuracy" in quality else None
+    labelled = "accuracy" in quality  # then macro-F1 and the majority-class line too
+    f1 = quality.replace("accuracy", "macro_f1")
     private = any("epsilon" in rows[-1] for rows in runs.values())
     lines = [
         f"| strategy | rounds | round-0 {quality} | final {quality} |"
-        + (f" final {f1} |" if f1 else "") + f" final {loss_name} "
+        + (f" final {f1} | majority class |" if labelled else "") + f" final {loss_name} "
         "| upload bytes | download bytes | seconds |" + (" epsilon (delta) |" if private else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if f1 else "") + ("---|" if private else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if labelled else "")
+        + ("---|" if private else ""),
     ]
     for name, rows in runs.items():
         last = rows[-1]
         lines.append(
             f"| {name} | {last['round']} | {rows[0][quality]:.3f} | {last[quality]:.3f} "
-            + (f"| {last[f1]:.3f} " if f1 else "")
+            + (f"| {last[f1]:.3f} | {chance(rows, quality):.3f} " if labelled else "")
             + f"| {last[loss_name]:.4f} | {last['cumulative_bytes_up']:,} "
             f"| {last['cumulative_bytes_down']:,} | {sum(r['seconds'] for r in rows):.0f} |"
             + (f" {last['epsilon']:.3g} ({last['delta']:.3g}) |" if "epsilon" in last
                else " no DP |" if private else "")
         )
-    line = chance(first, quality)
-    if line is not None:
-        lines.append(f"\nMajority-class accuracy of the evaluation data (chance line): {line:.3f}")
     table = "\n".join(lines)
     (folder / "comparison.md").write_text(table + "\n")
 
@@ -102,6 +101,7 @@ def write_comparison(run_dirs: list[Path], folder: Path) -> str:
         trained = [r for r in rows[1:] if r.get(quality) is not None]
         axis.plot([r["cumulative_bytes_up"] for r in trained], [r[quality] for r in trained],
                   marker="o", label=name)
+    line = chance(first, quality)
     if line is not None:
         axis.axhline(line, linestyle="--", color="grey", label=f"majority class {line:.3f}")
     axis.set_xscale("log")

@@ -1,6 +1,6 @@
 """What every fedlora strategy shares: Flower's FedAvg node sampling, the plan sent to
 clients, per-reply validation (one bad client is dropped, not the round), the tensors a
-client keeps for the whole run, and the exactness check.
+client keeps for the whole run, the exactness check and federated evaluation.
 
 A method is a subclass that sets what the client attaches and trains and overrides a few
 small steps: :meth:`initialize`, :meth:`aggregate_states`, and where needed
@@ -52,7 +52,9 @@ class LoraStrategy(FedAvg):
     - ``complete(state)``: the frozen tensors that make a state a whole adapter (default: none).
     - ``client_delta`` / ``round_delta``: DeltaW for ``check_exactness`` (default: s B A).
     - ``peft_adapter(arrays)``: the global adapter as a PEFT LoRA (default: the completed
-      state, r, alpha).
+      state, r, alpha): what central and federated evaluation score.
+    - ``configure_evaluate`` / ``aggregate_evaluate``: federated evaluation (default: every
+      client scores the PEFT adapter on its held-out slice; the server pools the counts).
 
     docs/custom-strategies.md walks through a strategy written outside this package.
 

@@ -64,9 +64,14 @@ def test_communication_follows_the_methods(comparison):
 
 
 def test_comparison_table_and_plot(comparison):
-    folder, _, stdout = comparison
+    folder, rows, stdout = comparison
     table = (folder / "comparison.md").read_text().splitlines()
     assert [line.split("|")[1].strip() for line in table[2:]] == STRATEGIES
+    headings = [h.strip() for h in table[0].split("|")]
+    for line, strategy in zip(table[2:], STRATEGIES):
+        cells = dict(zip(headings, (c.strip() for c in line.split("|"))))
+        assert cells["final eval_macro_f1"] == f"{rows[strategy][-1]['eval_macro_f1']:.3f}"
+        assert cells["majority class"] == f"{rows[strategy][-1]['eval_majority_accuracy']:.3f}"
     assert (folder / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert "| fedsb |" in stdout
 

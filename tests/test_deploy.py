@@ -139,11 +139,11 @@ def test_supernodes_with_their_own_files_and_a_server_without_data_over_tls(tmp_
                         "label": ["negative", "positive"][j % 2]}) + "\n" for j in range(size)))
     code, output, left = run_deploy(
         tmp_path, "--client-data", ",".join(map(str, files)), "--labels", "negative,positive",
-        "--rounds", "2", "--tls", "--name", "tls", *FAST)
+        "--rounds", "1", "--tls", "--name", "tls", *FAST)
     assert code == 0, output[-3000:]
     assert left == []
     run_dir = tmp_path / "runs" / "tls"
-    rows = check_outputs(run_dir, rounds=2, clients=2, evaluation=FEDERATED_KEYS)
+    rows = check_outputs(run_dir, rounds=1, clients=2, evaluation=FEDERATED_KEYS)
     assert not CENTRAL_KEYS & set(rows[-1])  # no data at the server, no central evaluation
     # Each SuperNode held out a tenth of its own file: 3 of 30 and 5 of 50 examples.
     assert sorted(c["examples"] for c in rows[-1]["fed_eval_by_client"].values()) == [3, 5]
