@@ -50,7 +50,7 @@ from fedlora.adapters import (
 )
 from fedlora.codec import Codec, decode_payload, encode_payload
 from fedlora.config import RunConfig
-from fedlora.data import client_data
+from fedlora.data import local_examples
 from fedlora.errors import FedLoraError
 from fedlora.models import borrowed_model, pick_device
 from fedlora.privacy import Privacy
@@ -128,7 +128,7 @@ def run_plan(msg: Message, context: Context, config: RunConfig, model, tokenizer
     client_id = client_identity(context)
     server_round = int(plan["server-round"])
     frozen, merges = keep_tensors(context, msg.content.get("keep"), int(plan["kept-batches"]))
-    examples, _ = local_data(plan, config, context)
+    examples, _ = node_examples(plan, config, context)
     if plan["task"] == "gradient":
         arrays = weight_gradients(
             model, tokenizer, examples[: int(plan["gradient-examples"])],
@@ -198,7 +198,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     plan = msg.content["config"]
     config = plan_to_config(plan)
     device = pick_device(str(context.node_config.get("device", config.device)))
-    _, held_out = local_data(plan, config, context)
+    _, held_out = node_examples(plan, config, context)
     if not held_out:
         raise FedLoraError("federated evaluation asked, but this client holds no examples out")
     state = {k: torch.from_numpy(a.numpy().copy()) for k, a in msg.content["arrays"].items()}
@@ -221,14 +221,14 @@ def label_words(plan) -> list[str] | None:
     return words if words else None
 
 
-def local_data(plan, config: RunConfig, context: Context):
+def node_examples(plan, config: RunConfig, context: Context):
     """(train, held out) examples of this node: its node-config ``data-file``, else its
     file of ``--client-data``, else its partition of ``--dataset``."""
     partition_id = int(context.node_config["partition-id"])
     data_file = context.node_config.get("data-file")
     if not data_file and config.client_data:
         data_file = config.client_data_list[partition_id]
-    return client_data(config, str(data_file) if data_file else None, partition_id,
+    return local_examples(config, str(data_file) if data_file else None, partition_id,
                        int(context.node_config["num-partitions"]), label_words(plan))
 
 

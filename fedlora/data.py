@@ -190,7 +190,7 @@ def hold_out(examples: list[Example], fraction: float, seed: int, source: str):
     return [examples[i] for i in order[held:]], [examples[i] for i in order[:held]]
 
 
-def client_data(config, data_file: str | None, partition_id: int, num_partitions: int,
+def local_examples(config, data_file: str | None, partition_id: int, num_partitions: int,
                 label_words: list[str] | None):
     """(train, held out) examples of one client: all of its own ``data_file``, or its
     partition of ``--dataset``; the held-out part is empty unless evaluation is federated."""

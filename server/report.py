@@ -18,45 +18,59 @@ QUALITY_KEYS = ("eval_accuracy", "fed_eval_accuracy", "eval_exact_match",
 
 def quality_key(rows: list[dict]) -> str:
     """The headline metric of a run: accuracy (central, else federated), else exact match,
-    else the evaluation loss. The last row is always evaluated."""
-    return next(k for k in QUALITY_KEYS if rows[-1].get(k) is not None)
+    else the evaluation loss."""
+    return next((k for k in QUALITY_KEYS if latest(rows, k) is not None), "eval_loss")
 
 
 def loss_key(rows: list[dict]) -> str:
-    return "eval_loss" if rows[-1].get("eval_loss") is not None else "fed_eval_loss"
+    return "eval_loss" if latest(rows, "eval_loss") is not None else "fed_eval_loss"
+
+
+def latest(rows: list[dict], key: str):
+    """The value of ``key`` in the last row that has it (rows skipped by --eval-every, or
+    a federated evaluation no client answered, have none), else None."""
+    return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
 
 
 def chance(rows: list[dict], quality: str) -> float | None:
     """The accuracy of always answering the evaluation data's most common label."""
-    return rows[-1].get(quality.replace("accuracy", "majority_accuracy")) if "accuracy" in quality else None
+    return latest(rows, quality.replace("accuracy", "majority_accuracy")) if "accuracy" in quality else None
 
 
 def plot_report(rows: list[dict], path: Path) -> None:
-    """Three panels: quality per round, losses per round, quality per upload byte; a
-    dashed line marks the majority-class accuracy."""
+    """Three panels: quality per round, losses per round, quality per upload byte; with
+    ``--evaluation both``, central and federated side by side; a dashed line marks the
+    majority-class accuracy."""
     quality, loss_name = quality_key(rows), loss_key(rows)
-    evaluated = [r for r in rows if r.get(quality) is not None]
+    shown = [quality]  # central, and federated when both ran
+    if not quality.startswith("fed_") and latest(rows, "fed_" + quality) is not None:
+        shown.append("fed_" + quality)
     figure, (acc, loss, comm) = plt.subplots(1, 3, figsize=(15, 4.2))
-    where = "federated" if quality.startswith("fed_") else "central"
-    acc.plot([r["round"] for r in evaluated], [r[quality] for r in evaluated], marker="o")
-    acc.set(xlabel="round", ylabel=quality.replace("_", " "), title=f"{where} evaluation")
-    line = chance(rows, quality)
-    for axis in (acc, comm) if line is not None else ():
-        axis.axhline(line, linestyle="--", color="grey", label=f"majority class {line:.3f}")
-        axis.legend()
-    loss.plot([r["round"] for r in evaluated], [r[loss_name] for r in evaluated], marker="o",
-              label=loss_name.replace("_", " "))
+    for key in shown:
+        evaluated = [r for r in rows if r.get(key) is not None]
+        label = ("federated " if key.startswith("fed_") else "central ") + "evaluation"
+        acc.plot([r["round"] for r in evaluated], [r[key] for r in evaluated], marker="o",
+                 label=label)
+        comm.plot([r["cumulative_bytes_up"] / 1e6 for r in evaluated],
+                  [r[key] for r in evaluated], marker="o", label=label)
+    for key in dict.fromkeys([loss_name, *(["fed_eval_loss"] if len(shown) > 1 else [])]):
+        evaluated = [r for r in rows if r.get(key) is not None]
+        loss.plot([r["round"] for r in evaluated], [r[key] for r in evaluated], marker="o",
+                  label=key.replace("_", " "))
     trained = [r for r in rows if r.get("train_loss") is not None]
     loss.plot([r["round"] for r in trained], [r["train_loss"] for r in trained],
               marker="s", label="train (client mean)")
+    line = chance(rows, quality)
+    whose = " (central data)" if len(shown) > 1 else ""
+    for axis in (acc, comm) if line is not None else ():
+        axis.axhline(line, linestyle="--", color="grey", label=f"majority class{whose} {line:.3f}")
+    ylabel = quality.removeprefix("fed_").replace("_", " ")
+    acc.set(xlabel="round", ylabel=ylabel, title="evaluation")
     loss.set(xlabel="round", ylabel="loss", title="loss")
-    loss.legend()
-    comm.plot([r["cumulative_bytes_up"] / 1e6 for r in evaluated],
-              [r[quality] for r in evaluated], marker="o")
-    comm.set(xlabel="cumulative upload (MB)", ylabel=quality.replace("_", " "),
-             title="quality per communication")
+    comm.set(xlabel="cumulative upload (MB)", ylabel=ylabel, title="quality per communication")
     for axis in (acc, loss, comm):
         axis.grid(alpha=0.3)
+        axis.legend()
     for axis in (acc, loss):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.suptitle(f"{rows[-1]['strategy']}: {len(rows) - 1} rounds")
@@ -82,12 +96,17 @@ def write_comparison(run_dirs: list[Path], folder: Path) -> str:
         "|---|---|---|---|---|---|---|---|" + ("---|---|" if labelled else "")
         + ("---|" if private else ""),
     ]
+    def cell(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     for name, rows in runs.items():
         last = rows[-1]
         lines.append(
-            f"| {name} | {last['round']} | {rows[0][quality]:.3f} | {last[quality]:.3f} "
-            + (f"| {last[f1]:.3f} | {chance(rows, quality):.3f} " if labelled else "")
-            + f"| {last[loss_name]:.4f} | {last['cumulative_bytes_up']:,} "
+            f"| {name} | {last['round']} | {cell(rows[0].get(quality), '.3f')} "
+            f"| {cell(latest(rows, quality), '.3f')} "
+            + (f"| {cell(latest(rows, f1), '.3f')} | {cell(chance(rows, quality), '.3f')} "
+               if labelled else "")
+            + f"| {cell(latest(rows, loss_name), '.4f')} | {last['cumulative_bytes_up']:,} "
             f"| {last['cumulative_bytes_down']:,} | {sum(r['seconds'] for r in rows):.0f} |"
             + (f" {last['epsilon']:.3g} ({last['delta']:.3g}) |" if "epsilon" in last
                else " no DP |" if private else "")

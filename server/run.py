@@ -94,17 +94,8 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                 ))
             metrics["eval_seconds"] = time.perf_counter() - begin
         if federated:
-            begin = time.perf_counter()
-            messages = strategy.configure_evaluate(server_round, arrays, plan, grid)
-            replies = exchange(grid, messages, config.round_timeout, f"evaluation {server_round}")
-            pooled = strategy.aggregate_evaluate(server_round, replies, len(label_words or []))
-            metrics.update(dict(pooled or {}))
-            metrics["fed_eval_by_client"] = {
-                client: {"examples": scores.examples, **scores.metrics("")}
-                for client, scores in strategy.evaluated_clients.items()
-            }
-            metrics.update(fed_eval_seconds=time.perf_counter() - begin,
-                           eval_bytes_up=traffic(replies), eval_bytes_down=traffic(messages))
+            metrics.update(federated_evaluation(grid, strategy, arrays, plan, server_round,
+                                                config.round_timeout, len(label_words or [])))
         return metrics
 
     @contextmanager
@@ -175,6 +166,21 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
 
     plot_report(metrics_log.rows, run_dir / "report.png")
     return run_dir
+
+
+def federated_evaluation(grid: Grid, strategy, arrays: ArrayRecord, plan: ConfigRecord,
+                         server_round: int, timeout: float, num_labels: int) -> dict:
+    """Every client scores the global adapter on its held-out slice: the pooled
+    ``fed_eval_*`` metrics, each client's, the seconds and the bytes it took."""
+    begin = time.perf_counter()
+    messages = strategy.configure_evaluate(server_round, arrays, plan, grid)
+    replies = exchange(grid, messages, timeout, f"evaluation {server_round}")
+    pooled = strategy.aggregate_evaluate(server_round, replies, num_labels)
+    by_client = {client: {"examples": scores.examples, **scores.metrics("")}
+                 for client, scores in strategy.evaluated_clients.items()}
+    return {**dict(pooled or {}), "fed_eval_by_client": by_client,
+            "fed_eval_seconds": time.perf_counter() - begin,
+            "eval_bytes_up": traffic(replies), "eval_bytes_down": traffic(messages)}
 
 
 def over_budget(strategy, config: RunConfig, server_round: int) -> bool:

@@ -8,10 +8,10 @@ import pytest
 from fedlora.config import RunConfig
 from fedlora.data import (
     MOVIE_LABEL_WORDS,
-    client_data,
     client_examples,
     declared_label_words,
     load_task,
+    local_examples,
     partition_indices,
     server_data,
 )
@@ -119,7 +119,7 @@ def test_every_file_kind_reads_alike(tmp_path):
     config = RunConfig.from_dict({"evaluation": "federated", "client-eval-fraction": 0.25})
     results = []
     for name in ("a.csv", "a.jsonl", "a.parquet", "saved"):
-        train, held = client_data(config, str(tmp_path / name), 0, 1, ["cardiology", "oncology"])
+        train, held = local_examples(config, str(tmp_path / name), 0, 1, ["cardiology", "oncology"])
         assert (len(train), len(held)) == (9, 3)
         results.append((train, held))
     assert all(r == results[0] for r in results)
@@ -128,7 +128,7 @@ def test_every_file_kind_reads_alike(tmp_path):
                                    "test": datasets.Dataset.from_pandas(frame)})
     splits.save_to_disk(str(tmp_path / "splits"))
     with pytest.raises(FedLoraError, match="holds the splits train, test; save one split"):
-        client_data(config, str(tmp_path / "splits"), 0, 1, None)
+        local_examples(config, str(tmp_path / "splits"), 0, 1, None)
 
 
 def test_a_bad_client_file_says_which_file_and_which_value(tmp_path):
@@ -146,11 +146,11 @@ def test_a_bad_client_file_says_which_file_and_which_value(tmp_path):
     }
     for path, message in cases.items():
         with pytest.raises(FedLoraError) as err:
-            client_data(config, path, 0, 1, words)
+            local_examples(config, path, 0, 1, words)
         assert str(err.value).startswith(message) and "\n" not in str(err.value)
     other = RunConfig.from_dict({"text-column": "body"})
     with pytest.raises(FedLoraError, match=f"{good} has no column 'body'; its columns: text, label"):
-        client_data(other, str(good), 0, 1, words)
+        local_examples(other, str(good), 0, 1, words)
 
 
 def test_label_names_map_raw_labels_and_declare_the_label_set(tmp_path):
@@ -158,7 +158,7 @@ def test_label_names_map_raw_labels_and_declare_the_label_set(tmp_path):
     path.write_text("text,label\n" + "".join(f"row {i},{i % 3}\n" for i in range(9)))
     config = RunConfig.from_dict({"label-names": "2=high,0=low,1=mid", "client-data": str(path),
                                   "evaluation": "federated"})
-    examples, held = client_data(config, str(path), 0, 1, declared_label_words(config))
+    examples, held = local_examples(config, str(path), 0, 1, declared_label_words(config))
     assert declared_label_words(config) == ["high", "low", "mid"]  # in the order given
     assert sorted({(e.answer, e.label) for e in examples + held}) == [
         (" high", 0), (" low", 1), (" mid", 2)]

@@ -137,3 +137,33 @@ def test_hostile_evaluation_counts_are_refused():
         record = MetricRecord({**good.to_record(), key: value})
         with pytest.raises(FedLoraError):
             Scores.from_record(record, 2)
+
+
+def test_federated_evaluation_pools_good_replies_and_leaves_out_bad_ones(tiny_model_dir):
+    from conftest import make_reply
+    from flwr.app import ConfigRecord, RecordDict
+
+    from strategies.fedavg import FedAvgLoRA
+
+    def reply(node, client, scores):
+        return make_reply(node, RecordDict({"metrics": MetricRecord(scores.to_record()),
+                                            "client": ConfigRecord({"client-id": client})}))
+
+    # Generation counts: exact matches 3 of 4 and 1 of 6; numeric 1 of 2 and 0 of 3.
+    a = Scores(examples=4, loss_sum=8.0, tokens=10, generated=4, exact_matches=3,
+               numeric_examples=2, numeric_matches=1)
+    b = Scores(examples=6, loss_sum=3.0, tokens=20, generated=6, exact_matches=1,
+               numeric_examples=3, numeric_matches=0)
+    hostile = Scores(examples=2, loss_sum=1.0, tokens=2, generated=2, exact_matches=5)
+    strategy = FedAvgLoRA()
+    metrics = strategy.aggregate_evaluate(3, [
+        reply(1, "clinic-a", a), reply(2, "clinic-b", b), reply(3, "clinic-c", hostile),
+        reply(4, "clinic-a", b),  # a second reply in one client's name
+        make_reply(5, error="Traceback ...\nFedLoraError: c.csv has no column 'text'"),
+    ])
+    assert metrics["fed_eval_loss"] == pytest.approx(11.0 / 30)  # per token, pooled
+    assert metrics["fed_eval_exact_match"] == pytest.approx(4 / 10)
+    assert metrics["fed_eval_exact_match_min"] == pytest.approx(1 / 6)
+    assert metrics["fed_eval_numeric_match"] == pytest.approx(1 / 5)
+    assert metrics["fed_eval_clients"] == 2 and sorted(strategy.evaluated_clients) == ["clinic-a", "clinic-b"]
+    assert "fed_eval_accuracy" not in metrics

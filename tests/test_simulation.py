@@ -117,7 +117,7 @@ def test_a_broken_client_file_is_one_dropped_reply_with_its_reason(simulation):
 def test_federated_evaluation_pools_the_clients_held_out_slices(run_dir, data_files):
     """Each client's figures equal the saved adapter evaluated on that client's held-out
     slice, recomputed here; the pooled figures are their example-weighted means."""
-    from fedlora.data import client_data, server_data
+    from fedlora.data import local_examples, server_data
     from fedlora.evaluate import evaluate
 
     last = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()][-1]
@@ -138,7 +138,7 @@ def test_federated_evaluation_pools_the_clients_held_out_slices(run_dir, data_fi
     adapted = PeftModel.from_pretrained(base, run_dir / "adapter")
     files, _ = data_files
     for i in range(CLIENTS):
-        _, held_out = client_data(config, str(files[i]), i, len(files), words)
+        _, held_out = local_examples(config, str(files[i]), i, len(files), words)
         direct = evaluate(adapted, tokenizer, held_out, words, batch_size=32,
                           max_length=config.max_length, device=torch.device("cpu"))
         assert direct["eval_accuracy"] == by_client[str(i)]["accuracy"]
