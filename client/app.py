@@ -10,7 +10,9 @@ A train message carries:
   "gradient"), ``adapter``, ``trainable`` (which adapter tensors to train and upload),
   ``upload`` ("delta": trained minus received, or "weights"), ``upload-codec``,
   ``kept-batches``, ``aggregated-round`` (the last round whose reply from this node the
-  server aggregated) and ``label-words`` (the run's label set, JSON);
+  server aggregated) and ``label-words`` (the run's label set, JSON); for clients of
+  several ranks on one global LoRA, ``truncate-to-rank`` (load only the leading
+  components the client's rank holds) and ``lora-scale`` (alpha = scale * rank);
 - ``arrays`` and ``codec``: global adapter tensors to load (any subset of the adapter's),
   encoded by the codec the ``codec`` header names (fedlora.codec);
 - ``keep``: tensors to keep for the whole run, in numbered batches: ``<i>/frozen/<key>``
@@ -48,6 +50,7 @@ from fedlora.adapters import (
     merge_lora,
     target_linears,
 )
+from fedlora.aggregate import truncate_lora
 from fedlora.codec import Codec, decode_payload, encode_payload
 from fedlora.config import RunConfig
 from fedlora.data import local_examples
@@ -145,12 +148,16 @@ def run_plan(msg: Message, context: Context, config: RunConfig, model, tokenizer
         {k: a.numpy() for k, a in msg.content["arrays"].items()}, dict(msg.content["codec"])
     )
     rank = client_rank(config, context.node_config, partition_id)
+    if plan.get("truncate-to-rank", False):  # global factors of a higher rank: ours lead
+        received = truncate_lora(received, rank)
+    # One scale for every rank (HetLoRA, FlexLoRA), else peft's alpha / rank.
+    alpha = float(plan["lora-scale"]) * rank if "lora-scale" in plan else config.alpha
     if plan["adapter"] == "lorasb":
         adapted = attach_lora_sb(model, {**frozen, **received}, config.target_module_list)
     elif plan["adapter"] == "lora":  # a fresh LoRA: what it holds is overwritten by what was
         # sent, except for FLoRA, which trains a new one each round
         seed = stream_seed(config.seed, server_round, partition_id, "lora-init")
-        adapted = attach_lora(model, rank, config.alpha, config.target_module_list, seed)
+        adapted = attach_lora(model, rank, alpha, config.target_module_list, seed)
         load_adapter_state(adapted, {**frozen, **received}, partial=True)
     else:
         raise FedLoraError(f"unknown adapter '{plan['adapter']}'; valid choices: lora, lorasb")

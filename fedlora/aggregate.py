@@ -109,3 +109,43 @@ def random_lora_sb(out_features: int, in_features: int, rank: int, generator: to
     B, _ = torch.linalg.qr(torch.randn(out_features, rank, generator=generator, dtype=torch.float64))
     A, _ = torch.linalg.qr(torch.randn(in_features, rank, generator=generator, dtype=torch.float64))
     return B.float(), A.T.float(), torch.zeros(rank, rank)
+
+
+def pad_lora(state: State, rank: int) -> State:
+    """LoRA factors zero-padded to ``rank``: A gains zero rows, B zero columns, so the
+    product B A is unchanged (HetLoRA's padding)."""
+    padded = {}
+    for key, value in state.items():
+        missing = rank - value.shape[0 if key.endswith("lora_A.weight") else 1]
+        if missing < 0:
+            raise FedLoraError(f"{key} has rank above {rank}")
+        if key.endswith("lora_A.weight"):
+            padded[key] = torch.cat([value, value.new_zeros(missing, value.shape[1])], dim=0)
+        else:
+            padded[key] = torch.cat([value, value.new_zeros(value.shape[0], missing)], dim=1)
+    return padded
+
+
+def truncate_lora(state: State, rank: int) -> State:
+    """The first ``rank`` components of LoRA factors: A's first rows, B's first columns
+    (factors of lower rank are left as they are)."""
+    return {
+        key: value[:rank] if key.endswith("lora_A.weight") else value[:, :rank]
+        for key, value in state.items()
+    }
+
+
+def svd_lora(deltas: dict[str, torch.Tensor], rank: int, scale: float) -> State:
+    """Factors of the best rank-``rank`` approximation of each module's weight change
+    (truncated SVD, Eckart-Young): Delta = U S V^T gives B = U_r sqrt(S_r / scale) and
+    A = sqrt(S_r / scale) V_r^T, so that scale * B A = U_r S_r V_r^T, the singular values
+    split evenly between B and A; components stay sorted by singular value, so the first
+    r' of them are the best rank-r' approximation too. Keys are peft's
+    (``base_model.model.<path>.lora_{A,B}.weight``)."""
+    factors = {}
+    for path, delta in deltas.items():
+        U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        root = (S[:rank] / scale).sqrt()
+        factors[f"base_model.model.{path}.lora_A.weight"] = (root[:, None] * Vh[:rank]).float()
+        factors[f"base_model.model.{path}.lora_B.weight"] = (U[:, :rank] * root).float()
+    return pad_lora(factors, rank)  # a module narrower than the rank: zero components

@@ -69,7 +69,7 @@ class RunConfig:
 
     strategy: str = field(
         default="fedavg",
-        metadata={"help": "fedavg, ffa, flora, fedsb, sparse, an entry point of the group "
+        metadata={"help": "fedavg, ffa, flora, fedsb, sparse, hetlora, flexlora, an entry point of the group "
                           "fedlora.strategies, or module:Class; a,b,c compares them"},
     )
     model: str = field(
@@ -116,7 +116,7 @@ class RunConfig:
     rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     ranks: str = field(
         default="",
-        metadata={"help": "per-client ranks for flora, e.g. 16,8,4 (cycled over clients)"},
+        metadata={"help": "per-client ranks for flora, hetlora, flexlora, e.g. 16,8,4 (cycled over clients)"},
     )
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     target_modules: str = field(

@@ -16,11 +16,13 @@ from strategies.base import LoraStrategy
 from strategies.fedavg import FedAvgLoRA
 from strategies.fedsb import FedSB
 from strategies.ffa import FFALoRA
+from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
+from strategies.hetlora import HetLoRA
 from strategies.sparse import SparseLoRA
 
 STRATEGIES: dict[str, type[LoraStrategy]] = {
-    cls.name: cls for cls in (FedAvgLoRA, FFALoRA, FLoRA, FedSB, SparseLoRA)
+    cls.name: cls for cls in (FedAvgLoRA, FFALoRA, FLoRA, FedSB, SparseLoRA, HetLoRA, FlexLoRA)
 }
 
 

@@ -156,7 +156,7 @@ class LoraStrategy(FedAvg):
         if len(set(config.rank_list)) > 1 and not cls.heterogeneous_ranks:
             raise FedLoraError(
                 f"--ranks {config.ranks} gives clients different ranks, which "
-                f"--strategy {cls.name} cannot aggregate; use --strategy flora or drop --ranks"
+                f"--strategy {cls.name} cannot aggregate; use --strategy flora, hetlora or flexlora, or drop --ranks"
             )
         return cls(**cls.config_arguments(config))
 
@@ -223,12 +223,24 @@ class LoraStrategy(FedAvg):
         self.global_state = arrays.to_torch_state_dict() if arrays is not None else {}
         sent = self.arrays_to_send(arrays).to_torch_state_dict()
         self.sent_shapes = {k: tuple(v.shape) for k, v in sent.items()}
-        payload, header = encode_payload(sent, self.download_codec)
-        return [self.message(node, plan, payload, header) for node in node_ids]
+        payloads = {}  # one encoding per distinct tensor set
+        messages = []
+        for node in node_ids:
+            state = self.node_arrays(node, sent)
+            shapes = tuple((k, tuple(v.shape)) for k, v in state.items())
+            if shapes not in payloads:
+                payloads[shapes] = encode_payload(state, self.download_codec)
+            messages.append(self.message(node, plan, *payloads[shapes]))
+        return messages
 
     def arrays_to_send(self, arrays: ArrayRecord) -> ArrayRecord:
         """What of the global state goes to the clients each round: by default all of it."""
         return arrays
+
+    def node_arrays(self, node_id: int, sent: State) -> State:
+        """What of ``sent`` one node gets (default: all of it; a method whose clients hold
+        parts of the global state, such as their own rank's, narrows it here)."""
+        return sent
 
     def plan(self, config: ConfigRecord, server_round: int, task: str) -> ConfigRecord:
         """The run config plus what the client must do this round (the adapter settings
@@ -485,6 +497,23 @@ class LoraStrategy(FedAvg):
     def peft_adapter(self, arrays: ArrayRecord) -> tuple[State, int, float]:
         """The global adapter as a PEFT LoRA: (state with peft keys, rank, alpha)."""
         return self.complete(arrays.to_torch_state_dict()), self.rank, self.alpha
+
+
+def lora_shapes(module_shapes: dict[str, tuple[int, int]], rank: int) -> dict[str, tuple[int, int]]:
+    """peft's keys and shapes of a rank-``rank`` LoRA on modules of (out, in) shapes."""
+    shapes = {}
+    for path, (out_features, in_features) in module_shapes.items():
+        shapes[f"base_model.model.{path}.lora_A.weight"] = (rank, in_features)
+        shapes[f"base_model.model.{path}.lora_B.weight"] = (out_features, rank)
+    return shapes
+
+
+def announced_rank(metrics: MetricRecord, highest: int = 4096) -> int:
+    """The LoRA rank a reply announces, or FedLoraError unless it is in [1, highest]."""
+    rank = metrics.get("rank")
+    if not isinstance(rank, int) or not 1 <= rank <= highest:
+        raise FedLoraError(f"the reply announces no valid 'rank' in [1, {highest}] (got {rank!r})")
+    return rank
 
 
 def check_no_error(reply: Message) -> None:

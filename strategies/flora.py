@@ -6,7 +6,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from fedlora.aggregate import State, concat_lora, delta_weights, stack_lora
 from fedlora.errors import FedLoraError
-from strategies.base import LoraStrategy
+from strategies.base import LoraStrategy, announced_rank, lora_shapes
 
 
 class FLoRA(LoraStrategy):
@@ -64,14 +64,7 @@ class FLoRA(LoraStrategy):
         return plan
 
     def expected_shapes(self, metrics: MetricRecord) -> dict[str, tuple[int, ...]]:
-        rank = metrics.get("rank")
-        if not isinstance(rank, int) or not 1 <= rank <= 4096:
-            raise FedLoraError(f"the reply announces no valid 'rank' (got {rank!r})")
-        shapes = {}
-        for path, (out_features, in_features) in self.module_shapes.items():
-            shapes[f"base_model.model.{path}.lora_A.weight"] = (rank, in_features)
-            shapes[f"base_model.model.{path}.lora_B.weight"] = (out_features, rank)
-        return shapes
+        return lora_shapes(self.module_shapes, announced_rank(metrics))
 
     def aggregate_states(self, states, weights, metrics) -> State:
         scales = [self.alpha / int(m["rank"]) for m in metrics]

@@ -1,5 +1,6 @@
-"""All four strategies through Flower's simulation engine in one comparison run, with the
-exactness check on: tiny-llama, 3 clients on different data, heterogeneous ranks for flora."""
+"""The strategies through Flower's simulation engine in one comparison run, with the
+exactness check on: tiny-llama, 3 clients on different data, heterogeneous ranks for
+flora, hetlora and flexlora."""
 
 import json
 import subprocess
@@ -11,7 +12,7 @@ from peft import PeftModel
 
 from fedlora.models import load_model
 
-STRATEGIES = ["fedavg", "ffa", "flora", "fedsb"]
+STRATEGIES = ["fedavg", "ffa", "flora", "fedsb", "hetlora", "flexlora"]
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +20,10 @@ def comparison(tmp_path_factory):
     output = tmp_path_factory.mktemp("runs")
     config = output / "compare.toml"
     config.write_text(
-        'strategy = "fedavg,ffa,flora,fedsb"\nmodel = "tiny-llama"\nnum-clients = 3\n'
+        'strategy = "fedavg,ffa,flora,fedsb,hetlora,flexlora"\nmodel = "tiny-llama"\nnum-clients = 3\n'
         'rounds = 2\nlocal-steps = 4\nlr = 0.01\nrank = 4\neval-size = 32\nmax-length = 48\n'
         'partitioning = "dirichlet"\nfedsb-init-examples = 16\ncheck-exactness = true\n'
-        '[flora]\nranks = "8,4,2"\n'
+        '[flora]\nranks = "8,4,2"\n[hetlora]\nranks = "8,4,2"\n[flexlora]\nranks = "8,4,2"\n'
     )
     result = subprocess.run(
         [sys.executable, "-m", "fedlora.simulate", "--config", str(config),
@@ -41,13 +42,15 @@ def test_exact_methods_are_exact_and_fedavg_is_not(comparison):
         errors = [r["aggregation_error"] for r in rows[strategy][1:]]
         assert max(errors) < 1e-5, (strategy, errors)
     assert min(r["aggregation_error"] for r in rows["fedavg"][1:]) > 1e-4
+    assert min(r["aggregation_error"] for r in rows["hetlora"][1:]) > 1e-4
 
 
 def test_round_0_evaluates_the_model_clients_start_from(comparison):
     _, rows, _ = comparison
     # FedAvg's and FFA's zero B and FLoRA's empty stack leave the base model as it is;
     # Fed-SB's gradient initialisation starts clients from W + B R A.
-    base = {s: (rows[s][0]["eval_loss"], rows[s][0]["eval_accuracy"]) for s in ("fedavg", "ffa", "flora")}
+    base = {s: (rows[s][0]["eval_loss"], rows[s][0]["eval_accuracy"])
+            for s in ("fedavg", "ffa", "flora", "hetlora", "flexlora")}
     assert len(set(base.values())) == 1
     assert rows["fedsb"][0]["eval_loss"] != rows["fedavg"][0]["eval_loss"]
 
@@ -59,6 +62,11 @@ def test_communication_follows_the_methods(comparison):
     assert rows["fedsb"][0]["bytes_up"] > 0  # the gradient initialisation round is counted
     assert rows["fedsb"][1]["bytes_down"] > rows["fedsb"][2]["bytes_down"]  # B, A sent once
     assert rows["flora"][2]["bytes_down"] > rows["flora"][1]["bytes_down"]  # round 1's stack
+    # Ranks 8, 4, 2 upload r_k (m + n) values per module: more than fedavg's 3 x 4, the
+    # same shapes for both; after round 1 each client is sent its own rank's components.
+    assert up["hetlora"] == up["flexlora"] > up["fedavg"]
+    for strategy in ("hetlora", "flexlora"):
+        assert rows[strategy][2]["bytes_down"] < rows[strategy][1]["bytes_down"]
     for strategy in STRATEGIES:
         assert all(r["clients"] == 3 for r in rows[strategy][1:])
 

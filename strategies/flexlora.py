@@ -1,0 +1,31 @@
+"""FlexLoRA: clients of different ranks, their full weight changes averaged and split
+back into factors by a truncated SVD."""
+
+from __future__ import annotations
+
+from fedlora.aggregate import State, delta_weights, svd_lora
+from strategies.truncated import TruncatedRankLoRA
+
+
+class FlexLoRA(TruncatedRankLoRA):
+    """Average the clients' weight changes, not their factors; refactor by SVD (Bai et
+    al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and
+    Client Resources", NeurIPS 2024).
+
+    Per module, Delta = sum_k p_k s B_k A_k (exact for any ranks), then its truncated SVD
+    U_R S_R V_R^T at the largest rank R is the new global LoRA: B = U_R sqrt(S_R / s),
+    A = sqrt(S_R / s) V_R^T (the singular values split evenly between the factors). A
+    rank-r_k client receives the first r_k components: the best rank-r_k approximation
+    of Delta. The global adapter is exact up to the part of Delta beyond rank R
+    (``--check-exactness`` reports it; zero while sum_k r_k <= R). Each round starts from
+    the factors of the last one, so the adapter holds the running model, as in the paper.
+
+    Parameters: see TruncatedRankLoRA.
+    """
+
+    name = "flexlora"
+
+    def aggregate_states(self, states, weights, metrics) -> State:
+        deltas = [delta_weights(state, self.scale) for state in states]
+        mean = {path: sum(w * d[path] for d, w in zip(deltas, weights)) for path in deltas[0]}
+        return svd_lora(mean, self.rank, self.scale)
