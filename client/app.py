@@ -12,7 +12,9 @@ A train message carries:
   ``kept-batches``, ``aggregated-round`` (the last round whose reply from this node the
   server aggregated) and ``label-words`` (the run's label set, JSON); for clients of
   several ranks on one global LoRA, ``truncate-to-rank`` (load only the leading
-  components the client's rank holds) and ``lora-scale`` (alpha = scale * rank);
+  components the client's rank holds) and ``lora-scale`` (alpha = scale * rank); and
+  ``personal`` (adapter tensors the client trains and keeps in its node state for the
+  whole run, never uploaded: each client's own part of a personalised adapter);
 - ``arrays`` and ``codec``: global adapter tensors to load (any subset of the adapter's),
   encoded by the codec the ``codec`` header names (fedlora.codec);
 - ``keep``: tensors to keep for the whole run, in numbered batches: ``<i>/frozen/<key>``
@@ -63,6 +65,7 @@ from fedlora.train import train_local, weight_gradients
 
 app = ClientApp()
 KEPT = "fedlora-kept"  # the context.state record that holds kept tensors
+PERSONAL = "fedlora-personal"  # trained tensors that never leave the client (plan "personal")
 RESIDUAL = "fedlora-residual"  # the error-feedback residual, for either fate of the last reply
 RESIDUAL_ROUND = "fedlora-residual-round"  # and the round of that reply
 
@@ -158,10 +161,12 @@ def run_plan(msg: Message, context: Context, config: RunConfig, model, tokenizer
         # sent, except for FLoRA, which trains a new one each round
         seed = stream_seed(config.seed, server_round, partition_id, "lora-init")
         adapted = attach_lora(model, rank, alpha, config.target_module_list, seed)
-        load_adapter_state(adapted, {**frozen, **received}, partial=True)
+        load_adapter_state(adapted, {**frozen, **received, **personal_tensors(context)},
+                           partial=True)
     else:
         raise FedLoraError(f"unknown adapter '{plan['adapter']}'; valid choices: lora, lorasb")
-    trainable = [f".{name}." for name in str(plan["trainable"]).split(",")]
+    trainable = name_markers(plan["trainable"])
+    personal = name_markers(plan.get("personal", ""))
     for name, parameter in adapted.named_parameters():
         parameter.requires_grad_(any(t in name for t in trainable))
 
@@ -176,7 +181,11 @@ def run_plan(msg: Message, context: Context, config: RunConfig, model, tokenizer
         seed=stream_seed(config.seed, server_round, partition_id, "batches"),
     )
     state = lora_sb_state(adapted) if plan["adapter"] == "lorasb" else adapter_state(adapted)
-    upload = {k: v for k, v in state.items() if any(t in k for t in trainable)}
+    if personal:  # kept for this client's next message, never uploaded
+        context.state[PERSONAL] = ArrayRecord(
+            {k: v for k, v in state.items() if any(t in k for t in personal)})
+    upload = {k: v for k, v in state.items()
+              if any(t in k for t in trainable) and not any(t in k for t in personal)}
     if plan["upload"] == "delta":  # what training changed, relative to what was received
         upload = {k: v - received[k] for k, v in upload.items()}
     metrics = {
@@ -212,6 +221,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     with borrowed_model(config.model, device) as (model, tokenizer):
         with lora_applied(model, state, int(plan["eval-rank"]), float(plan["eval-alpha"]),
                           config.target_module_list) if state else nullcontext(model) as evaluated:
+            if state and name_markers(plan.get("personal", "")):  # this client's own part
+                load_adapter_state(evaluated, personal_tensors(context), partial=True)
             scores = score(evaluated, tokenizer, held_out, label_words(plan),
                            batch_size=config.eval_batch_size, max_length=config.max_length,
                            device=device, max_new_tokens=config.eval_max_new_tokens)
@@ -220,6 +231,17 @@ def evaluate(msg: Message, context: Context) -> Message:
         "client": ConfigRecord({"client-id": client_identity(context)}),
     })
     return Message(content=content, reply_to=msg)
+
+
+def name_markers(names) -> list[str]:
+    """``lora_A,lora_B`` as the markers that pick those tensors out of adapter keys."""
+    return [f".{name}." for name in str(names).split(",") if name]
+
+
+def personal_tensors(context: Context) -> dict[str, torch.Tensor]:
+    """The tensors this client keeps for itself (plan ``personal``): none before it trained."""
+    stored = context.state.get(PERSONAL)
+    return stored.to_torch_state_dict() if isinstance(stored, ArrayRecord) else {}
 
 
 def label_words(plan) -> list[str] | None:

@@ -110,6 +110,23 @@ def save_adapter(model: PeftModel, folder: str | Path) -> None:
     model.save_pretrained(str(folder))
 
 
+def save_shared_tensors(state: dict[str, torch.Tensor], folder: str | Path,
+                        personal: tuple[str, ...]) -> None:
+    """A personalised adapter's shared part: ``shared.safetensors`` (peft key names) and a
+    README saying what each client keeps for itself."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "shared.safetensors"))
+    (folder / "README.md").write_text(
+        f"Shared part of a personalised adapter: {len(state)} tensors in shared.safetensors "
+        f"(peft key names). The {', '.join(personal)} tensors stay with each client, which "
+        "trained them for itself; a client's model is the base model with this shared part "
+        "and its own part loaded into one LoRA. There is no single global adapter.\n"
+    )
+
+
 # ---- LoRA-SB (Fed-SB): h = W x + B R A x, only R trained ---------------------------------
 
 

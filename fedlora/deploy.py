@@ -455,14 +455,14 @@ def _copy_lines(source, path: Path) -> None:
 def deploy(configs: list[RunConfig], federation: Federation) -> list[Path]:
     """Run ``configs`` one after another on one federation; return their run folders."""
     from fedlora.models import resolve_model
-    from server.run import check_unused
+    from server.run import check_unused, evaluation_for
     from strategies import build_strategy
 
     if not (ROOT / "pyproject.toml").is_file():
         raise FedLoraError(f"python -m fedlora.deploy runs the Flower app of the project "
                            f"folder, and {ROOT} has no pyproject.toml; install from a clone")
     for config in configs:  # mistakes fail here, before a process starts
-        build_strategy(config)  # an unknown strategy or a refused combination
+        evaluation_for(build_strategy(config), config)  # an unknown strategy or a refused combination
         resolve_model(config.model)  # convert a GGUF once, before the processes load it
         run_config_overrides(config)  # a key that flwr run would refuse
         if not config.resume:

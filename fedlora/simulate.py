@@ -185,11 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes of deps
     try:
         configs = parse_configs(argv)
-        from server.run import check_unused
+        from server.run import check_unused, evaluation_for
         from strategies import build_strategy
 
         for config in configs:  # mistakes fail here, before Ray starts for the first run
-            build_strategy(config)  # an unknown strategy or a refused combination
+            evaluation_for(build_strategy(config), config)  # an unknown strategy or a refused combination
             if config.name and not config.resume:
                 check_unused(Path(config.output) / config.name)
         start = time.perf_counter()

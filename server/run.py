@@ -8,6 +8,7 @@ evaluation as soon as the round ends.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -22,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from tqdm import tqdm
 
-from fedlora.adapters import lora_applied, save_adapter
+from fedlora.adapters import lora_applied, save_adapter, save_shared_tensors
 from fedlora.config import RunConfig
 from fedlora.data import server_data
 from fedlora.errors import FedLoraError
@@ -69,11 +70,12 @@ def serialized_bytes(record) -> int:
 
 def run_federation(grid: Grid, config: RunConfig) -> Path:
     """Run ``config.rounds`` rounds of federated training; return the run folder."""
+    strategy = build_strategy(config)
+    config = evaluation_for(strategy, config)
     run_dir = make_run_dir(config)
     device = pick_device(config.device)
     model, tokenizer = load_model(config.model, device)
     central_examples, label_words = server_data(config)
-    strategy = build_strategy(config)
     # What clients get: the run config, less the server's own --resume path, and the label set.
     plan = ConfigRecord({**{k: v for k, v in config.to_dict().items() if k != "resume"},
                          "label-words": json.dumps(label_words)})
@@ -160,12 +162,28 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                 row[key.replace("-", "_")] = float(train_metrics[key])
         metrics_log.write({**row, "seconds": time.perf_counter() - start})
         save_checkpoint(run_dir, server_round, arrays, strategy)
-    with global_adapter(arrays) as adapted:
-        save_adapter(adapted, run_dir / "adapter")
+    if strategy.personal:  # no global model: the shared tensors, and what is missing
+        save_shared_tensors(arrays.to_torch_state_dict(), run_dir / "adapter", strategy.personal)
+    else:
+        with global_adapter(arrays) as adapted:
+            save_adapter(adapted, run_dir / "adapter")
     from server.report import plot_report  # matplotlib: only once a report is written
 
     plot_report(metrics_log.rows, run_dir / "report.png")
     return run_dir
+
+
+def evaluation_for(strategy, config: RunConfig) -> RunConfig:
+    """``config`` with its evaluation settled for ``strategy``: a personalised method (each
+    client keeps part of the adapter) has no global model to evaluate at the server, so
+    ``auto`` means federated and central evaluation is refused."""
+    if not strategy.personal:
+        return config
+    if config.evaluation in ("central", "both"):
+        raise FedLoraError(f"--evaluation {config.evaluation}: --strategy {strategy.name} keeps "
+                           f"{', '.join(strategy.personal)} on each client, so only the clients "
+                           "can evaluate it; use --evaluation federated")
+    return dataclasses.replace(config, evaluation="federated")
 
 
 def federated_evaluation(grid: Grid, strategy, arrays: ArrayRecord, plan: ConfigRecord,

@@ -14,6 +14,7 @@ import re
 from fedlora.errors import FedLoraError
 from strategies.base import LoraStrategy
 from strategies.fedavg import FedAvgLoRA
+from strategies.fedsa import FedSALoRA
 from strategies.fedsb import FedSB
 from strategies.ffa import FFALoRA
 from strategies.flexlora import FlexLoRA
@@ -22,7 +23,8 @@ from strategies.hetlora import HetLoRA
 from strategies.sparse import SparseLoRA
 
 STRATEGIES: dict[str, type[LoraStrategy]] = {
-    cls.name: cls for cls in (FedAvgLoRA, FFALoRA, FLoRA, FedSB, SparseLoRA, HetLoRA, FlexLoRA)
+    cls.name: cls
+    for cls in (FedAvgLoRA, FFALoRA, FLoRA, FedSB, SparseLoRA, HetLoRA, FlexLoRA, FedSALoRA)
 }
 
 

@@ -36,8 +36,10 @@ class LoraStrategy(FedAvg):
     Flower's ``configure_train`` and ``aggregate_train`` live here: node sampling, the plan,
     codecs, kept tensors and reply validation. A method is a subclass that sets the class
     attributes ``name`` (what ``--strategy`` and the outputs call it), ``adapter``,
-    ``trainable``, ``upload`` and ``heterogeneous_ranks`` where it differs from LoRA's
-    defaults, and overrides some of these hooks:
+    ``trainable``, ``personal`` (trained tensors each client keeps for itself: the
+    adapter is then personalised, evaluated only by the clients), ``upload`` and
+    ``heterogeneous_ranks`` where it differs from LoRA's defaults, and overrides some of
+    these hooks:
 
     - ``aggregate_states(states, weights, metrics)``, required: the method's math. In: each
       valid client's state (with ``upload = "delta"``, the global state plus its update),
@@ -97,6 +99,7 @@ class LoraStrategy(FedAvg):
     trainable: tuple[str, ...] = ("lora_A", "lora_B")  # what it trains and uploads
     upload = "delta"  # clients send trained - received ("delta") or what they trained
     heterogeneous_ranks = False  # whether clients may use different ranks
+    personal: tuple[str, ...] = ()  # trained tensors each client keeps, never uploaded
 
     def __init__(
         self,
@@ -255,6 +258,7 @@ class LoraStrategy(FedAvg):
             "task": task,
             "adapter": self.adapter,
             "trainable": ",".join(self.trainable),
+            "personal": ",".join(self.personal),
             "upload": self.upload,
             "upload-codec": self.upload_codec.name,
             "kept-batches": len(self.kept_batches),

@@ -12,7 +12,8 @@ from peft import PeftModel
 
 from fedlora.models import load_model
 
-STRATEGIES = ["fedavg", "ffa", "flora", "fedsb", "hetlora", "flexlora"]
+STRATEGIES = ["fedavg", "ffa", "flora", "fedsb", "hetlora", "flexlora", "fedsa"]
+GLOBAL = STRATEGIES[:-1]  # fedsa's adapter is personalised: no global one
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +21,11 @@ def comparison(tmp_path_factory):
     output = tmp_path_factory.mktemp("runs")
     config = output / "compare.toml"
     config.write_text(
-        'strategy = "fedavg,ffa,flora,fedsb,hetlora,flexlora"\nmodel = "tiny-llama"\nnum-clients = 3\n'
+        'strategy = "fedavg,ffa,flora,fedsb,hetlora,flexlora,fedsa"\nmodel = "tiny-llama"\nnum-clients = 3\n'
         'rounds = 2\nlocal-steps = 4\nlr = 0.01\nrank = 4\neval-size = 32\nmax-length = 48\n'
         'partitioning = "dirichlet"\nfedsb-init-examples = 16\ncheck-exactness = true\n'
         '[flora]\nranks = "8,4,2"\n[hetlora]\nranks = "8,4,2"\n[flexlora]\nranks = "8,4,2"\n'
+        '[fedsa]\ncheck-exactness = false\n'
     )
     result = subprocess.run(
         [sys.executable, "-m", "fedlora.simulate", "--config", str(config),
@@ -67,6 +69,8 @@ def test_communication_follows_the_methods(comparison):
     assert up["hetlora"] == up["flexlora"] > up["fedavg"]
     for strategy in ("hetlora", "flexlora"):
         assert rows[strategy][2]["bytes_down"] < rows[strategy][1]["bytes_down"]
+    # FedSA-LoRA moves A alone, both ways.
+    assert up["fedsa"] < up["fedavg"] and rows["fedsa"][2]["bytes_down"] < rows["fedavg"][2]["bytes_down"]
     for strategy in STRATEGIES:
         assert all(r["clients"] == 3 for r in rows[strategy][1:])
 
@@ -78,13 +82,25 @@ def test_comparison_table_and_plot(comparison):
     headings = [h.strip() for h in table[0].split("|")]
     for line, strategy in zip(table[2:], STRATEGIES):
         cells = dict(zip(headings, (c.strip() for c in line.split("|"))))
+        if strategy == "fedsa":  # evaluated by its clients only: no central figures
+            assert cells["final eval_accuracy"] == "-" and "fed_eval_accuracy" in rows[strategy][-1]
+            continue
         assert cells["final eval_macro_f1"] == f"{rows[strategy][-1]['eval_macro_f1']:.3f}"
         assert cells["majority class"] == f"{rows[strategy][-1]['eval_majority_accuracy']:.3f}"
     assert (folder / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert "| fedsb |" in stdout
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fedsa_saves_its_shared_a_and_says_where_b_is(comparison):
+    folder, _, _ = comparison
+    from safetensors.torch import load_file
+
+    shared = load_file(folder / "fedsa" / "adapter" / "shared.safetensors")
+    assert shared and all(k.endswith("lora_A.weight") for k in shared)
+    assert "lora_B tensors stay with each client" in (folder / "fedsa" / "adapter" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("strategy", GLOBAL)
 def test_every_exported_adapter_loads_with_peft(comparison, strategy):
     folder, _, _ = comparison
     base, tokenizer = load_model("tiny-llama", torch.device("cpu"))
