@@ -66,6 +66,7 @@ from fedlora.train import train_local, weight_gradients
 app = ClientApp()
 KEPT = "fedlora-kept"  # the context.state record that holds kept tensors
 PERSONAL = "fedlora-personal"  # trained tensors that never leave the client (plan "personal")
+RUN = "fedlora-run"  # the run the node state belongs to
 RESIDUAL = "fedlora-residual"  # the error-feedback residual, for either fate of the last reply
 RESIDUAL_ROUND = "fedlora-residual-round"  # and the round of that reply
 
@@ -121,6 +122,7 @@ def train(msg: Message, context: Context) -> Message:
     device = pick_device(str(context.node_config.get("device", config.device)))
     partition_id = int(context.node_config["partition-id"])
     faults.inject(partition_id, int(plan["server-round"]))  # only when a test asks for it
+    join_run(context, plan)
     with borrowed_model(config.model, device) as (model, tokenizer):
         return run_plan(msg, context, config, model, tokenizer, device)
 
@@ -214,6 +216,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     plan = msg.content["config"]
     config = plan_to_config(plan)
     device = pick_device(str(context.node_config.get("device", config.device)))
+    join_run(context, plan)
     _, held_out = node_examples(plan, config, context)
     if not held_out:
         raise FedLoraError("federated evaluation asked, but this client holds no examples out")
@@ -231,6 +234,17 @@ def evaluate(msg: Message, context: Context) -> Message:
         "client": ConfigRecord({"client-id": client_identity(context)}),
     })
     return Message(content=content, reply_to=msg)
+
+
+def join_run(context: Context, plan) -> None:
+    """Node state belongs to one run: a plan that names another (the next strategy of a
+    comparison, served by the same simulated nodes) starts from an empty state."""
+    name = str(plan.get("name", ""))
+    record = context.state.get(RUN)
+    if isinstance(record, ConfigRecord) and record.get("name") == name:
+        return
+    context.state.clear()
+    context.state[RUN] = ConfigRecord({"name": name})
 
 
 def name_markers(names) -> list[str]:

@@ -115,8 +115,14 @@ def default_run_name(strategies: list[str]) -> str:
     return f"{'-'.join(strategies)}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def simulate(config: RunConfig):
-    """Run ``config`` under Flower's simulation engine; return the run folder."""
+def simulate(configs: list[RunConfig]) -> list[Path]:
+    """Run ``configs`` one after another under one Flower simulation; return the run folders.
+
+    One engine start serves them all: the client actors start (and import torch, load the
+    model) once, not once per strategy of a comparison. The configs must agree on the
+    federation (``num-clients``, ``client-cpus``, ``device``); each client resets its node
+    state when the plan names another run.
+    """
     import torch
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -125,13 +131,23 @@ def simulate(config: RunConfig):
     from fedlora.models import resolve_model
     from server.run import run_federation
 
+    first = configs[0]
+    for config in configs[1:]:
+        for key in ("num_clients", "client_cpus", "device"):
+            if getattr(config, key) != getattr(first, key):
+                raise FedLoraError(
+                    f"--strategy {config.strategy} sets {key.replace('_', '-')} "
+                    f"{getattr(config, key)!r}, {first.strategy} {getattr(first, key)!r}: the "
+                    "strategies of a comparison share one federation"
+                )
     cores = os.cpu_count() or 1
-    if config.client_cpus > cores:
-        raise FedLoraError(f"--client-cpus {config.client_cpus} exceeds this machine's {cores} "
+    if first.client_cpus > cores:
+        raise FedLoraError(f"--client-cpus {first.client_cpus} exceeds this machine's {cores} "
                            "cores: no client could be scheduled")
-    resolve_model(config.model)  # convert a GGUF once, before clients ask for it
+    for config in configs:
+        resolve_model(config.model)  # convert a GGUF once, before clients ask for it
 
-    outcome: dict = {}
+    outcome: dict = {"run_dirs": []}
     server_app = ServerApp()
 
     @server_app.main()
@@ -140,21 +156,24 @@ def simulate(config: RunConfig):
         flower_log.setLevel(logging.WARNING)
         flower_log.propagate = False
         try:
-            outcome["run_dir"] = run_federation(grid, config)
+            for config in configs:
+                if len(configs) > 1:
+                    print(f"\n== {config.strategy} ==", flush=True)
+                outcome["run_dirs"].append(run_federation(grid, config))
         except BaseException as err:  # the engine would log and swallow it
             outcome["error"] = err
 
-    gpu = config.device != "cpu" and torch.cuda.is_available()
+    gpu = first.device != "cpu" and torch.cuda.is_available()
     flower_log = logging.getLogger("flwr")
     flower_log.addFilter(_drop_run_simulation_notice)
     try:
         run_simulation(
             server_app=server_app,
             client_app=client_app,
-            num_supernodes=config.num_clients,
+            num_supernodes=first.num_clients,
             backend_config={
                 # Ray gives each actor OMP_NUM_THREADS = its CPUs: torch's threads follow.
-                "client_resources": {"num_cpus": config.client_cpus,
+                "client_resources": {"num_cpus": first.client_cpus,
                                      "num_gpus": 1.0 if gpu else 0.0},
                 "init_args": {"num_cpus": cores, "log_to_driver": False},
             },
@@ -163,9 +182,9 @@ def simulate(config: RunConfig):
         flower_log.removeFilter(_drop_run_simulation_notice)
     if "error" in outcome:
         raise outcome["error"]
-    if "run_dir" not in outcome:
+    if len(outcome["run_dirs"]) < len(configs):
         raise RuntimeError("the simulation ended without finishing the run; see the log above")
-    return outcome["run_dir"]
+    return outcome["run_dirs"]
 
 
 def _drop_run_simulation_notice(record: logging.LogRecord) -> bool:
@@ -193,11 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             if config.name and not config.resume:
                 check_unused(Path(config.output) / config.name)
         start = time.perf_counter()
-        run_dirs = []
-        for config in configs:
-            if len(configs) > 1:
-                print(f"\n== {config.strategy} ==")
-            run_dirs.append(simulate(config))
+        run_dirs = simulate(configs)
     except FedLoraError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

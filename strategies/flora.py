@@ -6,7 +6,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from fedlora.aggregate import State, concat_lora, delta_weights, stack_lora
 from fedlora.errors import FedLoraError
-from strategies.base import LoraStrategy, announced_rank, lora_shapes
+from strategies.base import LoraStrategy
+from strategies.replies import announced_rank, lora_shapes
 
 
 class FLoRA(LoraStrategy):

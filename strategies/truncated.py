@@ -6,7 +6,8 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from fedlora.aggregate import State, truncate_lora
-from strategies.base import LoraStrategy, announced_rank, lora_shapes
+from strategies.base import LoraStrategy
+from strategies.replies import announced_rank, lora_shapes
 
 
 class TruncatedRankLoRA(LoraStrategy):

@@ -81,3 +81,18 @@ def test_a_cached_model_serves_clients_in_turn_exactly_as_fresh_loads(tiny_model
         assert got.keys() == fresh[message].keys()
         for key in got:
             assert np.array_equal(got[key], fresh[message][key]), (message, key)
+
+
+def test_node_state_starts_afresh_when_the_plan_names_another_run():
+    # One simulation serves every strategy of a comparison: what a node kept for one
+    # (FFA's frozen A, FedSA's own B) must not leak into the next.
+    from flwr.app import ArrayRecord
+
+    context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                      node_config={"partition-id": 0, "num-partitions": 1})
+    client.app.join_run(context, {"name": "cmp/ffa"})
+    context.state[client.app.KEPT] = ArrayRecord({"0/frozen/x": torch.ones(2)})
+    client.app.join_run(context, {"name": "cmp/ffa"})  # the same run: kept
+    assert client.app.KEPT in context.state
+    client.app.join_run(context, {"name": "cmp/fedsb"})
+    assert list(context.state.keys()) == [client.app.RUN]

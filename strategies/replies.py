@@ -1,0 +1,56 @@
+"""What a usable client reply is: no error, a client identity, usable DP-SGD settings, the
+LoRA shapes of the rank it announces. Each check raises FedLoraError with the reason the
+server logs when it drops the reply."""
+
+from __future__ import annotations
+
+import math
+
+from flwr.app import ConfigRecord, Message, MetricRecord
+
+from fedlora.errors import FedLoraError
+
+
+def lora_shapes(module_shapes: dict[str, tuple[int, int]], rank: int) -> dict[str, tuple[int, int]]:
+    """peft's keys and shapes of a rank-``rank`` LoRA on modules of (out, in) shapes."""
+    shapes = {}
+    for path, (out_features, in_features) in module_shapes.items():
+        shapes[f"base_model.model.{path}.lora_A.weight"] = (rank, in_features)
+        shapes[f"base_model.model.{path}.lora_B.weight"] = (out_features, rank)
+    return shapes
+
+
+def announced_rank(metrics: MetricRecord, highest: int = 4096) -> int:
+    """The LoRA rank a reply announces, or FedLoraError unless it is in [1, highest]."""
+    rank = metrics.get("rank")
+    if not isinstance(rank, int) or not 1 <= rank <= highest:
+        raise FedLoraError(f"the reply announces no valid 'rank' in [1, {highest}] (got {rank!r})")
+    return rank
+
+
+def check_no_error(reply: Message) -> None:
+    """Raise FedLoraError with the client's reason if the reply is an error."""
+    if reply.has_error():  # the reason's last line says what happened; above: a traceback
+        lines = str(reply.error.reason).strip().splitlines() or ["no reason given"]
+        raise FedLoraError(f"the client failed: {lines[-1][:300]}")
+
+
+def client_identity(reply: Message) -> str:
+    """The ``client-id`` a reply names its sender by (its own word: the partition id in
+    simulation, a node-config value in deployment), or FedLoraError."""
+    record = reply.content.get("client")
+    client_id = record.get("client-id") if isinstance(record, ConfigRecord) else None
+    if not isinstance(client_id, str) or not 0 < len(client_id) <= 200:
+        raise FedLoraError(f"the reply names no 'client-id' of 1 to 200 characters (got {client_id!r})")
+    return client_id
+
+
+def check_dpsgd_metrics(metrics: MetricRecord) -> None:
+    """Raise FedLoraError unless a DP-SGD client reported usable settings for accounting."""
+    noise, rate, steps = (metrics.get(k) for k in ("dp-noise", "dp-sample-rate", "dp-steps"))
+    if not isinstance(noise, float) or not 0.0 <= noise < math.inf:
+        raise FedLoraError(f"'dp-noise' must be a finite float >= 0, got {noise!r}")
+    if not isinstance(rate, float) or not 0.0 < rate <= 1.0:
+        raise FedLoraError(f"'dp-sample-rate' must be a float in (0, 1], got {rate!r}")
+    if not isinstance(steps, int) or steps < 0:
+        raise FedLoraError(f"'dp-steps' must be an int >= 0, got {steps!r}")
