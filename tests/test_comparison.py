@@ -5,6 +5,7 @@ flora, hetlora and flexlora."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +13,11 @@ from peft import PeftModel
 
 from fedlora.models import load_model
 
-STRATEGIES = ["fedavg", "ffa", "flora", "fedsb", "hetlora", "flexlora", "fedsa"]
-GLOBAL = STRATEGIES[:-1]  # fedsa's adapter is personalised: no global one
+EXAMPLE = "examples.trimmed_mean:TrimmedMean"  # a strategy written outside the package
+STRATEGIES = ["fedavg", "ffa", "flora", "fedsb", "hetlora", "flexlora", "fedsa", EXAMPLE]
+FOLDERS = [s.replace(":", "-") for s in STRATEGIES]  # a folder name has no ':'
+GLOBAL = [f for f in FOLDERS if f != "fedsa"]  # fedsa's adapter is personalised: no global one
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -21,20 +25,20 @@ def comparison(tmp_path_factory):
     output = tmp_path_factory.mktemp("runs")
     config = output / "compare.toml"
     config.write_text(
-        'strategy = "fedavg,ffa,flora,fedsb,hetlora,flexlora,fedsa"\nmodel = "tiny-llama"\nnum-clients = 3\n'
+        f'strategy = "{",".join(STRATEGIES)}"\nmodel = "tiny-llama"\nnum-clients = 3\n'
         'rounds = 2\nlocal-steps = 4\nlr = 0.01\nrank = 4\neval-size = 32\nmax-length = 48\n'
         'partitioning = "dirichlet"\nfedsb-init-examples = 16\ncheck-exactness = true\n'
         '[flora]\nranks = "8,4,2"\n[hetlora]\nranks = "8,4,2"\n[flexlora]\nranks = "8,4,2"\n'
         '[fedsa]\ncheck-exactness = false\n'
     )
-    result = subprocess.run(
+    result = subprocess.run(  # from the root, where `python -m` finds the example's module
         [sys.executable, "-m", "fedlora.simulate", "--config", str(config),
          "--output", str(output), "--name", "cmp"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     folder = output / "cmp"
-    rows = {s: [json.loads(line) for line in (folder / s / "metrics.jsonl").open()] for s in STRATEGIES}
+    rows = {f: [json.loads(line) for line in (folder / f / "metrics.jsonl").open()] for f in FOLDERS}
     return folder, rows, result.stdout
 
 
@@ -59,7 +63,7 @@ def test_round_0_evaluates_the_model_clients_start_from(comparison):
 
 def test_communication_follows_the_methods(comparison):
     _, rows, _ = comparison
-    up = {s: rows[s][1]["bytes_up"] for s in STRATEGIES}
+    up = {f: rows[f][1]["bytes_up"] for f in FOLDERS}
     assert up["fedsb"] < up["ffa"] < up["fedavg"]  # r^2 < B < A and B
     assert rows["fedsb"][0]["bytes_up"] > 0  # the gradient initialisation round is counted
     assert rows["fedsb"][1]["bytes_down"] > rows["fedsb"][2]["bytes_down"]  # B, A sent once
@@ -71,16 +75,24 @@ def test_communication_follows_the_methods(comparison):
         assert rows[strategy][2]["bytes_down"] < rows[strategy][1]["bytes_down"]
     # FedSA-LoRA moves A alone, both ways.
     assert up["fedsa"] < up["fedavg"] and rows["fedsa"][2]["bytes_down"] < rows["fedavg"][2]["bytes_down"]
-    for strategy in STRATEGIES:
-        assert all(r["clients"] == 3 for r in rows[strategy][1:])
+    for folder in FOLDERS:
+        assert all(r["clients"] == 3 for r in rows[folder][1:])
+
+
+def test_a_strategy_written_outside_the_package_runs_in_the_comparison(comparison):
+    folder, rows, _ = comparison
+    example = rows[FOLDERS[-1]]
+    assert [r["round"] for r in example] == [0, 1, 2]
+    assert all(r["strategy"] == EXAMPLE for r in example)  # the name the user gave
+    assert (folder / FOLDERS[-1] / "adapter" / "adapter_config.json").is_file()
 
 
 def test_comparison_table_and_plot(comparison):
     folder, rows, stdout = comparison
     table = (folder / "comparison.md").read_text().splitlines()
-    assert [line.split("|")[1].strip() for line in table[2:]] == STRATEGIES
+    assert [line.split("|")[1].strip() for line in table[2:]] == FOLDERS
     headings = [h.strip() for h in table[0].split("|")]
-    for line, strategy in zip(table[2:], STRATEGIES):
+    for line, strategy in zip(table[2:], FOLDERS):
         cells = dict(zip(headings, (c.strip() for c in line.split("|"))))
         if strategy == "fedsa":  # evaluated by its clients only: no central figures
             assert cells["final eval_accuracy"] == "-" and "fed_eval_accuracy" in rows[strategy][-1]
