@@ -303,6 +303,11 @@ class RunConfig:
                 f"--client-data names {len(self.client_data_list)} files but --num-clients is "
                 f"{self.num_clients}: one client per file (drop --num-clients)"
             )
+        if self.client_data and self.partitioning != "iid":
+            raise FedLoraError(
+                f"--partitioning {self.partitioning} splits --dataset over the clients; with "
+                "--client-data each client's file is its data: drop --partitioning"
+            )
         if self.evaluation_mode in ("central", "both") and self.client_data and not self.eval_dataset:
             raise FedLoraError(
                 f"--evaluation {self.evaluation} evaluates at the server, which holds no data "

@@ -66,6 +66,7 @@ def test_a_comparison_gives_one_config_per_strategy_with_its_table(tmp_path):
         ({"eval-dataset": "e.xlsx"}, "--eval-dataset e.xlsx: not a .jsonl, .csv or .parquet file"),
         ({"client-data": "a.csv,b.csv", "num-clients": 3}, "--client-data names 2 files but --num-clients is 3"),
         ({"client-data": "a.csv", "evaluation": "both"}, "--evaluation both evaluates at the server, which holds no data"),
+        ({"client-data": "a.csv", "partitioning": "dirichlet"}, "--partitioning dirichlet splits --dataset over the clients; with --client-data"),
         ({"evaluation": "local"}, "unknown evaluation 'local'; valid choices: auto, central, federated, both"),
         ({"label-names": "0=negative,1"}, "--label-names: '1' is not RAW=WORD (e.g. 0=negative)"),
         ({"labels": "spam,spam"}, "the label set needs at least 2 labels, got ['spam', 'spam']"),
