@@ -196,9 +196,7 @@ def label_log_likelihoods(model, tokenizer, prompts: list[str], label_words: lis
     Prompts are cut from the left to leave room for the longest label, then run once;
     each label's tokens continue from the KV cache, which is rewound after each label.
     """
-    label_ids = [answer_ids(tokenizer, " " + w) for w in label_words]
-    if len(set(map(tuple, label_ids))) < len(label_ids):
-        raise FedLoraError(f"label words {label_words} tokenize alike; they cannot be told apart")
+    label_ids = label_answer_ids(tokenizer, label_words)
     room = max(1, max_length - max(map(len, label_ids)))
     prompt_ids = [ids[-room:] for ids in tokenizer(prompts, add_special_tokens=True).input_ids]
     width = max(map(len, prompt_ids))
@@ -232,6 +230,14 @@ def label_log_likelihoods(model, tokenizer, prompts: list[str], label_words: lis
     return scores
 
 
+def label_answer_ids(tokenizer, label_words: list[str]) -> list[list[int]]:
+    """Each label's answer tokens (" word" and end of sequence), which must differ."""
+    label_ids = [answer_ids(tokenizer, " " + w) for w in label_words]
+    if len(set(map(tuple, label_ids))) < len(label_ids):
+        raise FedLoraError(f"label words {label_words} tokenize alike; they cannot be told apart")
+    return label_ids
+
+
 def _rewind(cache, length: int) -> None:
     """Cut a KV cache back to ``length`` positions (a negative crop removes that many
     tokens, in transformers 4.x and 5 alike)."""
@@ -243,7 +249,7 @@ def _score_labels(model, tokenizer, chunk, label_words, max_length, device) -> S
                                    max_length, device)
     truth = torch.tensor([e.label for e in chunk], device=device)
     predicted = scores.argmax(dim=1)
-    lengths = [len(answer_ids(tokenizer, " " + w)) for w in label_words]
+    lengths = [len(ids) for ids in label_answer_ids(tokenizer, label_words)]
     n = len(label_words)
     return Scores(
         examples=len(chunk),
