@@ -57,10 +57,10 @@ from fedlora.codec import Codec, decode_payload, encode_payload
 from fedlora.config import RunConfig
 from fedlora.data import local_examples
 from fedlora.errors import FedLoraError
+from fedlora.evaluate import score
 from fedlora.models import borrowed_model, pick_device
 from fedlora.privacy import Privacy
 from fedlora.seeds import stream_seed
-from fedlora.evaluate import score
 from fedlora.train import train_local, weight_gradients
 
 app = ClientApp()

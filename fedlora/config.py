@@ -261,7 +261,7 @@ class RunConfig:
                 )
             kwargs[name] = _convert(key, value, type(fields[name].default))
         if kwargs.get("client_data") and "num_clients" not in kwargs:  # one client per file
-            kwargs["num_clients"] = len(_items(kwargs["client_data"]))
+            kwargs["num_clients"] = len(comma_list(kwargs["client_data"]))
         config = cls(**kwargs)
         config.validate()
         return config
@@ -356,12 +356,12 @@ class RunConfig:
     @property
     def target_module_list(self) -> list[str]:
         """``target_modules`` split at commas."""
-        return _items(self.target_modules)
+        return comma_list(self.target_modules)
 
     @property
     def client_data_list(self) -> list[str]:
         """``client_data`` split at commas: client i's file is the i-th."""
-        return _items(self.client_data)
+        return comma_list(self.client_data)
 
     @property
     def evaluation_mode(self) -> str:
@@ -372,7 +372,8 @@ class RunConfig:
         return "federated" if self.client_data and not self.eval_dataset else "central"
 
 
-def _items(text: str) -> list[str]:
+def comma_list(text: str) -> list[str]:
+    """``a, b,,c`` as ["a", "b", "c"]: items stripped, empty ones dropped."""
     return [item.strip() for item in text.split(",") if item.strip()]
 
 

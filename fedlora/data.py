@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedlora.config import comma_list
 from fedlora.errors import FedLoraError
 from fedlora.seeds import stream_seed
 
@@ -88,15 +89,10 @@ def check_data_file(name: str, flag: str) -> None:
         raise FedLoraError(f"{flag}: data file not found: {name}")
 
 
-def label_list(text: str) -> list[str]:
-    """Comma-separated label words (``--labels``), stripped, empty ones dropped."""
-    return [w.strip() for w in text.split(",") if w.strip()]
-
-
 def label_names(config) -> dict[str, str]:
     """``--label-names 0=negative,1=positive`` as {raw label: word}."""
     names = {}
-    for item in label_list(config.label_names):
+    for item in comma_list(config.label_names):
         raw, sep, word = item.partition("=")
         if not sep or not raw.strip() or not word.strip():
             raise FedLoraError(f"--label-names: '{item}' is not RAW=WORD (e.g. 0=negative)")
@@ -109,7 +105,7 @@ def declared_label_words(config) -> list[str] | None:
     order), or None: then it comes from the evaluation data."""
     if config.prompt_column:
         return None
-    words = label_list(config.labels) or list(dict.fromkeys(label_names(config).values()))
+    words = comma_list(config.labels) or list(dict.fromkeys(label_names(config).values()))
     if words and len(set(words)) < 2:
         raise FedLoraError(f"the label set needs at least 2 labels, got {words}")
     if len(set(words)) < len(words):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import tomli_w
 
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, comma_list
 from fedlora.errors import FedLoraError
 from fedlora.simulate import build_parser as build_simulate_parser
 from fedlora.simulate import configs_from_args, print_outputs
@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[RunConfig], Federati
     clients = args.pop("clients")
     tls = args.pop("tls")
     ranks = _ranks(args.pop("client_ranks"))
-    devices = tuple(d.strip() for d in args.pop("client_devices").split(",") if d.strip())
+    devices = tuple(comma_list(args.pop("client_devices")))
     for device in devices:
         if device not in DEVICES:
             raise FedLoraError(
@@ -131,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[RunConfig], Federati
 def _ranks(text: str) -> tuple[int, ...]:
     """``--client-ranks 16,8`` as ranks, each in [1, 4096] like ``--rank``."""
     ranks = []
-    for item in (s.strip() for s in text.split(",") if s.strip()):
+    for item in comma_list(text):
         if not item.isdigit() or not 1 <= int(item) <= 4096:
             raise FedLoraError(f"--client-ranks: '{item}' is not a rank in [1, 4096]")
         ranks.append(int(item))

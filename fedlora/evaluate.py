@@ -168,10 +168,11 @@ def score(
     are computed in fp32 whatever the model's dtype."""
     model.eval()
     total = Scores()
+    label_ids = label_answer_ids(tokenizer, label_words) if label_words else None
     for begin in range(0, len(examples), batch_size):
         chunk = examples[begin : begin + batch_size]
-        if label_words:
-            total += _score_labels(model, tokenizer, chunk, label_words, max_length, device)
+        if label_ids:
+            total += _score_labels(model, tokenizer, chunk, label_ids, max_length, device)
             continue
         batch = make_batch(chunk, tokenizer, max_length).to(device)
         logits, targets = answer_logits(model, batch, fp32_head=True)
@@ -188,15 +189,14 @@ def evaluate(model, tokenizer, examples, label_words, **kwargs) -> dict[str, flo
     return score(model, tokenizer, examples, label_words, **kwargs).metrics()
 
 
-def label_log_likelihoods(model, tokenizer, prompts: list[str], label_words: list[str],
+def label_log_likelihoods(model, tokenizer, prompts: list[str], label_ids: list[list[int]],
                           max_length: int, device: torch.device) -> torch.Tensor:
-    """log p(" word" end-of-sequence | prompt), summed over the answer's tokens: shape
-    (prompts, labels).
+    """log p(answer | prompt) of each label's answer tokens (:func:`label_answer_ids`),
+    summed over them: shape (prompts, labels).
 
     Prompts are cut from the left to leave room for the longest label, then run once;
     each label's tokens continue from the KV cache, which is rewound after each label.
     """
-    label_ids = label_answer_ids(tokenizer, label_words)
     room = max(1, max_length - max(map(len, label_ids)))
     prompt_ids = [ids[-room:] for ids in tokenizer(prompts, add_special_tokens=True).input_ids]
     width = max(map(len, prompt_ids))
@@ -213,7 +213,7 @@ def label_log_likelihoods(model, tokenizer, prompts: list[str], label_words: lis
     # transformers 5 calls the KV cache ``cache``, 4.x ``past_key_values``
     name = "cache" if "cache" in out.keys() else "past_key_values"
     cache = out[name]
-    scores = torch.empty((len(prompts), len(label_words)), device=device)
+    scores = torch.empty((len(prompts), len(label_ids)), device=device)
     for j, ids in enumerate(label_ids):
         scores[:, j] = first[:, ids[0]]
         if len(ids) == 1:
@@ -244,17 +244,16 @@ def _rewind(cache, length: int) -> None:
     cache.crop(length - cache.get_seq_length())
 
 
-def _score_labels(model, tokenizer, chunk, label_words, max_length, device) -> Scores:
-    scores = label_log_likelihoods(model, tokenizer, [e.prompt for e in chunk], label_words,
+def _score_labels(model, tokenizer, chunk, label_ids, max_length, device) -> Scores:
+    scores = label_log_likelihoods(model, tokenizer, [e.prompt for e in chunk], label_ids,
                                    max_length, device)
     truth = torch.tensor([e.label for e in chunk], device=device)
     predicted = scores.argmax(dim=1)
-    lengths = [len(ids) for ids in label_answer_ids(tokenizer, label_words)]
-    n = len(label_words)
+    n = len(label_ids)
     return Scores(
         examples=len(chunk),
         loss_sum=-scores[torch.arange(len(chunk)), truth].sum().item(),
-        tokens=sum(lengths[e.label] for e in chunk),
+        tokens=sum(len(label_ids[e.label]) for e in chunk),
         label_counts=torch.bincount(truth, minlength=n).tolist(),
         predicted_counts=torch.bincount(predicted, minlength=n).tolist(),
         correct_counts=torch.bincount(truth[predicted == truth], minlength=n).tolist(),

@@ -17,7 +17,7 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, comma_list
 from fedlora.errors import FedLoraError
 
 # Flower and Hugging Face: no telemetry, no update checks, no hub.
@@ -87,7 +87,7 @@ def configs_from_args(args: dict) -> list[RunConfig]:
     values = RunConfig.from_toml(file) if file else {}
     tables = {k: values.pop(k) for k in list(values) if isinstance(values[k], dict)}
     strategy = str(args.get("strategy", values.get("strategy", "fedavg")))
-    strategies = [s.strip() for s in strategy.split(",") if s.strip()]
+    strategies = comma_list(strategy)
     from strategies import STRATEGIES, folder_name  # Flower, after this module's env vars
 
     # A table of a built-in strategy that is not run is kept for when it is (one file can

@@ -27,7 +27,7 @@ from fedlora.codec import Codec, decode_payload, encode_payload
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import Scores
 from fedlora.privacy import Privacy, PrivacyAccountant, private_mean
-from strategies.replies import check_dpsgd_metrics, check_no_error, client_identity
+from strategies.replies import check_dpsgd_metrics, check_no_error, client_identity, reply_metrics
 
 log = logging.getLogger("fedlora")
 
@@ -380,9 +380,7 @@ class LoraStrategy(FedAvg):
         content = reply.content
         if not isinstance(content.get("arrays"), ArrayRecord):
             raise FedLoraError("the reply has no ArrayRecord 'arrays'")
-        metrics = content.get("metrics")
-        if not isinstance(metrics, MetricRecord):
-            raise FedLoraError("the reply has no MetricRecord 'metrics'")
+        metrics = reply_metrics(reply)
         num_examples = metrics.get(self.weighted_by_key)
         if not isinstance(num_examples, int) or num_examples <= 0:
             raise FedLoraError(f"'{self.weighted_by_key}' must be a positive int, got {num_examples!r}")
@@ -440,9 +438,7 @@ class LoraStrategy(FedAvg):
         for reply in replies:
             try:
                 check_no_error(reply)
-                metrics = reply.content.get("metrics")
-                if not isinstance(metrics, MetricRecord):
-                    raise FedLoraError("the reply has no MetricRecord 'metrics'")
+                metrics = reply_metrics(reply)
                 client = client_identity(reply)
                 if client in self.evaluated_clients:
                     raise FedLoraError(f"a second reply names itself client '{client}'")

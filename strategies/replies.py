@@ -35,6 +35,14 @@ def check_no_error(reply: Message) -> None:
         raise FedLoraError(f"the client failed: {lines[-1][:300]}")
 
 
+def reply_metrics(reply: Message) -> MetricRecord:
+    """The reply's MetricRecord ``metrics``, or FedLoraError."""
+    metrics = reply.content.get("metrics")
+    if not isinstance(metrics, MetricRecord):
+        raise FedLoraError("the reply has no MetricRecord 'metrics'")
+    return metrics
+
+
 def client_identity(reply: Message) -> str:
     """The ``client-id`` a reply names its sender by (its own word: the partition id in
     simulation, a node-config value in deployment), or FedLoraError."""

@@ -6,7 +6,15 @@ from flwr.app import MetricRecord
 
 from fedlora.data import Example
 from fedlora.errors import FedLoraError
-from fedlora.evaluate import Scores, final_number, label_log_likelihoods, macro_f1, normalize_answer, score
+from fedlora.evaluate import (
+    Scores,
+    final_number,
+    label_answer_ids,
+    label_log_likelihoods,
+    macro_f1,
+    normalize_answer,
+    score,
+)
 from fedlora.models import load_model
 from fedlora.train import train_local
 
@@ -43,7 +51,8 @@ def test_label_scores_are_whole_sequence_log_likelihoods(tiny_model_dir):
     assert lengths == {1, 2, 3}
     direct = torch.tensor([[direct_log_likelihood(model, tokenizer, e.prompt, w) for w in LABELS]
                            for e in data], dtype=torch.float64)
-    batched = label_log_likelihoods(model, tokenizer, [e.prompt for e in data], LABELS, 64, CPU)
+    label_ids = label_answer_ids(tokenizer, LABELS)
+    batched = label_log_likelihoods(model, tokenizer, [e.prompt for e in data], label_ids, 64, CPU)
     assert torch.allclose(batched.double(), direct, atol=1e-4)
     predicted = direct.argmax(dim=1)
     truth = torch.tensor([e.label for e in data])
