@@ -19,11 +19,16 @@ A train message carries:
   encoded by the codec the ``codec`` header names (fedlora.codec);
 - ``keep``: tensors to keep for the whole run, in numbered batches: ``<i>/frozen/<key>``
   (loaded into every adapter, never trained) and ``<i>/merge/<key>`` (LoRA factors whose
-  product is merged into the base weights, in batch order).
+  product is merged into the base weights, in batch order);
+- ``base-delta`` and ``base-delta-codec`` where the plan's ``base-delta-version`` is
+  ahead of the node's: a dense change to the base weights (by module path) that adds
+  to the node's (or, with ``from`` 0 in the header, replaces it); it is applied before
+  the merges (strategies/kept.py).
 
 Kept tensors live in Flower's per-node ``context.state``, which outlives a message even in
 deployment, where each message starts a fresh process. An evaluate message carries the
-plan and the global adapter as a PEFT LoRA; the reply holds the evaluation counts
+plan, the global adapter as a PEFT LoRA and, like a train message, the base delta where
+the node's is behind; the reply holds the evaluation counts
 (fedlora.evaluate.Scores) of the held-out slice.
 
 A reply carries, besides tensors and metrics, the ConfigRecord ``client`` with
@@ -43,6 +48,7 @@ from flwr.clientapp import ClientApp
 
 from client import faults
 from fedlora.adapters import (
+    add_to_weights,
     adapter_state,
     attach_lora,
     attach_lora_sb,
@@ -66,6 +72,8 @@ from fedlora.train import train_local, weight_gradients
 app = ClientApp()
 KEPT = "fedlora-kept"  # the context.state record that holds kept tensors
 PERSONAL = "fedlora-personal"  # trained tensors that never leave the client (plan "personal")
+BASE_DELTA = "fedlora-base-delta"  # the dense change to the base weights, by module path
+BASE_DELTA_VERSION = "fedlora-base-delta-version"  # how many increments it sums
 RUN = "fedlora-run"  # the run the node state belongs to
 RESIDUAL = "fedlora-residual"  # the error-feedback residual, for either fate of the last reply
 RESIDUAL_ROUND = "fedlora-residual-round"  # and the round of that reply
@@ -113,6 +121,34 @@ def keep_tensors(context: Context, message_keep: ArrayRecord | None, batches: in
     return frozen, merges
 
 
+def held_base_delta(context: Context, content: RecordDict, plan) -> dict[str, torch.Tensor]:
+    """The dense change to the base weights this node holds once the message's part of it
+    is added (plan ``base-delta-version``; none at version 0), by module path.
+
+    Raises FedLoraError if the message builds on a version the node does not hold (it
+    lost its state): the server then sends the whole delta next time.
+    """
+    version = int(plan.get("base-delta-version", 0))
+    stored, held = context.state.get(BASE_DELTA), context.state.get(BASE_DELTA_VERSION)
+    held = int(held["version"]) if isinstance(held, ConfigRecord) else 0
+    delta = stored.to_torch_state_dict() if isinstance(stored, ArrayRecord) and held else {}
+    if isinstance(content.get("base-delta"), ArrayRecord):
+        header = dict(content["base-delta-codec"])
+        start = int(header.pop("from"))
+        if start not in (0, held):
+            raise FedLoraError(f"the base delta sent builds on version {start}, this client holds "
+                               f"version {held}; the server resends it whole")
+        sent = decode_payload({k: a.numpy() for k, a in content["base-delta"].items()}, header)
+        delta = sent if start == 0 else {path: delta[path] + sent[path] for path in sent}
+        held = version
+        context.state[BASE_DELTA] = ArrayRecord(delta)
+        context.state[BASE_DELTA_VERSION] = ConfigRecord({"version": held})
+    if held != version:
+        raise FedLoraError(f"this client holds base delta version {held}, the plan says {version}; "
+                           "the server resends it whole")
+    return delta
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run the plan: train an adapter (or estimate gradients) on this node's data, on the
@@ -136,6 +172,7 @@ def run_plan(msg: Message, context: Context, config: RunConfig, model, tokenizer
     client_id = client_identity(context)
     server_round = int(plan["server-round"])
     frozen, merges = keep_tensors(context, msg.content.get("keep"), int(plan["kept-batches"]))
+    base_delta = held_base_delta(context, msg.content, plan)
     examples, _ = node_examples(plan, config, context)
     if plan["task"] == "gradient":
         arrays = weight_gradients(
@@ -147,6 +184,7 @@ def run_plan(msg: Message, context: Context, config: RunConfig, model, tokenizer
         payload, header = encode_payload(arrays, Codec.parse(config.upload_codec))
         return reply(msg, payload, header, metrics, client_id, device)
 
+    add_to_weights(model, base_delta)  # FedEx-LoRA's residuals
     for merge in merges:  # FLoRA: the global base is the base plus every round's stack
         merge_lora(model, merge)
     received = decode_payload(
@@ -221,7 +259,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     if not held_out:
         raise FedLoraError("federated evaluation asked, but this client holds no examples out")
     state = {k: torch.from_numpy(a.numpy().copy()) for k, a in msg.content["arrays"].items()}
+    base_delta = held_base_delta(context, msg.content, plan)
     with borrowed_model(config.model, device) as (model, tokenizer):
+        add_to_weights(model, base_delta)
         with lora_applied(model, state, int(plan["eval-rank"]), float(plan["eval-alpha"]),
                           config.target_module_list) if state else nullcontext(model) as evaluated:
             if state and name_markers(plan.get("personal", "")):  # this client's own part

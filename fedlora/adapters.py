@@ -127,6 +127,40 @@ def save_shared_tensors(state: dict[str, torch.Tensor], folder: str | Path,
     )
 
 
+BASE_DELTA_FILE = "base_delta.safetensors"
+
+
+def save_base_delta(base_delta: dict[str, torch.Tensor], folder: str | Path) -> None:
+    """Next to a saved adapter, the dense change its base weights need (FedEx-LoRA): the
+    global model is the base model, plus ``base_delta.safetensors`` (``<module>.weight``
+    keys) added to those weights, plus the adapter. A README says so."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({f"{path}.weight": value.contiguous() for path, value in base_delta.items()},
+              str(folder / BASE_DELTA_FILE))
+    (folder / "README.md").write_text(
+        f"This adapter belongs on a changed base model: add each tensor of {BASE_DELTA_FILE} "
+        f"({len(base_delta)} dense weight changes, fp32, keys named after the weights they "
+        "change) to the base model's weight of that name, then load the adapter with "
+        "PeftModel.from_pretrained. fedlora.adapters.apply_base_delta(model, folder) does "
+        "the first step.\n"
+    )
+
+
+def apply_base_delta(model, folder: str | Path):
+    """Add a saved adapter's base delta (if it has one) to ``model``'s weights; returns
+    the model, ready for ``PeftModel.from_pretrained(model, folder)``."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / BASE_DELTA_FILE
+    if path.is_file():
+        add_to_weights(model, {key.removesuffix(".weight"): value
+                               for key, value in load_file(str(path)).items()})
+    return model
+
+
 # ---- LoRA-SB (Fed-SB): h = W x + B R A x, only R trained ---------------------------------
 
 
@@ -241,18 +275,29 @@ def fp32_linear(model, path: str) -> torch.nn.Linear:
 
 
 @torch.no_grad()
+def add_to_weights(model, deltas: dict[str, torch.Tensor]) -> None:
+    """W <- W + delta for every module path of ``deltas``, in fp32 copies of the layers
+    (see Fp32Linear): the model's own layers are left as they were."""
+    modules = dict(model.named_modules())
+    for path, delta in deltas.items():
+        if not isinstance(modules.get(path), torch.nn.Linear):
+            raise FedLoraError(f"cannot add to {path}: the model has no such linear module")
+        weight = fp32_linear(model, path).weight
+        if tuple(delta.shape) != tuple(weight.shape):
+            raise FedLoraError(f"the change to {path} has shape {tuple(delta.shape)}, "
+                               f"its weight {tuple(weight.shape)}")
+        weight += delta.float().to(weight.device)
+
+
+@torch.no_grad()
 def merge_lora(model, factors: dict[str, torch.Tensor]) -> None:
     """W <- W + B @ A for every (lora_A, lora_B) pair of ``factors`` (keys as module_path
     reads them): FLoRA's merge of a round's stacked delta. The merged layers are fp32
     copies whatever the model's dtype (see Fp32Linear), so merges accumulate exactly to
     fp32 rounding on a bf16 GPU model too, every client trains on the base the server
     evaluates, and the model's own layers are left as they were."""
-    modules = dict(model.named_modules())
     for key, A in factors.items():
         if key.endswith(".lora_A.weight"):
             B = factors[key.replace(".lora_A.", ".lora_B.")]
-            path = module_path(key)
-            if not isinstance(modules.get(path), torch.nn.Linear):
-                raise FedLoraError(f"cannot merge into {path}: the model has no such linear module")
-            weight = fp32_linear(model, path).weight
-            weight += B.float().to(weight.device) @ A.float().to(weight.device)
+            device = next(model.parameters()).device  # the product on the model's device
+            add_to_weights(model, {module_path(key): B.float().to(device) @ A.float().to(device)})

@@ -149,3 +149,17 @@ def svd_lora(deltas: dict[str, torch.Tensor], rank: int, scale: float) -> State:
         factors[f"base_model.model.{path}.lora_A.weight"] = (root[:, None] * Vh[:rank]).float()
         factors[f"base_model.model.{path}.lora_B.weight"] = (U[:, :rank] * root).float()
     return pad_lora(factors, rank)  # a module narrower than the rank: zero components
+
+
+def fedex_residual(states: list[State], weights: list[float], scale: float) -> State:
+    """FedEx-LoRA's residual, by module path: s (sum_k p_k B_k A_k - (sum_k p_k B_k)
+    (sum_k p_k A_k)), the part of the exact weighted mean of the clients' weight changes
+    that the average of the factors misses (Singhal et al., FedEx-LoRA, 2025). Added to
+    the base weights, it makes base + s B A exact. Computed in fp64, returned in fp32."""
+    average = weighted_average(states, weights)
+    exact = {}
+    for state, weight in zip(states, weights):
+        for path, delta in delta_weights(state, scale).items():
+            exact[path] = exact.get(path, 0.0) + weight * delta
+    averaged = delta_weights(average, scale)
+    return {path: (exact[path] - averaged[path]).float() for path in exact}

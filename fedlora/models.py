@@ -119,10 +119,19 @@ def borrowed_model(name: str, device: torch.device) -> Iterator[tuple]:
     if key not in _LOADED:
         _LOADED[key] = load_model(name, device)
     model, tokenizer = _LOADED[key]
+    with restored(model):
+        yield model, tokenizer
+
+
+@contextmanager
+def restored(model) -> Iterator:
+    """``model``, put back as it was after the ``with`` (see borrowed_model): modules
+    replaced anywhere in the tree restored, attributes set on the model removed, every
+    parameter frozen without gradient, eval mode."""
     children = {module: dict(module._modules) for module in model.modules()}
     attributes = set(vars(model))
     try:
-        yield model, tokenizer
+        yield model
     finally:
         for module, kept in children.items():
             module._modules.clear()

@@ -23,12 +23,18 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from tqdm import tqdm
 
-from fedlora.adapters import lora_applied, save_adapter, save_shared_tensors
+from fedlora.adapters import (
+    add_to_weights,
+    lora_applied,
+    save_adapter,
+    save_base_delta,
+    save_shared_tensors,
+)
 from fedlora.config import RunConfig
 from fedlora.data import server_data
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import evaluate
-from fedlora.models import load_model, pick_device
+from fedlora.models import load_model, pick_device, restored
 from strategies import build_strategy, folder_name
 
 log = logging.getLogger("fedlora")
@@ -102,12 +108,15 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
 
     @contextmanager
     def global_adapter(arrays: ArrayRecord):
-        if not arrays:  # FLoRA before its first round: the base model is the global model
-            yield model
-            return
-        state, rank, alpha = strategy.peft_adapter(arrays)
-        with lora_applied(model, state, rank, alpha, config.target_module_list) as adapted:
-            yield adapted
+        """The global model: the base, plus the base delta (FedEx-LoRA), plus the adapter."""
+        with restored(model):
+            add_to_weights(model, strategy.kept.base_delta)
+            if not arrays:  # FLoRA before its first round: the base model is the global model
+                yield model
+                return
+            state, rank, alpha = strategy.peft_adapter(arrays)
+            with lora_applied(model, state, rank, alpha, config.target_module_list) as adapted:
+                yield adapted
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", private=strategy.privacy is not None,
                              central=central_examples is not None, federated=federated,
@@ -167,6 +176,8 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     else:
         with global_adapter(arrays) as adapted:
             save_adapter(adapted, run_dir / "adapter")
+        if strategy.kept.base_delta:  # the global model is not the base model plus a LoRA
+            save_base_delta(strategy.kept.base_delta, run_dir / "adapter")
     from server.report import plot_report  # matplotlib: only once a report is written
 
     plot_report(metrics_log.rows, run_dir / "report.png")

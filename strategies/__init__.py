@@ -14,6 +14,7 @@ import re
 from fedlora.errors import FedLoraError
 from strategies.base import LoraStrategy
 from strategies.fedavg import FedAvgLoRA
+from strategies.fedex import FedExLoRA
 from strategies.fedsa import FedSALoRA
 from strategies.fedsb import FedSB
 from strategies.ffa import FFALoRA
@@ -24,7 +25,8 @@ from strategies.sparse import SparseLoRA
 
 STRATEGIES: dict[str, type[LoraStrategy]] = {
     cls.name: cls
-    for cls in (FedAvgLoRA, FFALoRA, FLoRA, FedSB, SparseLoRA, HetLoRA, FlexLoRA, FedSALoRA)
+    for cls in (FedAvgLoRA, FFALoRA, FLoRA, FedSB, SparseLoRA, HetLoRA, FlexLoRA, FedExLoRA,
+                FedSALoRA)
 }
 
 

@@ -27,6 +27,7 @@ from fedlora.codec import Codec, decode_payload, encode_payload
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import Scores
 from fedlora.privacy import Privacy, PrivacyAccountant, private_mean
+from strategies.kept import KeptTensors
 from strategies.replies import check_dpsgd_metrics, check_no_error, client_identity, reply_metrics
 
 log = logging.getLogger("fedlora")
@@ -134,10 +135,8 @@ class LoraStrategy(FedAvg):
         self.global_state: State = {}  # the dense global tensors of the round being run
         self.sent_shapes: dict[str, tuple[int, ...]] = {}
         self.dropped: list[tuple[int, str]] = []  # (node id, reason) of the last round
-        # Tensors every client keeps for the whole run (frozen factors, merged deltas), as
-        # an append-only list of batches; each node is sent the batches it lacks.
-        self.kept_batches: list[dict[str, torch.Tensor]] = []
-        self.node_batches: dict[int, int] = {}  # node id -> batches it holds
+        # Tensors every client keeps for the whole run, and what each node lacks of them.
+        self.kept = KeptTensors(self.download_codec)
         self.aggregated_rounds: dict[int, int] = {}  # node id -> last round its reply counted
         self.evaluated_clients: dict[str, Scores] = {}  # client-id -> counts, last evaluation
         self.privacy = privacy
@@ -198,7 +197,7 @@ class LoraStrategy(FedAvg):
     def keep_frozen(self, frozen: State) -> None:
         """Make ``frozen`` the first kept batch: each client receives it once."""
         self.frozen = frozen
-        self.kept_batches = [{f"frozen/{k}": v for k, v in frozen.items()}]
+        self.kept.batches = [{f"frozen/{k}": v for k, v in frozen.items()}]
 
     def initialize(self, model) -> ArrayRecord:
         """The global state before round 1: by default a fresh LoRA (A seeded, B = 0)."""
@@ -263,24 +262,18 @@ class LoraStrategy(FedAvg):
             "personal": ",".join(self.personal),
             "upload": self.upload,
             "upload-codec": self.upload_codec.name,
-            "kept-batches": len(self.kept_batches),
+            **self.kept.plan(),
         })
 
     def message(self, node_id: int, plan: ConfigRecord, payload: dict, header: dict) -> Message:
-        """One node's message: plan, encoded global tensors and the kept batches it lacks."""
-        first = self.node_batches.get(node_id, 0)
-        keep = {
-            f"{i}/{key}": value
-            for i, batch in enumerate(self.kept_batches[first:], start=first)
-            for key, value in batch.items()
-        }
-        self.node_batches[node_id] = len(self.kept_batches)
+        """One node's message: plan, encoded global tensors and the kept tensors it lacks."""
         content = RecordDict({
             # The fate of its last reply: error feedback keeps what the server never used.
             "config": ConfigRecord({**plan, "aggregated-round": self.aggregated_rounds.get(node_id, 0)}),
             "arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
             "codec": ConfigRecord(header),
-            "keep": ArrayRecord(keep),
+            **self.kept.batches_for(node_id),
+            **self.kept.base_delta_for(node_id),
         })
         return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
 
@@ -366,7 +359,7 @@ class LoraStrategy(FedAvg):
                 valid.append(reply)
             except FedLoraError as err:
                 self.dropped.append((node, str(err)))
-                self.node_batches.pop(node, None)  # it may have lost its kept tensors: resend
+                self.kept.forget(node)  # it may have lost its kept tensors: resend
                 log.warning("round %d: dropped the reply of node %d: %s", server_round, node, err)
         return valid, states
 
@@ -415,16 +408,16 @@ class LoraStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         """Send every connected client the global adapter as a PEFT LoRA (the form any
-        client can attach), to evaluate on its held-out slice."""
+        client can attach), and the base delta where its own is behind, to evaluate on
+        its held-out slice."""
         state, rank, alpha = self.peft_adapter(arrays) if arrays else ({}, 0, 0.0)
         plan = ConfigRecord({**self.plan(config, server_round, task="evaluate"),
                              "eval-rank": int(rank), "eval-alpha": float(alpha)})
         sample_nodes(grid, self.min_available_nodes, 0)  # waits for the federation to connect
-        content = RecordDict({
-            "config": plan,
-            "arrays": ArrayRecord({k: Array(v.float().numpy()) for k, v in state.items()}),
-        })
-        return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node)
+        adapter = ArrayRecord({k: Array(v.float().numpy()) for k, v in state.items()})
+        return [Message(content=RecordDict({"config": plan, "arrays": adapter,
+                                            **self.kept.base_delta_for(node)}),
+                        message_type=MessageType.EVALUATE, dst_node_id=node)
                 for node in sorted(grid.get_node_ids())]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
@@ -444,6 +437,7 @@ class LoraStrategy(FedAvg):
                     raise FedLoraError(f"a second reply names itself client '{client}'")
                 self.evaluated_clients[client] = Scores.from_record(metrics, num_labels)
             except FedLoraError as err:
+                self.kept.forget(reply.metadata.src_node_id)  # it may have lost its base delta
                 log.warning("round %d evaluation: left out node %d: %s", server_round,
                             reply.metadata.src_node_id, err)
         reports = list(self.evaluated_clients.values())
@@ -462,15 +456,14 @@ class LoraStrategy(FedAvg):
         """What the strategy holds beyond the global arrays, as tensors and plain values:
         saved after every round, so that a run can resume. Subclasses add their own."""
         return {
-            "kept_batches": self.kept_batches,
+            "kept": self.kept.state_dict(),
             "noise_generator": self.noise_generator.get_state(),
             "accountant": self.accountant.state_dict() if self.accountant else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (after :meth:`initialize`)."""
-        self.kept_batches = state["kept_batches"]
-        self.node_batches = {}  # the clients of a resumed run hold nothing yet
+        self.kept.load_state_dict(state["kept"])  # the clients of a resumed run hold nothing yet
         self.aggregated_rounds = {}
         self.noise_generator.set_state(state["noise_generator"])
         if self.accountant:

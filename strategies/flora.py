@@ -71,7 +71,7 @@ class FLoRA(LoraStrategy):
         scales = [self.alpha / int(m["rank"]) for m in metrics]
         stack = stack_lora(states, weights, scales)
         self.round_stacks.append(stack)
-        self.kept_batches.append({f"merge/{k}": v for k, v in stack.items()})
+        self.kept.add_batch({f"merge/{k}": v for k, v in stack.items()})
         return concat_lora(self.round_stacks)
 
     def state_dict(self) -> dict:

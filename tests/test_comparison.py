@@ -11,10 +11,11 @@ import pytest
 import torch
 from peft import PeftModel
 
+from fedlora.adapters import apply_base_delta
 from fedlora.models import load_model
 
 EXAMPLE = "examples.trimmed_mean:TrimmedMean"  # a strategy written outside the package
-STRATEGIES = ["fedavg", "ffa", "flora", "fedsb", "hetlora", "flexlora", "fedsa", EXAMPLE]
+STRATEGIES = ["fedavg", "ffa", "flora", "fedsb", "hetlora", "flexlora", "fedex", "fedsa", EXAMPLE]
 FOLDERS = [s.replace(":", "-") for s in STRATEGIES]  # a folder name has no ':'
 GLOBAL = [f for f in FOLDERS if f != "fedsa"]  # fedsa's adapter is personalised: no global one
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def comparison(tmp_path_factory):
 
 def test_exact_methods_are_exact_and_fedavg_is_not(comparison):
     _, rows, _ = comparison
-    for strategy in ("ffa", "flora", "fedsb"):
+    for strategy in ("ffa", "flora", "fedsb", "fedex"):
         errors = [r["aggregation_error"] for r in rows[strategy][1:]]
         assert max(errors) < 1e-5, (strategy, errors)
     assert min(r["aggregation_error"] for r in rows["fedavg"][1:]) > 1e-4
@@ -56,7 +57,7 @@ def test_round_0_evaluates_the_model_clients_start_from(comparison):
     # FedAvg's and FFA's zero B and FLoRA's empty stack leave the base model as it is;
     # Fed-SB's gradient initialisation starts clients from W + B R A.
     base = {s: (rows[s][0]["eval_loss"], rows[s][0]["eval_accuracy"])
-            for s in ("fedavg", "ffa", "flora", "hetlora", "flexlora")}
+            for s in ("fedavg", "ffa", "flora", "hetlora", "flexlora", "fedex")}
     assert len(set(base.values())) == 1
     assert rows["fedsb"][0]["eval_loss"] != rows["fedavg"][0]["eval_loss"]
 
@@ -73,6 +74,14 @@ def test_communication_follows_the_methods(comparison):
     assert up["hetlora"] == up["flexlora"] > up["fedavg"]
     for strategy in ("hetlora", "flexlora"):
         assert rows[strategy][2]["bytes_down"] < rows[strategy][1]["bytes_down"]
+    # FedEx-LoRA uploads what FedAvg does; from round 2 on it also sends each client the
+    # last round's dense residual, out x in fp32 values per module (2 layers of tiny-llama:
+    # q 64 x 64, v 32 x 64).
+    assert up["fedex"] == up["fedavg"]
+    residual_bytes = 3 * 2 * (64 * 64 + 32 * 64) * 4
+    growth = {s: rows[s][2]["bytes_down"] - rows[s][1]["bytes_down"] for s in ("fedex", "fedavg")}
+    extra = growth["fedex"] - growth["fedavg"]
+    assert residual_bytes < extra < residual_bytes * 1.05, (extra, residual_bytes)
     # FedSA-LoRA moves A alone, both ways.
     assert up["fedsa"] < up["fedavg"] and rows["fedsa"][2]["bytes_down"] < rows["fedavg"][2]["bytes_down"]
     for folder in FOLDERS:
@@ -119,5 +128,7 @@ def test_every_exported_adapter_loads_with_peft(comparison, strategy):
     ids = tokenizer("a fine film\nAnswer:", return_tensors="pt").input_ids
     with torch.no_grad():
         before = base(ids).logits
+        apply_base_delta(base, folder / strategy / "adapter")  # FedEx-LoRA's residuals
         after = PeftModel.from_pretrained(base, folder / strategy / "adapter")(ids).logits
     assert (after - before).abs().max() > 1e-4
+    assert (folder / strategy / "adapter" / "base_delta.safetensors").is_file() == (strategy == "fedex")
