@@ -15,26 +15,40 @@ def module_path(key: str) -> str:
     return key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
 
 
-def example_weights(num_examples: list[int]) -> list[float]:
-    """p_k = n_k / sum(n): each client's share of the examples that answered this round."""
-    if not num_examples or any(n <= 0 for n in num_examples):
-        raise FedLoraError(f"example counts must be positive, got {num_examples}")
-    total = sum(num_examples)
-    return [n / total for n in num_examples]
+class RunningMean:
+    """sum_k w_k x_k / sum_k w_k over dicts of tensors, one client at a time: the server
+    holds the running sums (fp64), never every client's tensors."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.total = 0.0
+
+    def add(self, terms: State, weight: float) -> None:
+        for key, value in terms.items():
+            if key not in self.sums:
+                self.sums[key] = torch.zeros(value.shape, dtype=torch.float64)
+            self.sums[key].add_(value.detach().cpu(), alpha=weight)
+        self.total += weight
+
+    def mean(self) -> State:
+        """The weighted mean, fp32."""
+        if self.total <= 0:
+            raise FedLoraError("no client was added to the mean")
+        return {key: (value / self.total).float() for key, value in self.sums.items()}
 
 
 def weighted_average(states: list[State], weights: list[float]) -> State:
-    """sum_k p_k * state_k, key by key: FedAvg of A and B separately (FedIT).
+    """sum_k p_k * state_k / sum_k p_k, key by key: FedAvg of A and B separately (FedIT).
 
     Inexact for LoRA: (sum p_k B_k)(sum p_k A_k) != sum p_k B_k A_k, which is why the
     exact methods exist. Tensors are summed in fp64 and returned as fp32.
     """
     if len(states) != len(weights) or not states:
         raise FedLoraError(f"{len(states)} states but {len(weights)} weights")
-    return {
-        key: sum(w * s[key].double() for s, w in zip(states, weights)).float()
-        for key in states[0]
-    }
+    mean = RunningMean()
+    for state, weight in zip(states, weights):
+        mean.add(state, weight)
+    return mean.mean()
 
 
 def stack_lora(states: list[State], weights: list[float], scales: list[float]) -> State:
@@ -80,12 +94,13 @@ def delta_weights(state: State, scale: float = 1.0) -> State:
     return deltas
 
 
-def aggregation_error(global_delta: State, client_deltas: list[State], weights: list[float]) -> float:
+def aggregation_error(global_delta: State, mean_delta: State) -> float:
     """||D - sum_k p_k D_k||_F / ||sum_k p_k D_k||_F over all modules together: how far the
-    aggregated weight change is from the weighted mean of the clients' weight changes."""
+    aggregated weight change D is from the weighted mean of the clients' weight changes
+    (``mean_delta``, by module path)."""
     error = reference = 0.0
     for path, delta in global_delta.items():
-        target = sum(w * d[path].double() for d, w in zip(client_deltas, weights))
+        target = mean_delta[path].double()
         error += float((delta.double() - target).pow(2).sum())
         reference += float(target.pow(2).sum())
     return (error / reference) ** 0.5 if reference > 0 else error**0.5
@@ -151,15 +166,11 @@ def svd_lora(deltas: dict[str, torch.Tensor], rank: int, scale: float) -> State:
     return pad_lora(factors, rank)  # a module narrower than the rank: zero components
 
 
-def fedex_residual(states: list[State], weights: list[float], scale: float) -> State:
-    """FedEx-LoRA's residual, by module path: s (sum_k p_k B_k A_k - (sum_k p_k B_k)
-    (sum_k p_k A_k)), the part of the exact weighted mean of the clients' weight changes
-    that the average of the factors misses (Singhal et al., FedEx-LoRA, 2025). Added to
-    the base weights, it makes base + s B A exact. Computed in fp64, returned in fp32."""
-    average = weighted_average(states, weights)
-    exact = {}
-    for state, weight in zip(states, weights):
-        for path, delta in delta_weights(state, scale).items():
-            exact[path] = exact.get(path, 0.0) + weight * delta
+def fedex_residual(mean_delta: State, average: State, scale: float) -> State:
+    """FedEx-LoRA's residual, by module path: s sum_k p_k B_k A_k (``mean_delta``, the
+    weighted mean of the clients' weight changes) minus s B A of the averaged factors
+    (``average``): what the average of the factors misses (Singhal et al., FedEx-LoRA,
+    2025). Added to the base weights, it makes base + s B A exact. Computed in fp64,
+    returned in fp32."""
     averaged = delta_weights(average, scale)
-    return {path: (exact[path] - averaged[path]).float() for path in exact}
+    return {path: (mean_delta[path].double() - averaged[path]).float() for path in averaged}

@@ -67,9 +67,17 @@ def private_mean(
     that dividing reveals nothing (a client that drops out shrinks the mean a little).
     """
     clipped = [clip_update(u, clip) for u in updates]
-    total = {k: sum(c[k] for c in clipped) for k in updates[0]}
+    return noised_mean({k: sum(c[k].double() for c in clipped) for k in updates[0]},
+                       clip, noise, denominator, generator)
+
+
+def noised_mean(total: State, clip: float, noise: float, denominator: int,
+                generator: torch.Generator) -> State:
+    """(``total`` + N(0, (noise * clip)^2) per coordinate) / denominator, fp32: the release
+    of :func:`private_mean` from the sum of the clipped updates (which a server can add
+    up one reply at a time)."""
     return {
-        k: ((t + noise * clip * torch.randn(t.shape, generator=generator, dtype=torch.float64))
+        k: ((t.double() + noise * clip * torch.randn(t.shape, generator=generator, dtype=torch.float64))
             / denominator).float()
         for k, t in total.items()
     }

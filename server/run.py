@@ -12,6 +12,8 @@ import dataclasses
 import json
 import logging
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -144,11 +146,13 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             break
         start = time.perf_counter()
         messages = list(strategy.configure_train(server_round, arrays, plan, grid))
-        replies = exchange(grid, messages, config.round_timeout, f"round {server_round}")
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        replies = Tally()  # handed to the strategy as they arrive, counted on the way
+        new_arrays, train_metrics = strategy.aggregate_train(
+            server_round, replies.count(arrivals(grid, messages, config.round_timeout,
+                                                 f"round {server_round}")))
         if new_arrays is None:
             raise FedLoraError(
-                f"round {server_round} failed: {len(replies) - len(strategy.dropped)} of "
+                f"round {server_round} failed: {replies.replies - len(strategy.dropped)} of "
                 f"{len(messages)} clients gave a usable reply, --min-clients is "
                 f"{config.min_clients}; outputs so far are in {run_dir}"
             )
@@ -159,10 +163,10 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         row = {
             "round": server_round,
             "strategy": config.strategy,
-            "clients": len(replies) - len(strategy.dropped),
+            "clients": replies.replies - len(strategy.dropped),
             "train_loss": float(train_metrics["train-loss"]),
             **(evaluation(arrays, server_round) if evaluated else {}),
-            "bytes_up": traffic(replies),
+            "bytes_up": replies.bytes,
             "bytes_down": traffic(messages),
             "client_train_seconds": float(train_metrics["train-seconds"]),
         }
@@ -294,29 +298,49 @@ def load_checkpoint(run_dir: Path, strategy, metrics_log: MetricsLog, rounds: in
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float, label: str) -> list[Message]:
-    """Send ``messages`` and collect replies until all are in or ``timeout`` passes.
+    """Send ``messages``; the replies that arrive before ``timeout`` (see arrivals)."""
+    return list(arrivals(grid, messages, timeout, label))
 
-    Like ``Grid.send_and_receive``, but polls every half second and shows a progress bar.
+
+def arrivals(grid: Grid, messages: list[Message], timeout: float, label: str) -> Iterator[Message]:
+    """Send ``messages`` and yield each reply as it arrives, until all are in or
+    ``timeout`` passes.
+
+    Like ``Grid.send_and_receive``, but polls every half second, shows a progress bar and
+    keeps no reply it has handed on (a strategy that streams folds each one and lets it go).
     """
     if not messages:
-        return []
+        return
     pending = set(grid.push_messages(messages))
-    replies: list[Message] = []
+    total = len(pending)
     deadline = time.monotonic() + timeout
     # disable=None: a bar on a terminal, nothing in a log file
-    with tqdm(total=len(pending), desc=label, unit="client", leave=False, disable=None) as bar:
+    with tqdm(total=total, desc=label, unit="client", leave=False, disable=None) as bar:
         while pending and time.monotonic() < deadline:
-            arrived = list(grid.pull_messages(pending))
-            if arrived:
-                pending -= {m.metadata.reply_to_message_id for m in arrived}
-                replies.extend(arrived)
-                bar.update(len(arrived))
+            arrived = deque(grid.pull_messages(pending))
+            pending -= {m.metadata.reply_to_message_id for m in arrived}
+            bar.update(len(arrived))
+            while arrived:
+                yield arrived.popleft()
             if pending:
                 time.sleep(0.5)
     if pending:
         log.warning("%s: %d of %d clients did not reply within %gs",
-                    label, len(pending), len(messages), timeout)
-    return replies
+                    label, len(pending), total, timeout)
+
+
+class Tally:
+    """Replies passed through :meth:`count`: how many, and their payload bytes."""
+
+    def __init__(self) -> None:
+        self.replies = self.bytes = 0
+
+    def count(self, replies: Iterable[Message]) -> Iterator[Message]:
+        for reply in replies:
+            self.replies += 1
+            self.bytes += traffic([reply])
+            yield reply
+            del reply  # held no longer than the strategy holds it
 
 
 class MetricsLog:

@@ -45,7 +45,8 @@ def strategy_class(name: str) -> type[LoraStrategy]:
     ------
     FedLoraError
         One line naming ``name`` and the valid choices, when the strategy is unknown,
-        fails to import, is not a LoraStrategy subclass or lacks ``aggregate_states``.
+        fails to import, is not a LoraStrategy subclass or lacks both ``aggregate_states``
+        and ``aggregate_means``.
     """
     if name in STRATEGIES:
         return STRATEGIES[name]
@@ -70,9 +71,11 @@ def strategy_class(name: str) -> type[LoraStrategy]:
             f"strategy '{name}' is not a subclass of strategies.base.LoraStrategy; "
             f"valid choices: {choices}"
         )
-    if cls.aggregate_states is LoraStrategy.aggregate_states:  # the base only raises
+    if (cls.aggregate_states is LoraStrategy.aggregate_states
+            and cls.aggregate_means is LoraStrategy.aggregate_means):  # the base only raises
         raise FedLoraError(
-            f"strategy '{name}' ({cls.__qualname__}) does not implement aggregate_states; "
+            f"strategy '{name}' ({cls.__qualname__}) implements neither aggregate_states nor "
+            "aggregate_means; "
             f"valid choices: {choices}"
         )
     return cls

@@ -4,9 +4,9 @@ are in strategies/replies.py), the tensors a client keeps for the whole run, the
 exactness check and federated evaluation.
 
 A method is a subclass that sets what the client attaches and trains and overrides a few
-small steps: :meth:`initialize`, :meth:`aggregate_states`, and where needed
-:meth:`expected_shapes`, :meth:`complete`, :meth:`client_delta`, :meth:`round_delta`,
-:meth:`peft_adapter`.
+small steps: :meth:`initialize`, :meth:`aggregate_means` (or :meth:`aggregate_states`),
+and where needed :meth:`client_terms`, :meth:`expected_shapes`, :meth:`complete`,
+:meth:`client_delta`, :meth:`round_delta`, :meth:`peft_adapter`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -22,15 +23,29 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlora.adapters import check_adapter_state, fresh_lora_state, target_linears
-from fedlora.aggregate import State, aggregation_error, delta_weights, example_weights
+from fedlora.aggregate import RunningMean, State, aggregation_error, delta_weights
 from fedlora.codec import Codec, decode_payload, encode_payload
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import Scores
-from fedlora.privacy import Privacy, PrivacyAccountant, private_mean
+from fedlora.privacy import Privacy, PrivacyAccountant, clip_update, noised_mean
 from strategies.kept import KeptTensors
 from strategies.replies import check_dpsgd_metrics, check_no_error, client_identity, reply_metrics
 
 log = logging.getLogger("fedlora")
+
+
+@dataclass
+class RoundSums:
+    """What the server holds of one round's valid replies while they come in."""
+
+    server_round: int
+    nodes: list[int] = field(default_factory=list)  # node ids of the valid replies
+    metrics: list[MetricRecord] = field(default_factory=list)
+    clients: list[str] = field(default_factory=list)  # their identities (DP-SGD accounting)
+    terms: RunningMean = field(default_factory=RunningMean)  # a method that streams
+    states: list[State] = field(default_factory=list)  # a method that needs every client
+    clipped: RunningMean = field(default_factory=RunningMean)  # --dp user: clipped updates
+    deltas: RunningMean = field(default_factory=RunningMean)  # --check-exactness
 
 
 class LoraStrategy(FedAvg):
@@ -44,16 +59,24 @@ class LoraStrategy(FedAvg):
     ``heterogeneous_ranks`` where it differs from LoRA's defaults, and overrides some of
     these hooks:
 
-    - ``aggregate_states(states, weights, metrics)``, required: the method's math. In: each
-      valid client's state (with ``upload = "delta"``, the global state plus its update),
-      its weight p_k and its reply metrics; out: the new global state.
+    - The method's math, one of two (required):
+
+      - ``aggregate_means(means, metrics)`` for a method that needs only weighted means:
+        in, sum_k p_k ``client_terms(state_k, metrics_k)`` (default terms: the state
+        itself, which with ``upload = "delta"`` is the global state plus the client's
+        update); out, the new global state. The server folds each reply into running
+        sums as it arrives, so it never holds every client's tensors.
+      - ``aggregate_states(states, weights, metrics)`` for a method that needs each
+        client (FLoRA's stacks, a trimmed mean): in, every valid client's state, its
+        weight p_k and its reply metrics; out, the new global state.
     - ``config_arguments(config)``: constructor arguments from a RunConfig; a subclass adds
       its own parameters here.
     - ``initialize(model)``: the global state before round 1 (default: a fresh seeded LoRA).
     - ``configure_init`` / ``aggregate_init``: an initialisation round (default: none).
     - ``arrays_to_send(arrays)``: what of the global state is sent each round (default: all).
     - ``expected_shapes(metrics)``: keys and shapes of a valid reply (default: those sent).
-    - ``weights(metrics)``: the clients' p_k (default: their share of the examples).
+    - ``client_weight(metrics)``: a client's weight before p_k = w_k / sum w (default:
+      its examples).
     - ``complete(state)``: the frozen tensors that make a state a whole adapter (default: none).
     - ``client_delta`` / ``round_delta``: DeltaW for ``check_exactness`` (default: s B A).
     - ``peft_adapter(arrays)``: the global adapter as a PEFT LoRA (default: the completed
@@ -280,56 +303,96 @@ class LoraStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate every reply, drop the bad ones, aggregate the rest.
+        """Validate each reply as it comes, drop the bad ones, fold the rest in, aggregate.
+
+        ``replies`` may be any iterable, such as replies handed over as they arrive
+        (server/run.py): a method that streams (it implements ``aggregate_means``) then
+        holds running sums of the round, never every client's tensors.
 
         Returns ``(None, None)`` when fewer than ``min_train_nodes`` replies are valid;
         else the new global state and the metrics ``train-loss`` (mean weighted by p_k),
         ``train-seconds`` (sum), with ``check_exactness`` ``aggregation-error``, and
         with ``privacy`` ``epsilon`` and ``delta``.
         """
-        valid, states = self.valid_replies(server_round, replies)  # as sent: updates
-        if not valid or len(valid) < self.min_train_nodes:
+        self.dropped = []
+        round_ = RoundSums(server_round)
+        for reply in replies:
+            self.fold(round_, reply)
+            del reply  # let it go before the next one arrives
+        return self.finish(round_)
+
+    @property
+    def streams(self) -> bool:
+        """Whether the method needs only weighted means of the clients' terms (it
+        implements ``aggregate_means``, not ``aggregate_states``)."""
+        return type(self).aggregate_states is LoraStrategy.aggregate_states
+
+    def fold(self, round_: RoundSums, reply: Message) -> None:
+        """Add one reply to the round (or drop it, with the reason logged)."""
+        state = self.accept(round_.server_round, reply, self.expected_shapes)
+        if state is None:
+            return
+        metrics = reply.content["metrics"]
+        round_.nodes.append(reply.metadata.src_node_id)
+        round_.metrics.append(metrics)
+        if self.privacy and self.privacy.mode == "sample":
+            round_.clients.append(client_identity(reply))
+        if self.privacy and self.privacy.mode == "user":  # only the clipped sum is released
+            round_.clipped.add(clip_update(state, self.privacy.clip), 1.0)
+            return
+        if self.upload == "delta":  # a client's state: the dense global plus its update
+            state = {k: self.global_state[k] + u for k, u in state.items()}
+        weight = self.client_weight(metrics)
+        if self.streams:
+            round_.terms.add(self.client_terms(state, metrics), weight)
+        else:
+            round_.states.append(state)
+        if self.check_exactness:
+            round_.deltas.add(self.client_delta(state, metrics), weight)
+
+    def finish(self, round_: RoundSums) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global state and the round's metrics from what was folded in."""
+        metrics = round_.metrics
+        if not metrics or len(metrics) < self.min_train_nodes:
             return None, None
-        for reply in valid:
-            self.aggregated_rounds[reply.metadata.src_node_id] = server_round
-        metrics = [r.content["metrics"] for r in valid]
-        weights = self.weights(metrics)
+        for node in round_.nodes:
+            self.aggregated_rounds[node] = round_.server_round
+        weights = [self.client_weight(m) for m in metrics]
+        weights = [w / sum(weights) for w in weights]
         aggregated = MetricRecord({
             "train-loss": sum(w * float(m.get("train-loss", 0.0)) for m, w in zip(metrics, weights)),
             "train-seconds": sum(float(m.get("train-seconds", 0.0)) for m in metrics),
         })
         if self.privacy:
-            self.account(valid)
+            self.account(round_)
             aggregated["epsilon"], aggregated["delta"] = self.accountant.spent()
         if self.privacy and self.privacy.mode == "user":  # one noised mean stands for all
-            states = [private_mean(states, self.privacy.clip, self.privacy.noise, self.sampled,
-                                   self.noise_generator)]
-            weights = [1.0]
+            update = noised_mean(round_.clipped.sums, self.privacy.clip, self.privacy.noise,
+                                 self.sampled, self.noise_generator)
             examples = sum(int(m[self.weighted_by_key]) for m in metrics)
-            metrics = [MetricRecord({self.weighted_by_key: examples})]
-        if self.upload == "delta":  # a client's state: the dense global plus its update
-            states = [{k: self.global_state[k] + u for k, u in update.items()} for update in states]
-        new_state = self.aggregate_states(states, weights, metrics)
+            new_state = self.aggregate_states(
+                [{k: self.global_state[k] + u for k, u in update.items()}], [1.0],
+                [MetricRecord({self.weighted_by_key: examples})])
+        elif self.streams:
+            new_state = self.aggregate_means(round_.terms.mean(), metrics)
+        else:
+            new_state = self.aggregate_states(round_.states, weights, metrics)
         if self.check_exactness:
-            error = aggregation_error(
-                self.round_delta(new_state),
-                [self.client_delta(s, m) for s, m in zip(states, metrics)],
-                weights,
-            )
-            aggregated["aggregation-error"] = error
+            aggregated["aggregation-error"] = aggregation_error(self.round_delta(new_state),
+                                                                round_.deltas.mean())
         return ArrayRecord(new_state), aggregated
 
-    def account(self, valid: list[Message]) -> None:
+    def account(self, round_: RoundSums) -> None:
         """Record what this round released: one Gaussian event for the federation (user
         level), or each client's DP-SGD steps (sample level)."""
         if self.privacy.mode == "user":
             self.accountant.record("clients", self.privacy.noise, self.sampled / self.available,
                                    1, self.privacy.clients)
             return
-        for reply in valid:  # by the client's identity: Flower's node ids change on restarts
-            m = reply.content["metrics"]
-            self.accountant.record(client_identity(reply), m["dp-noise"], m["dp-sample-rate"],
-                                   m["dp-steps"], m[self.weighted_by_key])
+        # By the client's identity: Flower's node ids change on restarts.
+        for client, m in zip(round_.clients, round_.metrics):
+            self.accountant.record(client, m["dp-noise"], m["dp-sample-rate"], m["dp-steps"],
+                                   m[self.weighted_by_key])
 
     def epsilon_after_next_round(self) -> float | None:
         """The epsilon the next round would bring the run to, or None where unknown: for
@@ -353,19 +416,27 @@ class LoraStrategy(FedAvg):
         """
         valid, states, self.dropped = [], [], []
         for reply in replies:
-            node = reply.metadata.src_node_id
-            try:
-                states.append(self.check_reply(reply, expected_shapes or self.expected_shapes))
+            state = self.accept(server_round, reply, expected_shapes or self.expected_shapes)
+            if state is not None:
                 valid.append(reply)
-            except FedLoraError as err:
-                self.dropped.append((node, str(err)))
-                self.kept.forget(node)  # it may have lost its kept tensors: resend
-                log.warning("round %d: dropped the reply of node %d: %s", server_round, node, err)
+                states.append(state)
         return valid, states
 
-    def weights(self, metrics: list[MetricRecord]) -> list[float]:
-        """p_k: each valid client's share of the examples."""
-        return example_weights([int(m[self.weighted_by_key]) for m in metrics])
+    def accept(self, server_round: int, reply: Message, expected_shapes) -> State | None:
+        """The reply's decoded tensors, or None if it is unusable: then the reason is
+        logged and kept in ``dropped``, and the node is sent its kept tensors again."""
+        try:
+            return self.check_reply(reply, expected_shapes)
+        except FedLoraError as err:
+            node = reply.metadata.src_node_id
+            self.dropped.append((node, str(err)))
+            self.kept.forget(node)  # it may have lost its kept tensors: resend
+            log.warning("round %d: dropped the reply of node %d: %s", server_round, node, err)
+            return None
+
+    def client_weight(self, metrics: MetricRecord) -> float:
+        """A client's weight before normalisation (p_k = w_k / sum w): its examples."""
+        return float(metrics[self.weighted_by_key])
 
     def check_reply(self, reply: Message, expected_shapes) -> dict[str, torch.Tensor]:
         """The reply's decoded tensors, or FedLoraError saying why the reply is unusable."""
@@ -474,7 +545,21 @@ class LoraStrategy(FedAvg):
     def aggregate_states(
         self, states: list[dict], weights: list[float], metrics: list[MetricRecord]
     ) -> State:
-        """The method's math: client states and weights p_k in, the new global state out."""
+        """The method's math on every valid client's state, with weights p_k: the new
+        global state. A method that needs each client (FLoRA's stacks, a trimmed mean)
+        overrides this; by default it is ``aggregate_means`` of the p_k-weighted mean of
+        ``client_terms``, which the server can also fold one reply at a time."""
+        mean = RunningMean()
+        for state, weight, m in zip(states, weights, metrics):
+            mean.add(self.client_terms(state, m), weight)
+        return self.aggregate_means(mean.mean(), metrics)
+
+    def client_terms(self, state: State, metrics: MetricRecord) -> State:
+        """What of one client's state the method averages (default: the state itself)."""
+        return state
+
+    def aggregate_means(self, means: State, metrics: list[MetricRecord]) -> State:
+        """The new global state from sum_k p_k client_terms_k (a method that streams)."""
         raise NotImplementedError
 
     def complete(self, state: State) -> State:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedlora.aggregate import State, weighted_average
+from fedlora.aggregate import State
 from strategies.base import LoraStrategy
 
 
@@ -17,5 +17,5 @@ class FedAvgLoRA(LoraStrategy):
 
     name = "fedavg"
 
-    def aggregate_states(self, states, weights, metrics) -> State:
-        return weighted_average(states, weights)
+    def aggregate_means(self, means, metrics) -> State:
+        return means

@@ -3,9 +3,12 @@ global model is exact."""
 
 from __future__ import annotations
 
-from fedlora.aggregate import State, fedex_residual, weighted_average
+from fedlora.aggregate import State, delta_weights, fedex_residual
 from fedlora.errors import FedLoraError
 from strategies.base import LoraStrategy
+
+
+PRODUCT = "product/"  # the client terms that hold s B_k A_k, by module path
 
 
 class FedExLoRA(LoraStrategy):
@@ -38,9 +41,16 @@ class FedExLoRA(LoraStrategy):
             )
         self.residual: State = {}  # the last round's, as the clients received it
 
-    def aggregate_states(self, states, weights, metrics) -> State:
-        self.residual = self.kept.add_to_base(fedex_residual(states, weights, self.scale))
-        return weighted_average(states, weights)
+    def client_terms(self, state, metrics) -> State:
+        """A and B, and s B_k A_k of each module (dense), for sum_k p_k B_k A_k."""
+        return {**state, **{f"{PRODUCT}{path}": delta
+                            for path, delta in delta_weights(state, self.scale).items()}}
+
+    def aggregate_means(self, means, metrics) -> State:
+        average = {k: v for k, v in means.items() if not k.startswith(PRODUCT)}
+        mean_delta = {k.removeprefix(PRODUCT): v for k, v in means.items() if k.startswith(PRODUCT)}
+        self.residual = self.kept.add_to_base(fedex_residual(mean_delta, average, self.scale))
+        return average
 
     def round_delta(self, new_state: State) -> State:
         """The global change of this round: s B A plus the residual sent with it."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord
 
-from fedlora.aggregate import State, weighted_average
+from fedlora.aggregate import State
 from fedlora.errors import FedLoraError
 from strategies.base import LoraStrategy
 
@@ -40,8 +40,8 @@ class FedSALoRA(LoraStrategy):
         fresh = super().initialize(model).to_torch_state_dict()
         return ArrayRecord({k: v for k, v in fresh.items() if k.endswith("lora_A.weight")})
 
-    def aggregate_states(self, states, weights, metrics) -> State:
-        return weighted_average(states, weights)
+    def aggregate_means(self, means, metrics) -> State:
+        return means
 
     def complete(self, state: State) -> State:
         """The shared A with B = 0: what a client without a B of its own (or the server)

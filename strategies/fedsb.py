@@ -8,7 +8,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlora.adapters import lora_sb_to_peft
-from fedlora.aggregate import State, lora_sb_from_gradient, random_lora_sb, weighted_average
+from fedlora.aggregate import State, lora_sb_from_gradient, random_lora_sb
 from fedlora.errors import FedLoraError
 from strategies.base import LoraStrategy
 
@@ -149,13 +149,11 @@ class FedSB(LoraStrategy):
         super().load_state_dict(state)
         self.frozen = state["frozen"]  # B and A, which a gradient init cannot recompute
 
-    def weights(self, metrics: list[MetricRecord]) -> list[float]:
-        if self.weighting == "uniform":
-            return [1.0 / len(metrics)] * len(metrics)
-        return super().weights(metrics)
+    def client_weight(self, metrics: MetricRecord) -> float:
+        return 1.0 if self.weighting == "uniform" else super().client_weight(metrics)
 
-    def aggregate_states(self, states, weights, metrics) -> State:
-        return weighted_average(states, weights)  # a fresh average each round, no carry-over
+    def aggregate_means(self, means, metrics) -> State:
+        return means  # R = sum_k p_k R_k: a fresh average each round, no carry-over
 
     def complete(self, state: State) -> State:
         return {**self.frozen, **state}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord
 
-from fedlora.aggregate import State, weighted_average
+from fedlora.aggregate import State
 from strategies.base import LoraStrategy
 
 
@@ -25,8 +25,8 @@ class FFALoRA(LoraStrategy):
         self.keep_frozen({k: v for k, v in state.items() if ".lora_A." in k})
         return ArrayRecord({k: v for k, v in state.items() if ".lora_B." in k})
 
-    def aggregate_states(self, states, weights, metrics) -> State:
-        return weighted_average(states, weights)
+    def aggregate_means(self, means, metrics) -> State:
+        return means
 
     def complete(self, state: State) -> State:
         return {**self.frozen, **state}

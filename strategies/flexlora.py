@@ -25,7 +25,8 @@ class FlexLoRA(TruncatedRankLoRA):
 
     name = "flexlora"
 
-    def aggregate_states(self, states, weights, metrics) -> State:
-        deltas = [delta_weights(state, self.scale) for state in states]
-        mean = {path: sum(w * d[path] for d, w in zip(deltas, weights)) for path in deltas[0]}
-        return svd_lora(mean, self.rank, self.scale)
+    def client_terms(self, state, metrics) -> State:
+        return delta_weights(state, self.scale)  # s B_k A_k by module: dense, out x in
+
+    def aggregate_means(self, means, metrics) -> State:
+        return svd_lora(means, self.rank, self.scale)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedlora.aggregate import State, pad_lora, weighted_average
+from fedlora.aggregate import State, pad_lora
 from strategies.truncated import TruncatedRankLoRA
 
 
@@ -22,5 +22,8 @@ class HetLoRA(TruncatedRankLoRA):
 
     name = "hetlora"
 
-    def aggregate_states(self, states, weights, metrics) -> State:
-        return weighted_average([pad_lora(s, self.rank) for s in states], weights)
+    def client_terms(self, state, metrics) -> State:
+        return pad_lora(state, self.rank)
+
+    def aggregate_means(self, means, metrics) -> State:
+        return means

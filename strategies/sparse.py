@@ -117,11 +117,9 @@ class SparseLoRA(LoraStrategy):
             self.optimizer = torch.optim.Adam(self.parameters.values(), lr=self.server_lr)
             self.optimizer.load_state_dict(saved["adam"])
 
-    def aggregate_states(self, states, weights, metrics) -> State:
-        mean_update = {
-            key: sum(w * (s[key].double() - self.global_state[key].double()) for s, w in zip(states, weights))
-            for key in self.global_state
-        }
+    def aggregate_means(self, means, metrics) -> State:
+        mean_update = {key: means[key].double() - self.global_state[key].double()
+                       for key in self.global_state}
         if self.server_optimizer == "avg":
             return {k: (self.global_state[k].double() + u).float() for k, u in mean_update.items()}
         if self.optimizer is None:  # one Adam for the whole run: its moments carry over

@@ -60,8 +60,8 @@ class TruncatedRankLoRA(LoraStrategy):
     def expected_shapes(self, metrics: MetricRecord) -> dict[str, tuple[int, ...]]:
         return lora_shapes(self.module_shapes, announced_rank(metrics, self.rank))
 
-    def valid_replies(self, server_round, replies, expected_shapes=None):
-        valid, states = super().valid_replies(server_round, replies, expected_shapes)
-        for reply in valid:
+    def accept(self, server_round, reply, expected_shapes):
+        state = super().accept(server_round, reply, expected_shapes)
+        if state is not None:
             self.node_ranks[reply.metadata.src_node_id] = int(reply.content["metrics"]["rank"])
-        return valid, states
+        return state

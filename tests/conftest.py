@@ -95,3 +95,20 @@ def train_reply(node_id: int, tensors: dict, num_examples: int, loss: float = 1.
         "codec": ConfigRecord(header),
         "metrics": metrics,
     }))
+
+
+def client_plan(config):
+    """The plan the server sends with every message of a run of ``config`` (server/run.py)
+    for a binary sentiment task."""
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({**{k: v for k, v in config.to_dict().items() if k != "resume"},
+                         "label-words": '["negative", "positive"]'})
+
+
+def node_context(node: int, num_partitions: int):
+    """A fresh Flower node context: partition ``node - 1`` of ``num_partitions``, no state."""
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                   node_config={"partition-id": node - 1, "num-partitions": num_partitions})

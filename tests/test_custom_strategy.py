@@ -164,7 +164,7 @@ def user_modules(tmp_path, monkeypatch):
     ("no_such_module_of_fedlora:Strategy", "No module named 'no_such_module_of_fedlora'"),
     ("user_strategies:Missing", "module 'user_strategies' has no attribute 'Missing'"),
     ("user_strategies:NotAStrategy", "is not a subclass of strategies.base.LoraStrategy"),
-    ("user_strategies:Hookless", "does not implement aggregate_states"),
+    ("user_strategies:Hookless", "implements neither aggregate_states nor aggregate_means"),
     ("user_syntax_error:Strategy", "SyntaxError"),
     ("user_missing_dependency:Strategy", "No module named 'no_such_dependency_of_fedlora'"),
 ])

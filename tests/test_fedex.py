@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import FakeGrid, train_reply
-from flwr.app import ConfigRecord, Context, RecordDict
+from conftest import FakeGrid, client_plan, node_context, train_reply
+from flwr.app import RecordDict
 
 import client.app
 from fedlora.adapters import add_to_weights, apply_base_delta, lora_applied, save_base_delta
@@ -17,7 +17,6 @@ from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import score
 from fedlora.models import load_model
-from server.run import evaluation_for
 from strategies import build_strategy
 from strategies.fedex import FedExLoRA
 
@@ -32,11 +31,18 @@ def random_lora(shapes, rank, seed):
             for path, (m, n) in shapes.items() for x, shape in (("A", (rank, n)), ("B", (m, rank)))}
 
 
+def residual_of(states, weights, scale):
+    """FedEx-LoRA's residual of these clients, from the plain mean of their products."""
+    deltas = [delta_weights(state, scale) for state in states]
+    mean_delta = {path: sum(w * d[path] for d, w in zip(deltas, weights)) for path in deltas[0]}
+    return fedex_residual(mean_delta, weighted_average(states, weights), scale)
+
+
 def test_residual_makes_the_average_of_the_factors_exact():
     shapes = {"layer.q_proj": (24, 16), "layer.v_proj": (8, 16)}
     states = [random_lora(shapes, 4, seed) for seed in range(3)]
     weights, scale = [0.2, 0.3, 0.5], 2.0
-    residual = fedex_residual(states, weights, scale)
+    residual = residual_of(states, weights, scale)
     averaged = delta_weights(weighted_average(states, weights), scale)
     for path in shapes:
         exact = sum(w * scale * s[f"base_model.model.{path}.lora_B.weight"].double()
@@ -46,11 +52,6 @@ def test_residual_makes_the_average_of_the_factors_exact():
         assert float((got - exact).norm() / exact.norm()) < 1e-6
         # FedAvg alone misses much of it: the residual is far from zero.
         assert float(residual[path].norm() / exact.norm()) > 0.1
-
-
-def client_context(node):
-    return Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
-                   node_config={"partition-id": node - 1, "num-partitions": 3})
 
 
 @pytest.mark.parametrize("codec", ["fp32", "int8"])
@@ -63,7 +64,7 @@ def test_every_client_holds_the_servers_base_delta_and_a_lagging_one_catches_up(
                          download_codec=codec)
     shapes = strategy.adapted_shapes(model)
     arrays = strategy.initialize(model)
-    contexts = {node: client_context(node) for node in (1, 2, 3)}
+    contexts = {node: node_context(node, 3) for node in (1, 2, 3)}
     exact_sum = {}  # sum over rounds of the exact residuals, what base + carry must equal
     for server_round, nodes in ((1, [1, 2, 3]), (2, [1, 2]), (3, [1, 2, 3])):
         messages = strategy.configure_train(server_round, arrays, RunConfig().to_dict(), FakeGrid(nodes))
@@ -89,7 +90,7 @@ def test_every_client_holds_the_servers_base_delta_and_a_lagging_one_catches_up(
         trained = {node: random_lora(shapes, 4, 10 * server_round + node) for node in nodes}
         replies = [train_reply(node, {k: v - received[k] for k, v in trained[node].items()}, 100 * node)
                    for node in nodes]
-        residual = fedex_residual(list(trained.values()), [n / sum(nodes) for n in nodes], 2.0)
+        residual = residual_of(list(trained.values()), [n / sum(nodes) for n in nodes], 2.0)
         exact_sum = {p: exact_sum.get(p, 0.0) + r.double() for p, r in residual.items()}
         arrays, metrics = strategy.aggregate_train(server_round, replies)
         assert not strategy.dropped
@@ -119,11 +120,11 @@ def test_a_client_that_lost_its_base_delta_or_a_resumed_run_sends_all_of_it(tiny
     message = strategy.configure_train(3, arrays, config, FakeGrid([1]))[0]
     assert message.content["base-delta-codec"]["from"] == 1  # round 2's increment only
     with pytest.raises(FedLoraError, match="builds on version 1, this client holds version 0"):
-        client.app.held_base_delta(client_context(1), message.content, message.content["config"])
+        client.app.held_base_delta(node_context(1, 3), message.content, message.content["config"])
     strategy.kept.forget(1)  # what the server does with that client's error reply
     message = strategy.configure_train(4, arrays, config, FakeGrid([1]))[0]
     assert message.content["base-delta-codec"]["from"] == 0
-    held = client.app.held_base_delta(client_context(1), message.content, message.content["config"])
+    held = client.app.held_base_delta(node_context(1, 3), message.content, message.content["config"])
     assert all(torch.equal(held[p], v) for p, v in strategy.kept.base_delta.items())
 
     # A resumed run (checkpoint through torch.save) sends its clients the whole delta.
@@ -134,23 +135,20 @@ def test_a_client_that_lost_its_base_delta_or_a_resumed_run_sends_all_of_it(tiny
     resumed.load_state_dict(torch.load(checkpoint, weights_only=True))
     message = resumed.configure_train(5, arrays, config, FakeGrid([1]))[0]
     assert message.content["config"]["base-delta-version"] == 2
-    held = client.app.held_base_delta(client_context(1), message.content, message.content["config"])
+    held = client.app.held_base_delta(node_context(1, 3), message.content, message.content["config"])
     assert all(torch.equal(held[p], v) for p, v in strategy.kept.base_delta.items())
 
 
 def test_clients_train_and_evaluate_on_the_base_plus_the_residual(tiny_model_dir, tmp_path):
     """Real ClientApp calls: round 2 trains on W + R; federated evaluation scores
     W + R + s B A, as the test computes it; the saved residual loads back exactly."""
-    config = evaluation_for(build_strategy(RunConfig(strategy="fedex")), RunConfig.from_dict({
+    config = RunConfig.from_dict({
         "strategy": "fedex", "model": str(tiny_model_dir), "num-clients": 2, "rank": 4,
         "local-steps": 3, "batch-size": 4, "max-length": 32, "lr": 0.05, "eval-size": 8,
-        "evaluation": "federated", "check-exactness": True}))
+        "evaluation": "federated", "check-exactness": True})
     strategy = build_strategy(config)
-    plan = ConfigRecord({**{k: v for k, v in config.to_dict().items() if k != "resume"},
-                         "label-words": '["negative", "positive"]'})
-    contexts = {node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
-                              node_config={"partition-id": node - 1, "num-partitions": 2})
-                for node in (1, 2)}
+    plan = client_plan(config)
+    contexts = {node: node_context(node, 2) for node in (1, 2)}
     model, tokenizer = load_model(config.model, CPU)
     arrays = strategy.initialize(model)
     for server_round in (1, 2):

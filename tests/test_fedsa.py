@@ -3,10 +3,9 @@ across rounds, and is what the client evaluates with."""
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
 
 import client.app
-from conftest import FakeGrid
+from conftest import FakeGrid, client_plan, node_context
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
 from fedlora.models import load_model
@@ -27,11 +26,8 @@ def test_b_never_travels_and_each_clients_b_persists(tiny_model_dir):
         "local-steps": 3, "batch-size": 4, "max-length": 32, "lr": 0.05, "eval-size": 8}))
     assert config.evaluation == "federated"  # auto: only the clients can evaluate it
     strategy = build_strategy(config)
-    plan = ConfigRecord({**{k: v for k, v in config.to_dict().items() if k != "resume"},
-                         "label-words": '["negative", "positive"]'})
-    contexts = {node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
-                              node_config={"partition-id": node - 1, "num-partitions": 2})
-                for node in (1, 2)}
+    plan = client_plan(config)
+    contexts = {node: node_context(node, 2) for node in (1, 2)}
     arrays = strategy.initialize(load_model(config.model, CPU)[0])
     history = []
     for server_round in (1, 2):
@@ -60,8 +56,7 @@ def test_b_never_travels_and_each_clients_b_persists(tiny_model_dir):
     # another A.
     message = sorted(strategy.configure_train(3, arrays, plan, FakeGrid()),
                      key=lambda m: m.metadata.dst_node_id)[0]
-    stateless = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
-                        node_config=contexts[1].node_config)
+    stateless = node_context(1, 2)
     with_b = client.app.train(message, contexts[1]).content["arrays"]
     without_b = client.app.train(message, stateless).content["arrays"]
     assert any(not (with_b[k].numpy() == without_b[k].numpy()).all() for k in with_b.keys())
@@ -72,9 +67,7 @@ def test_b_never_travels_and_each_clients_b_persists(tiny_model_dir):
     assert all(float(abs(evaluation.content["arrays"][k].numpy()).sum()) == 0
                for k in evaluation.content["arrays"].keys() if "lora_B" in k)  # B sent as 0
     own = client.app.evaluate(evaluation, contexts[1]).content["metrics"]
-    none = client.app.evaluate(evaluation, Context(run_id=1, node_id=1, state=RecordDict(),
-                                                   run_config={},
-                                                   node_config=contexts[1].node_config)).content["metrics"]
+    none = client.app.evaluate(evaluation, node_context(1, 2)).content["metrics"]
     assert own["examples"] == none["examples"] > 0
     assert own["loss-sum"] != none["loss-sum"]
 
