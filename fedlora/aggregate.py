@@ -30,11 +30,12 @@ class RunningMean:
             self.sums[key].add_(value.detach().cpu(), alpha=weight)
         self.total += weight
 
-    def mean(self) -> State:
-        """The weighted mean, fp32."""
+    def mean(self, plus: State | None = None) -> State:
+        """The weighted mean (plus ``plus``, added in fp64), fp32."""
         if self.total <= 0:
             raise FedLoraError("no client was added to the mean")
-        return {key: (value / self.total).float() for key, value in self.sums.items()}
+        return {key: (value / self.total + (plus[key].double() if plus else 0.0)).float()
+                for key, value in self.sums.items()}
 
 
 def weighted_average(states: list[State], weights: list[float]) -> State:

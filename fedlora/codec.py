@@ -132,7 +132,8 @@ def decode(arrays: dict[str, np.ndarray], codec: Codec,
         out = {}
         for name in names:
             array = _typed(arrays, name, DENSE[codec.kind], math.prod(shapes[name]))
-            tensor = torch.from_numpy(array.copy())
+            # A received array is the receiver's own: share it rather than copy (fp32).
+            tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
             if codec.kind == "bf16":
                 tensor = tensor.view(torch.bfloat16)
             out[name] = tensor.float().reshape(shapes[name])

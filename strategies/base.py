@@ -327,6 +327,14 @@ class LoraStrategy(FedAvg):
         implements ``aggregate_means``, not ``aggregate_states``)."""
         return type(self).aggregate_states is LoraStrategy.aggregate_states
 
+    @property
+    def folds_updates(self) -> bool:
+        """Whether the round sums the clients' updates u_k themselves: for a method that
+        averages the states (its ``client_terms`` are the states) with ``upload = "delta"``,
+        sum_k p_k (g + u_k) = g + sum_k p_k u_k, so the global state g is added once."""
+        return (self.streams and self.upload == "delta"
+                and type(self).client_terms is LoraStrategy.client_terms)
+
     def fold(self, round_: RoundSums, reply: Message) -> None:
         """Add one reply to the round (or drop it, with the reason logged)."""
         state = self.accept(round_.server_round, reply, self.expected_shapes)
@@ -340,12 +348,14 @@ class LoraStrategy(FedAvg):
         if self.privacy and self.privacy.mode == "user":  # only the clipped sum is released
             round_.clipped.add(clip_update(state, self.privacy.clip), 1.0)
             return
-        if self.upload == "delta":  # a client's state: the dense global plus its update
-            state = {k: self.global_state[k] + u for k, u in state.items()}
         weight = self.client_weight(metrics)
-        if self.streams:
+        if self.folds_updates:
+            round_.terms.add(state, weight)
+        if self.upload == "delta" and (not self.folds_updates or self.check_exactness):
+            state = {k: self.global_state[k] + u for k, u in state.items()}  # global + update
+        if self.streams and not self.folds_updates:
             round_.terms.add(self.client_terms(state, metrics), weight)
-        else:
+        elif not self.streams:
             round_.states.append(state)
         if self.check_exactness:
             round_.deltas.add(self.client_delta(state, metrics), weight)
@@ -374,7 +384,8 @@ class LoraStrategy(FedAvg):
                 [{k: self.global_state[k] + u for k, u in update.items()}], [1.0],
                 [MetricRecord({self.weighted_by_key: examples})])
         elif self.streams:
-            new_state = self.aggregate_means(round_.terms.mean(), metrics)
+            new_state = self.aggregate_means(
+                round_.terms.mean(plus=self.global_state if self.folds_updates else None), metrics)
         else:
             new_state = self.aggregate_states(round_.states, weights, metrics)
         if self.check_exactness:
