@@ -29,7 +29,10 @@ Kept tensors live in Flower's per-node ``context.state``, which outlives a messa
 deployment, where each message starts a fresh process. An evaluate message carries the
 plan, the global adapter as a PEFT LoRA and, like a train message, the base delta where
 the node's is behind; the reply holds the evaluation counts
-(fedlora.evaluate.Scores) of the held-out slice.
+(fedlora.evaluate.Scores) of the held-out slice. Central evaluation in the clients'
+processes sends instead a share of the server's examples (plan ``eval-examples``, JSON
+``[prompt, answer, label]`` rows, and ``eval-shard``, echoed in the reply) with the whole
+base delta, used for that evaluation only.
 
 A reply carries, besides tensors and metrics, the ConfigRecord ``client`` with
 ``client-id``: the node-config value of that name, else the partition id. It is the
@@ -61,7 +64,7 @@ from fedlora.adapters import (
 from fedlora.aggregate import truncate_lora
 from fedlora.codec import Codec, decode_payload, encode_payload
 from fedlora.config import RunConfig
-from fedlora.data import local_examples
+from fedlora.data import Example, local_examples
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import score
 from fedlora.models import borrowed_model, pick_device
@@ -132,13 +135,12 @@ def held_base_delta(context: Context, content: RecordDict, plan) -> dict[str, to
     stored, held = context.state.get(BASE_DELTA), context.state.get(BASE_DELTA_VERSION)
     held = int(held["version"]) if isinstance(held, ConfigRecord) else 0
     delta = stored.to_torch_state_dict() if isinstance(stored, ArrayRecord) and held else {}
-    if isinstance(content.get("base-delta"), ArrayRecord):
-        header = dict(content["base-delta-codec"])
-        start = int(header.pop("from"))
+    sent = sent_base_delta(content)
+    if sent is not None:
+        start, sent = sent
         if start not in (0, held):
             raise FedLoraError(f"the base delta sent builds on version {start}, this client holds "
                                f"version {held}; the server resends it whole")
-        sent = decode_payload({k: a.numpy() for k, a in content["base-delta"].items()}, header)
         delta = sent if start == 0 else {path: delta[path] + sent[path] for path in sent}
         held = version
         context.state[BASE_DELTA] = ArrayRecord(delta)
@@ -147,6 +149,16 @@ def held_base_delta(context: Context, content: RecordDict, plan) -> dict[str, to
         raise FedLoraError(f"this client holds base delta version {held}, the plan says {version}; "
                            "the server resends it whole")
     return delta
+
+
+def sent_base_delta(content: RecordDict) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """The base delta a message carries, decoded, and the version it builds on (0: it is
+    the whole delta); None when it carries none."""
+    if not isinstance(content.get("base-delta"), ArrayRecord):
+        return None
+    header = dict(content["base-delta-codec"])
+    start = int(header.pop("from"))
+    return start, decode_payload({k: a.numpy() for k, a in content["base-delta"].items()}, header)
 
 
 @app.train()
@@ -255,22 +267,29 @@ def evaluate(msg: Message, context: Context) -> Message:
     config = plan_to_config(plan)
     device = pick_device(str(context.node_config.get("device", config.device)))
     join_run(context, plan)
-    _, held_out = node_examples(plan, config, context)
-    if not held_out:
-        raise FedLoraError("federated evaluation asked, but this client holds no examples out")
+    central = "eval-examples" in plan  # the server's examples, scored on this process's model
+    if central:
+        examples = [Example(*e) for e in json.loads(str(plan["eval-examples"]))]
+        sent = sent_base_delta(msg.content)  # the whole delta, for this evaluation only
+        base_delta = sent[1] if sent else {}
+    else:
+        _, examples = node_examples(plan, config, context)
+        if not examples:
+            raise FedLoraError("federated evaluation asked, but this client holds no examples out")
+        base_delta = held_base_delta(context, msg.content, plan)
     state = {k: torch.from_numpy(a.numpy().copy()) for k, a in msg.content["arrays"].items()}
-    base_delta = held_base_delta(context, msg.content, plan)
     with borrowed_model(config.model, device) as (model, tokenizer):
         add_to_weights(model, base_delta)
         with lora_applied(model, state, int(plan["eval-rank"]), float(plan["eval-alpha"]),
                           config.target_module_list) if state else nullcontext(model) as evaluated:
-            if state and name_markers(plan.get("personal", "")):  # this client's own part
+            if state and not central and name_markers(plan.get("personal", "")):  # its own part
                 load_adapter_state(evaluated, personal_tensors(context), partial=True)
-            scores = score(evaluated, tokenizer, held_out, label_words(plan),
+            scores = score(evaluated, tokenizer, examples, label_words(plan),
                            batch_size=config.eval_batch_size, max_length=config.max_length,
                            device=device, max_new_tokens=config.eval_max_new_tokens)
+    metrics = {**scores.to_record(), **({"eval-shard": int(plan["eval-shard"])} if central else {})}
     content = RecordDict({
-        "metrics": MetricRecord(scores.to_record()),
+        "metrics": MetricRecord(metrics),
         "client": ConfigRecord({"client-id": client_identity(context)}),
     })
     return Message(content=content, reply_to=msg)

@@ -60,6 +60,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "server_optimizer": ("avg", "adam"),
     "dp": ("off", "user", "sample"),
     "evaluation": ("auto", "central", "federated", "both"),
+    "central_eval_on": ("auto", "server", "clients"),
 }
 
 
@@ -205,6 +206,14 @@ class RunConfig:
         metadata={"help": "central (the server's data), federated (each client's held-out "
                           "slice), both, or auto: federated with --client-data and no "
                           "--eval-dataset, else central"},
+    )
+    central_eval_on: str = field(
+        default="auto",
+        metadata={"help": "where central evaluation runs: server (its own copy of the model) "
+                          "or clients (the clients' processes score shares of the server's "
+                          "examples, sent to them, on the model they hold: one copy of the "
+                          "weights); auto: clients under python -m fedlora.simulate, else server "
+                          "(a deployment's examples stay on the server)"},
     )
     client_eval_fraction: float = field(
         default=0.1,

@@ -159,7 +159,7 @@ def simulate(configs: list[RunConfig]) -> list[Path]:
             for config in configs:
                 if len(configs) > 1:
                     print(f"\n== {config.strategy} ==", flush=True)
-                outcome["run_dirs"].append(run_federation(grid, config))
+                outcome["run_dirs"].append(run_federation(grid, config, simulation=True))
         except BaseException as err:  # the engine would log and swallow it
             outcome["error"] = err
 

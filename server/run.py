@@ -35,9 +35,11 @@ from fedlora.adapters import (
 from fedlora.config import RunConfig
 from fedlora.data import server_data
 from fedlora.errors import FedLoraError
-from fedlora.evaluate import evaluate
+from fedlora.evaluate import Scores, score
 from fedlora.models import load_model, pick_device, restored
 from strategies import build_strategy, folder_name
+from strategies.base import example_shards
+from strategies.replies import check_no_error, reply_metrics
 
 log = logging.getLogger("fedlora")
 CHECKPOINT = "checkpoint.pt"  # in the run folder: the state after the last completed round
@@ -76,10 +78,16 @@ def serialized_bytes(record) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
 
 
-def run_federation(grid: Grid, config: RunConfig) -> Path:
-    """Run ``config.rounds`` rounds of federated training; return the run folder."""
+def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> Path:
+    """Run ``config.rounds`` rounds of federated training; return the run folder.
+
+    ``simulation``: every client process runs on this machine (``python -m
+    fedlora.simulate``), so ``--central-eval-on auto`` means the clients' processes.
+    """
     strategy = build_strategy(config)
     config = evaluation_for(strategy, config)
+    central_on_clients = config.central_eval_on == "clients" or (
+        config.central_eval_on == "auto" and simulation)
     run_dir = make_run_dir(config)
     device = pick_device(config.device)
     model, tokenizer = load_model(config.model, device)
@@ -95,18 +103,26 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     def evaluation(arrays: ArrayRecord, server_round: int) -> dict:
         """Central evaluation of the global adapter, federated evaluation, or both."""
         begin, metrics = time.perf_counter(), {}
-        if central_examples is not None:
-            with global_adapter(arrays) as evaluated:
-                metrics.update(evaluate(
-                    evaluated, tokenizer, central_examples, label_words,
-                    batch_size=config.eval_batch_size, max_length=config.max_length,
-                    device=device, max_new_tokens=config.eval_max_new_tokens,
-                ))
+        if central_examples is not None and central_on_clients:
+            metrics.update(central_evaluation_on_clients(
+                grid, strategy, arrays, plan, server_round, config.round_timeout,
+                central_examples, len(label_words or []),
+                lambda share: scored_here(arrays, share)).metrics())
+            metrics["eval_seconds"] = time.perf_counter() - begin
+        elif central_examples is not None:
+            metrics.update(scored_here(arrays, central_examples).metrics())
             metrics["eval_seconds"] = time.perf_counter() - begin
         if federated:
             metrics.update(federated_evaluation(grid, strategy, arrays, plan, server_round,
                                                 config.round_timeout, len(label_words or [])))
         return metrics
+
+    def scored_here(arrays: ArrayRecord, examples) -> Scores:
+        """The counts of ``examples`` on the global model, in this process."""
+        with global_adapter(arrays) as evaluated:
+            return score(evaluated, tokenizer, examples, label_words,
+                         batch_size=config.eval_batch_size, max_length=config.max_length,
+                         device=device, max_new_tokens=config.eval_max_new_tokens)
 
     @contextmanager
     def global_adapter(arrays: ArrayRecord):
@@ -214,6 +230,37 @@ def federated_evaluation(grid: Grid, strategy, arrays: ArrayRecord, plan: Config
     return {**dict(pooled or {}), "fed_eval_by_client": by_client,
             "fed_eval_seconds": time.perf_counter() - begin,
             "eval_bytes_up": traffic(replies), "eval_bytes_down": traffic(messages)}
+
+
+def central_evaluation_on_clients(grid: Grid, strategy, arrays: ArrayRecord, plan: ConfigRecord,
+                                  server_round: int, timeout: float, examples: list,
+                                  num_labels: int, score_here) -> Scores:
+    """Central evaluation in the clients' processes, on the model each already holds (no
+    copy in this one): the connected clients score shares of ``examples``; a share whose
+    reply is missing or unusable is scored here instead (``score_here(share)``), so the
+    figures always cover every example."""
+    messages = strategy.configure_evaluate(server_round, arrays, plan, grid, examples=examples)
+    shares = example_shards(examples, len(messages))
+    scored: dict[int, Scores] = {}
+    for reply in exchange(grid, messages, timeout, f"central evaluation {server_round}"):
+        try:
+            check_no_error(reply)
+            metrics = reply_metrics(reply)
+            shard = metrics.get("eval-shard")
+            if not isinstance(shard, int) or not 0 <= shard < len(shares) or shard in scored:
+                raise FedLoraError(f"'eval-shard' {shard!r} names no share still unscored")
+            counts = Scores.from_record(metrics, num_labels)
+            if counts.examples != len(shares[shard]):
+                raise FedLoraError(f"it scored {counts.examples} examples of a share of "
+                                   f"{len(shares[shard])}")
+            scored[shard] = counts
+        except FedLoraError as err:
+            log.warning("round %d central evaluation: node %d's reply is unusable (%s); its "
+                        "share is scored here", server_round, reply.metadata.src_node_id, err)
+    for shard, share in enumerate(shares):
+        if shard not in scored:
+            scored[shard] = score_here(share)
+    return sum(scored.values(), Scores())
 
 
 def over_budget(strategy, config: RunConfig, server_round: int) -> bool:

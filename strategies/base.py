@@ -11,10 +11,12 @@ and where needed :meth:`client_terms`, :meth:`expected_shapes`, :meth:`complete`
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -31,7 +33,18 @@ from fedlora.privacy import Privacy, PrivacyAccountant, clip_update, noised_mean
 from strategies.kept import KeptTensors
 from strategies.replies import check_dpsgd_metrics, check_no_error, client_identity, reply_metrics
 
+if TYPE_CHECKING:
+    from fedlora.data import Example
+
 log = logging.getLogger("fedlora")
+
+
+def example_shards(examples: list, count: int) -> list[list]:
+    """``examples`` in at most ``count`` contiguous, non-empty shares of near-equal size."""
+    count = max(1, min(count, len(examples)))
+    size, extra = divmod(len(examples), count)
+    bounds = [i * size + min(i, extra) for i in range(count + 1)]
+    return [examples[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 @dataclass
@@ -487,20 +500,38 @@ class LoraStrategy(FedAvg):
     # ---- federated evaluation ---------------------------------------------------------
 
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+        examples: list[Example] | None = None,
     ) -> list[Message]:
         """Send every connected client the global adapter as a PEFT LoRA (the form any
         client can attach), and the base delta where its own is behind, to evaluate on
-        its held-out slice."""
+        its held-out slice.
+
+        With ``examples`` (central evaluation in the clients' processes), the clients
+        are sent shares of those instead (plan ``eval-examples``, ``eval-shard``), with
+        the whole base delta, which they use for this evaluation only: what they keep is
+        left as it is.
+        """
         state, rank, alpha = self.peft_adapter(arrays) if arrays else ({}, 0, 0.0)
         plan = ConfigRecord({**self.plan(config, server_round, task="evaluate"),
                              "eval-rank": int(rank), "eval-alpha": float(alpha)})
         sample_nodes(grid, self.min_available_nodes, 0)  # waits for the federation to connect
         adapter = ArrayRecord({k: Array(v.float().numpy()) for k, v in state.items()})
-        return [Message(content=RecordDict({"config": plan, "arrays": adapter,
-                                            **self.kept.base_delta_for(node)}),
-                        message_type=MessageType.EVALUATE, dst_node_id=node)
-                for node in sorted(grid.get_node_ids())]
+        nodes = sorted(grid.get_node_ids())
+        if examples is None:
+            return [Message(content=RecordDict({"config": plan, "arrays": adapter,
+                                                **self.kept.base_delta_for(node)}),
+                            message_type=MessageType.EVALUATE, dst_node_id=node)
+                    for node in nodes]
+        base_delta = self.kept.whole_base_delta()
+        messages = []
+        for shard, (node, part) in enumerate(zip(nodes, example_shards(examples, len(nodes)))):
+            shard_plan = ConfigRecord({**plan, "eval-shard": shard, "eval-examples": json.dumps(
+                [[e.prompt, e.answer, e.label] for e in part])})
+            messages.append(Message(content=RecordDict({"config": shard_plan, "arrays": adapter,
+                                                        **base_delta}),
+                                    message_type=MessageType.EVALUATE, dst_node_id=node))
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
                            num_labels: int = 0) -> MetricRecord | None:

@@ -78,18 +78,24 @@ class KeptTensors:
         """The message parts that bring the base delta of ``node_id`` up to date (recorded
         as sent), none where it is: ``base-delta`` and its ``base-delta-codec`` header,
         whose ``from`` is the version the payload builds on (0: the whole delta)."""
-        content = {}
         held = self.node_versions.get(node_id, 0)
-        if held != self.base_version:
-            if held == self.base_version - 1 and self.increment is not None:
-                payload, header = self.increment
-            else:  # the whole delta, exactly
-                payload, header = encode_payload(self.base_delta, Codec("fp32"))
-                held = 0
-            content["base-delta"] = ArrayRecord({k: Array(v) for k, v in payload.items()})
-            content["base-delta-codec"] = ConfigRecord({**header, "from": held})
-            self.node_versions[node_id] = self.base_version
-        return content
+        if held == self.base_version:
+            return {}
+        self.node_versions[node_id] = self.base_version
+        if held == self.base_version - 1 and self.increment is not None:
+            payload, header = self.increment
+            return {"base-delta": ArrayRecord({k: Array(v) for k, v in payload.items()}),
+                    "base-delta-codec": ConfigRecord({**header, "from": held})}
+        return self.whole_base_delta()
+
+    def whole_base_delta(self) -> dict:
+        """The message parts that carry the whole base delta, exactly (fp32, ``from`` 0);
+        none before the first increment."""
+        if not self.base_version:
+            return {}
+        payload, header = encode_payload(self.base_delta, Codec("fp32"))
+        return {"base-delta": ArrayRecord({k: Array(v) for k, v in payload.items()}),
+                "base-delta-codec": ConfigRecord({**header, "from": 0})}
 
     def forget(self, node_id: int) -> None:
         """The node may have lost what it kept (a failed reply): send it everything again."""
