@@ -230,6 +230,7 @@ def run_plan(msg: Message, context: Context, config: RunConfig, model, tokenizer
         adapted, tokenizer, examples,
         steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
         max_length=config.max_length, device=device, dpsgd=dpsgd,
+        gradient_checkpointing=config.gradient_checkpointing,
         seed=stream_seed(config.seed, server_round, partition_id, "batches"),
     )
     state = lora_sb_state(adapted) if plan["adapter"] == "lorasb" else adapter_state(adapted)

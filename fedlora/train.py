@@ -109,6 +109,7 @@ def answer_logits(model, batch: Batch, fp32_head: bool = False) -> tuple[torch.T
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         logits_to_keep=batch.keep,
+        use_cache=False,  # one pass over whole sequences: nothing to reuse
     )
     # Position i predicts token i + 1: the kept logits but the last predict the kept
     # tokens but the first.
@@ -139,6 +140,7 @@ def train_local(
     seed: int,
     device: torch.device,
     dpsgd: DPSGD | None = None,
+    gradient_checkpointing: bool = False,
 ) -> dict[str, float]:
     """Train the model's trainable tensors for ``steps`` AdamW steps on ``examples``.
 
@@ -147,7 +149,10 @@ def train_local(
     ``dpsgd.sample_rate`` (Poisson sampling, which the accountant assumes), per-example
     gradients are clipped to ``dpsgd.clip`` and their sum gets N(0, (noise * clip)^2)
     before AdamW; sampling and noise come from ``dpsgd``'s own seeds, not ``seed``, which
-    the server knows. Returns the mean, first and last batch loss and the seconds spent.
+    the server knows. With ``gradient_checkpointing``, each layer's activations are
+    recomputed in the backward pass instead of kept (Hugging Face's, non-reentrant: the
+    frozen base needs no input gradients), and checkpointing is switched off again after.
+    Returns the mean, first and last batch loss and the seconds spent.
     """
     if not examples:
         raise FedLoraError("this client has no training examples")
@@ -161,6 +166,9 @@ def train_local(
     order = torch.empty(0, dtype=torch.long)
     losses = []
     start = time.perf_counter()
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's
+    if gradient_checkpointing:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     try:
         for _ in range(steps):
@@ -189,6 +197,8 @@ def train_local(
     finally:
         if dpsgd is not None:
             model.remove_hooks()
+        if gradient_checkpointing:
+            hf_model.gradient_checkpointing_disable()
     model.eval()
     return {
         "train_loss": sum(losses) / len(losses) if losses else math.nan,

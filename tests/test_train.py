@@ -98,3 +98,21 @@ def test_label_scores_are_compared_in_fp32_on_a_bf16_model(tiny_model_dir):
     assert bf16_predictions != truths  # the bf16 head cannot tell them apart
     metrics = evaluate(model, tokenizer, data, LABELS, batch_size=8, max_length=64, device=CPU)
     assert metrics["eval_accuracy"] == 1.0
+
+
+def test_gradient_checkpointing_trains_to_the_same_adapter_and_is_switched_off_after(tiny_model_dir):
+    from fedlora.adapters import adapter_state
+
+    results = []
+    for checkpointing in (False, True):
+        model, tokenizer = load_model(str(tiny_model_dir), CPU)
+        adapted = attach_lora(model, 4, 8, ["q_proj", "v_proj"], seed=0)
+        stats = train_local(adapted, tokenizer, examples(12), steps=3, batch_size=4, lr=0.05,
+                            max_length=32, seed=1, device=CPU, gradient_checkpointing=checkpointing)
+        assert not adapted.get_base_model().is_gradient_checkpointing
+        results.append((stats["train_loss"], adapter_state(adapted)))
+    (loss, plain), (loss_ckpt, recomputed) = results
+    assert abs(loss - loss_ckpt) < 1e-6
+    for key, value in plain.items():
+        torch.testing.assert_close(recomputed[key], value, rtol=1e-5, atol=1e-6)
+    assert any(v.abs().sum() > 0 for k, v in plain.items() if "lora_B" in k)  # it trained
