@@ -353,14 +353,16 @@ def arrivals(grid: Grid, messages: list[Message], timeout: float, label: str) ->
     """Send ``messages`` and yield each reply as it arrives, until all are in or
     ``timeout`` passes.
 
-    Like ``Grid.send_and_receive``, but polls every half second, shows a progress bar and
-    keeps no reply it has handed on (a strategy that streams folds each one and lets it go).
+    Like ``Grid.send_and_receive``, but polls every half second (sooner at first), shows
+    a progress bar and keeps no reply it has handed on (a strategy that streams folds each
+    one and lets it go).
     """
     if not messages:
         return
     pending = set(grid.push_messages(messages))
     total = len(pending)
     deadline = time.monotonic() + timeout
+    wait = 0.01  # short exchanges (a small model's round, an evaluation) end sooner
     # disable=None: a bar on a terminal, nothing in a log file
     with tqdm(total=total, desc=label, unit="client", leave=False, disable=None) as bar:
         while pending and time.monotonic() < deadline:
@@ -370,7 +372,8 @@ def arrivals(grid: Grid, messages: list[Message], timeout: float, label: str) ->
             while arrived:
                 yield arrived.popleft()
             if pending:
-                time.sleep(0.5)
+                time.sleep(wait)
+                wait = min(2 * wait, 0.5)
     if pending:
         log.warning("%s: %d of %d clients did not reply within %gs",
                     label, len(pending), total, timeout)

@@ -312,7 +312,7 @@ def test_a_dpsgd_simulation_trains_and_reports_epsilon_also_when_resumed(tmp_pat
     each client's accountant still composes all three rounds (as an uninterrupted run)."""
     command = [
         sys.executable, "-m", "fedlora.simulate", "--model", "tiny-llama", "--num-clients", "2",
-        "--rounds", "2", "--local-steps", "10", "--lr", "0.01", "--batch-size", "16",
+        "--rounds", "2", "--local-steps", "6", "--lr", "0.01", "--batch-size", "16",
         "--target-modules", "q_proj,v_proj,o_proj,down_proj", "--eval-size", "32",
         "--max-length", "48", "--dp", "sample", "--dp-clip", "1.0", "--dp-noise", "0.7",
         "--dp-noise-seed", "0",
@@ -334,8 +334,8 @@ def test_a_dpsgd_simulation_trains_and_reports_epsilon_also_when_resumed(tmp_pat
 
     run = RunConfig.from_dict({"model": "tiny-llama", "num-clients": 2, "eval-size": 32})
     sizes = [len(client_examples(load_task(run), run, k, 2)) for k in (0, 1)]
-    for row in rows[1:]:  # an uninterrupted run composes 10 steps per round, per client
-        expected = max(independent_epsilon(0.7, 16 / n, 10 * row["round"], default_delta(n)) for n in sizes)
+    for row in rows[1:]:  # an uninterrupted run composes 6 steps per round, per client
+        expected = max(independent_epsilon(0.7, 16 / n, 6 * row["round"], default_delta(n)) for n in sizes)
         assert row["epsilon"] == pytest.approx(expected, rel=1e-6)
         assert row["delta"] == max(default_delta(n) for n in sizes)
     assert rows[3]["epsilon"] > rows[2]["epsilon"]
