@@ -89,9 +89,14 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
     central_on_clients = config.central_eval_on == "clients" or (
         config.central_eval_on == "auto" and simulation)
     run_dir = make_run_dir(config)
-    device = pick_device(config.device)
-    model, tokenizer = load_model(config.model, device)
     central_examples, label_words = server_data(config)
+    # The server's copy of the model serves the initial adapter, the saved outputs and the
+    # central evaluation; where the clients' processes evaluate, it stays on the CPU (its
+    # weights are read from disk only where touched), so a GPU holds no second copy.
+    device = pick_device(config.device)
+    if central_examples is None or central_on_clients:
+        device = torch.device("cpu")
+    model, tokenizer = load_model(config.model, device)
     # What clients get: the run config, less the server's own --resume path, and the label set.
     plan = ConfigRecord({**{k: v for k, v in config.to_dict().items() if k != "resume"},
                          "label-words": json.dumps(label_words)})
