@@ -6,8 +6,8 @@ round, and the share of each round's wall time spent outside local training.
 Peak memory is the largest sum of resident memory over the whole process tree (the
 simulate process, Ray's daemons and the client actors), sampled every 0.2 s. The
 framework overhead of a round is the round's wall time minus central evaluation minus the
-clients' training time divided by the number of clients that train in parallel (one per
-CPU core in simulation), as a share of the round's wall time: what Flower, Ray, model
+clients' training time divided by the number of clients that train in parallel (the CPU
+cores over ``--client-cpus`` in simulation), as a share of the round's wall time: what Flower, Ray, model
 loading, data loading and (de)serialisation cost on top of the training itself.
 """
 
@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import psutil
@@ -51,7 +52,8 @@ def main(flags: list[str]) -> None:
         sys.exit(child.returncode)
 
     rows = [json.loads(line) for line in (Path("runs") / name / "metrics.jsonl").open()]
-    parallel = min(os.cpu_count() or 1, rows[1]["clients"])
+    client_cpus = tomllib.loads((Path("runs") / name / "config.toml").read_text())["client-cpus"]
+    parallel = max(1, min((os.cpu_count() or 1) // client_cpus, rows[1]["clients"]))
     print(f"\nwall time {wall:.0f} s, peak memory {peak / 2**30:.2f} GiB "
           f"(process tree), {parallel} clients train in parallel")
     print("round  accuracy  eval_loss  round_s  eval_s  train_s(sum)  overhead")

@@ -7,7 +7,7 @@ under federated evaluation a seeded slice of it is held out, never trained on.
 A train message carries:
 
 - ``config``: the plan: the run config, plus ``server-round``, ``task`` ("train" or
-  "gradient"), ``adapter``, ``trainable`` (which adapter tensors to train and upload),
+  "gradient", with ``gradient-examples`` and ``gradient-codec``), ``adapter``, ``trainable`` (which adapter tensors to train and upload),
   ``upload`` ("delta": trained minus received, or "weights"), ``upload-codec``,
   ``kept-batches``, ``aggregated-round`` (the last round whose reply from this node the
   server aggregated) and ``label-words`` (the run's label set, JSON); for clients of
@@ -193,7 +193,7 @@ def run_plan(msg: Message, context: Context, config: RunConfig, model, tokenizer
             batch_size=config.batch_size, max_length=config.max_length, device=device,
         )
         metrics = {"num-examples": min(len(examples), int(plan["gradient-examples"]))}
-        payload, header = encode_payload(arrays, Codec.parse(config.upload_codec))
+        payload, header = encode_payload(arrays, Codec.parse(str(plan["gradient-codec"])))
         return reply(msg, payload, header, metrics, client_id, device)
 
     add_to_weights(model, base_delta)  # FedEx-LoRA's residuals

@@ -9,6 +9,9 @@ guessing:
 - ``topk:D[,fp16|fp32][,per-tensor]``: the fraction D of entries with the largest magnitude,
   chosen across all tensors of the payload (``global``, the default) or within each tensor,
   as values (fp16 or fp32) plus indices in the smallest unsigned integer type that holds them.
+- ``sign``: one bit per value, its sign (+1 for x >= 0, else -1), packed eight to a byte.
+  It keeps no magnitude: it serves only Fed-SB's gradient initialisation, whose rule needs
+  sign(G) alone (``--fedsb-init-codec``).
 
 ``encode`` turns ``{name: tensor}`` into ``{key: numpy array}`` (what an ArrayRecord holds);
 ``decode`` needs the names and shapes the receiver expects and raises FedLoraError on any
@@ -26,7 +29,7 @@ import torch
 from fedlora.errors import FedLoraError
 
 DENSE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.int16}
-KINDS = ("fp32", "fp16", "bf16", "int8", "topk")
+KINDS = ("fp32", "fp16", "bf16", "int8", "topk", "sign")
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class Codec:
         kind, _, options = text.strip().partition(":")
         if kind not in KINDS:
             raise FedLoraError(f"unknown codec '{text}'; valid choices: fp32, fp16, bf16, int8, "
-                               "topk:DENSITY[,fp16|fp32][,per-tensor]")
+                               "topk:DENSITY[,fp16|fp32][,per-tensor], sign")
         if kind != "topk":
             if options:
                 raise FedLoraError(f"codec {kind} takes no options, got '{text}'")
@@ -99,6 +102,9 @@ def encode(state: dict[str, torch.Tensor], codec: Codec) -> dict[str, np.ndarray
             else:
                 out[name] = tensor.to(torch.float32).numpy().astype(DENSE[codec.kind])
         return out
+    if codec.kind == "sign":
+        return {name: np.packbits(state[name].detach().cpu().numpy().reshape(-1) >= 0)
+                for name in names}
     if codec.kind == "int8":
         out = {}
         for name in names:
@@ -137,6 +143,14 @@ def decode(arrays: dict[str, np.ndarray], codec: Codec,
             if codec.kind == "bf16":
                 tensor = tensor.view(torch.bfloat16)
             out[name] = tensor.float().reshape(shapes[name])
+        return out
+    if codec.kind == "sign":
+        _expect_keys(arrays, names)
+        out = {}
+        for name in names:
+            size = math.prod(shapes[name])
+            bits = np.unpackbits(_typed(arrays, name, np.uint8, math.ceil(size / 8)))[:size]
+            out[name] = torch.from_numpy(bits.astype(np.float32) * 2 - 1).reshape(shapes[name])
         return out
     if codec.kind == "int8":
         _expect_keys(arrays, names + [f"{n}/scale" for n in names])

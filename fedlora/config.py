@@ -149,6 +149,12 @@ class RunConfig:
     fedsb_init_examples: int = field(
         default=64, metadata={"help": "examples per client for Fed-SB's gradient estimate"}
     )
+    fedsb_init_codec: str = field(
+        default="fp32",
+        metadata={"help": "how Fed-SB's gradient round uploads each client's gradient: fp32 "
+                          "(exact), fp16, bf16, or sign (1 bit per value: the server's rule then "
+                          "takes the majority vote of the clients' signs)"},
+    )
     upload_codec: str = field(
         default="fp32",
         metadata={"help": "how updates travel: fp32, fp16, bf16, int8, topk:D[,fp16][,per-tensor]"},
@@ -342,8 +348,15 @@ class RunConfig:
         _ = self.rank_list  # raises on a malformed --ranks
         from fedlora.codec import Codec
 
-        Codec.parse(self.upload_codec)
-        Codec.parse(self.download_codec)
+        for flag, value in (("--upload-codec", self.upload_codec),
+                            ("--download-codec", self.download_codec)):
+            if Codec.parse(value).kind == "sign":
+                raise FedLoraError(f"{flag} sign keeps no magnitudes; it serves only "
+                                   "--fedsb-init-codec; valid choices: fp32, fp16, bf16, int8, "
+                                   "topk:DENSITY[,fp16|fp32][,per-tensor]")
+        if Codec.parse(self.fedsb_init_codec).kind not in ("fp32", "fp16", "bf16", "sign"):
+            raise FedLoraError(f"--fedsb-init-codec {self.fedsb_init_codec}: valid choices: "
+                               "fp32, fp16, bf16, sign")
         from fedlora.privacy import check_settings
 
         check_settings(self)

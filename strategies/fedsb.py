@@ -9,6 +9,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlora.adapters import lora_sb_to_peft
 from fedlora.aggregate import State, lora_sb_from_gradient, random_lora_sb
+from fedlora.codec import Codec
 from fedlora.errors import FedLoraError
 from strategies.base import LoraStrategy
 
@@ -38,6 +39,11 @@ class FedSB(LoraStrategy):
         choice); both are exact.
     init_examples : int (default: 64)
         Examples per client for the gradient estimate.
+    init_codec : str (default: "fp32")
+        How clients upload their gradient: fp32 (exact), fp16, bf16, or sign (1 bit per
+        value). The rule keeps only sign(G) of the sum, so with ``sign`` the server's sum
+        of the clients' +-1 makes sign(G) the clients' majority vote, entry by entry (a
+        tie gives 0), at 1/32 of fp32's upload.
     init_eta : float (default: 1e-3)
         eta of G_hat = -eta * sign(G): the size of Adam's first step (the learning rate).
     **kwargs
@@ -53,6 +59,7 @@ class FedSB(LoraStrategy):
         init: str = "auto",
         weighting: str = "examples",
         init_examples: int = 64,
+        init_codec: str = "fp32",
         init_eta: float = 1e-3,
         **kwargs,
     ) -> None:
@@ -70,6 +77,10 @@ class FedSB(LoraStrategy):
             raise FedLoraError(f"unknown Fed-SB weighting '{weighting}'; valid choices: examples, uniform")
         self.init, self.weighting = init, weighting
         self.init_examples, self.init_eta = init_examples, init_eta
+        self.init_codec = Codec.parse(init_codec)
+        if self.init_codec.kind != "fp32" and init != "gradient":
+            raise FedLoraError(f"--fedsb-init-codec {init_codec} applies to the gradient "
+                               f"initialisation, and --fedsb-init is {init}: drop one of them")
         self.module_shapes: dict[str, tuple[int, int]] = {}
         self.frozen: State = {}
 
@@ -80,6 +91,7 @@ class FedSB(LoraStrategy):
             "init": config.fedsb_init,
             "weighting": config.fedsb_weighting,
             "init_examples": config.fedsb_init_examples,
+            "init_codec": config.fedsb_init_codec,
             "init_eta": config.lr,
         }
 
@@ -111,6 +123,7 @@ class FedSB(LoraStrategy):
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
         plan = self.plan(config, 0, task="gradient")
         plan["gradient-examples"] = self.init_examples
+        plan["gradient-codec"] = self.init_codec.name
         return [
             Message(content=RecordDict({"config": plan}), message_type=MessageType.TRAIN,
                     dst_node_id=node)

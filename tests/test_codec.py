@@ -1,12 +1,14 @@
 """Payload codecs: round trips, error bounds, top-k selection, bytes, hostile payloads."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from conftest import FakeGrid
 from flwr.app import ArrayRecord, RecordDict
 
-from fedlora.codec import Codec, decode, encode, index_dtype
+from fedlora.codec import Codec, decode, decode_payload, encode, encode_payload, index_dtype
 from fedlora.errors import FedLoraError
 
 SHAPES = {"b.lora_B.weight": (64, 8), "a.lora_A.weight": (8, 96), "c.lora_R.weight": (8, 8)}
@@ -144,3 +146,25 @@ def test_reported_bytes_are_flowers_serialization_of_the_content(task_identity):
         envelope = len(message.deflate())
         assert payload_bytes(message) == whole - envelope
         assert envelope < 1200  # Flower's ~1.1 KB of ids and headers per message
+
+
+def test_sign_codec_is_one_bit_per_value_and_decodes_to_plus_or_minus_one():
+    g = torch.Generator().manual_seed(0)
+    state = {"g": torch.randn(7, 9, generator=g), "h": torch.tensor([0.0, -0.0, 2.0, -3.0, 1e-30])}
+    payload, header = encode_payload(state, Codec.parse("sign"))
+    assert payload["g"].dtype == np.uint8 and payload["g"].size == math.ceil(63 / 8)
+    assert payload["h"].size == 1
+    decoded = decode_payload(payload, header, {"g": (7, 9), "h": (5,)})
+    assert torch.equal(decoded["g"], torch.where(state["g"] >= 0, 1.0, -1.0))
+    assert decoded["h"].tolist() == [1.0, 1.0, 1.0, -1.0, 1.0]
+    with pytest.raises(FedLoraError, match="expected uint8 x 8"):
+        decode_payload({**payload, "g": np.zeros(9, dtype=np.uint8)}, header)
+
+
+def test_sign_is_refused_for_training_payloads():
+    from fedlora.config import RunConfig
+
+    with pytest.raises(FedLoraError, match="--upload-codec sign keeps no magnitudes"):
+        RunConfig(upload_codec="sign").validate()
+    with pytest.raises(FedLoraError, match="--fedsb-init-codec int8: valid choices: fp32, fp16, bf16, sign"):
+        RunConfig(fedsb_init_codec="int8").validate()

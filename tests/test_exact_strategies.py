@@ -1,11 +1,14 @@
 """FFA-LoRA, FLoRA and Fed-SB: exact aggregation, checked against sum_k p_k DeltaW_k computed
 here from the client updates; FedAvg's error measured by the same test."""
 
+import math
+
 import pytest
 import torch
 from conftest import FakeGrid, train_reply
+from flwr.app import ArrayRecord
 
-from fedlora.aggregate import delta_weights
+from fedlora.aggregate import delta_weights, lora_sb_from_gradient
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
 from fedlora.models import load_model
@@ -256,3 +259,37 @@ def test_flora_client_that_missed_a_round_catches_up_exactly(tiny_model_dir):
         expected = weights[f"{path}.weight"].double() + delta
         got = client_model.get_submodule(path).weight.double()
         assert ((got - expected).norm() / expected.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("codec", ["fp32", "bf16", "sign"])
+def test_fedsb_gradient_init_by_each_codec(base_model, codec):
+    """The initialisation round's replies, encoded by --fedsb-init-codec: fp32 gives the
+    sign of the summed gradients, sign the clients' majority vote, bf16 the sign of the
+    sum of bf16-rounded gradients; B R A is the rule's rank-r approximation of each."""
+    strategy = FedSB(init="gradient", init_codec=codec, rank=4, target_modules=TARGETS)
+    strategy.initialize(base_model)
+    messages = strategy.configure_init(ArrayRecord(), RunConfig().to_dict(), FakeGrid([1, 2, 3]))
+    assert {m.content["config"]["gradient-codec"] for m in messages} == {codec}
+    shapes = {f"{path}.weight": shape for path, shape in strategy.module_shapes.items()}
+    generator = torch.Generator().manual_seed(0)
+    gradients = [{k: torch.randn(s, generator=generator) for k, s in shapes.items()} for _ in range(3)]
+    replies = [train_reply(n + 1, g, 16, codec=codec) for n, g in enumerate(gradients)]
+    arrays = strategy.aggregate_init(replies)
+    up = sum(payload_bytes(r) for r in replies)
+    values = sum(math.prod(s) for s in shapes.values())
+    assert up > 3 * values * {"fp32": 4, "bf16": 2, "sign": 1 / 8}[codec]  # payload and headers
+    assert up < 3 * values * {"fp32": 4, "bf16": 2, "sign": 1 / 8}[codec] + 3 * 4000
+    torch.manual_seed(strategy.seed)  # svd_lowrank is randomised: the server's order
+    for path in strategy.module_shapes:
+        key = f"{path}.weight"
+        stacked = torch.stack([g[key] for g in gradients])
+        if codec == "sign":  # each client one vote, a tie gives 0
+            vote = torch.sign(torch.where(stacked >= 0, 1.0, -1.0).sum(dim=0))
+        elif codec == "bf16":
+            vote = torch.sign(stacked.bfloat16().float().sum(dim=0))
+        else:
+            vote = torch.sign(stacked.sum(dim=0))
+        B, A, R = lora_sb_from_gradient(vote.double(), 4, strategy.init_eta)
+        got = (strategy.frozen[f"{path}.lora_B.weight"] @ torch.from_numpy(arrays[f"{path}.lora_R.weight"].numpy())
+               @ strategy.frozen[f"{path}.lora_A.weight"])
+        torch.testing.assert_close(got, B @ R @ A, rtol=1e-4, atol=1e-7)
