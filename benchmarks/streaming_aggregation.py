@@ -22,7 +22,7 @@ Reported:
 from __future__ import annotations
 
 import argparse
-import time
+import timeit
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +60,7 @@ def random_state(shapes, seed: int) -> dict[str, torch.Tensor]:
 
 
 def best_time(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timeit.repeat(function, number=1, repeat=repeats))
 
 
 def peak_rss() -> int:

@@ -362,14 +362,14 @@ class LoraStrategy(FedAvg):
             round_.clipped.add(clip_update(state, self.privacy.clip), 1.0)
             return
         weight = self.client_weight(metrics)
-        if self.folds_updates:
+        if self.folds_updates:  # sum_k p_k u_k: finish() adds the global state once
             round_.terms.add(state, weight)
         if self.upload == "delta" and (not self.folds_updates or self.check_exactness):
-            state = {k: self.global_state[k] + u for k, u in state.items()}  # global + update
-        if self.streams and not self.folds_updates:
-            round_.terms.add(self.client_terms(state, metrics), weight)
-        elif not self.streams:
+            state = {k: self.global_state[k] + u for k, u in state.items()}  # the client's adapter
+        if not self.streams:
             round_.states.append(state)
+        elif not self.folds_updates:
+            round_.terms.add(self.client_terms(state, metrics), weight)
         if self.check_exactness:
             round_.deltas.add(self.client_delta(state, metrics), weight)
 
