@@ -169,7 +169,7 @@ def train(msg: Message, context: Context) -> Message:
     config = plan_to_config(plan)
     device = pick_device(str(context.node_config.get("device", config.device)))
     partition_id = int(context.node_config["partition-id"])
-    faults.inject(partition_id, int(plan["server-round"]))  # only when a test asks for it
+    faults.inject(partition_id, int(plan["server-round"]), str(plan.get("name", "")))  # tests only
     join_run(context, plan)
     with borrowed_model(config.model, device) as (model, tokenizer):
         return run_plan(msg, context, config, model, tokenizer, device)

@@ -6,7 +6,8 @@ so that the server's round timeout passes it by) and partition 2's process die i
 The variables reach the clients through the environment, in a simulation (Ray workers) and
 on a SuperNode alike. Unset, nothing happens. (Flower's simulation engine waits for a hung
 client before it returns, so a simulation test hangs a client only for a little longer
-than the round timeout.)
+than the round timeout.) A fault may name the run it is for, ``raise:1@2@part``: then it
+fires only in the run of that ``--name`` (two runs served by one simulation).
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ VARIABLE = "FEDLORA_INJECT_FAULTS"
 KINDS = ("raise", "hang", "exit")
 
 
-def inject(partition_id: int, server_round: int) -> None:
-    """Fail now if the environment asks for a fault at this partition and round."""
+def inject(partition_id: int, server_round: int, run_name: str = "") -> None:
+    """Fail now if the environment asks for a fault at this partition and round (and run)."""
     for fault in filter(None, os.environ.get(VARIABLE, "").split(",")):
         kind, _, where = fault.partition(":")
-        partition, _, round_ = where.partition("@")
+        partition, _, rest = where.partition("@")
+        round_, _, run = rest.partition("@")
         if kind not in KINDS or not partition.isdigit() or not round_.isdigit():
-            raise ValueError(f"{VARIABLE}: bad fault '{fault}'; expected KIND:PARTITION@ROUND, "
-                             f"KIND one of {', '.join(KINDS)}")
-        if (int(partition), int(round_)) != (partition_id, server_round):
+            raise ValueError(f"{VARIABLE}: bad fault '{fault}'; expected KIND:PARTITION@ROUND"
+                             f"[@RUN], KIND one of {', '.join(KINDS)}")
+        if (int(partition), int(round_)) != (partition_id, server_round) or run not in ("", run_name):
             continue
         if kind == "raise":
             raise RuntimeError(f"injected fault: partition {partition_id} raises in round {server_round}")

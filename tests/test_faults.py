@@ -71,12 +71,25 @@ def test_a_run_that_fails_for_too_few_replies_resumes_and_ends_like_an_uninterru
              "--upload-density", "0.5", "--dp", "user", "--dp-noise", "0.3", "--dp-clip", "1.0",
              "--dp-noise-seed", "5", "--num-clients", "2", "--min-clients", "2",
              "--output", str(tmp_path)]
-    full = simulate(*flags, "--rounds", "2", "--name", "full")
-    assert full.returncode == 0, full.stderr[-3000:]
-    # Client 1 raises in round 2: one usable reply of the two --min-clients needs. (The
-    # name is as long as "full": the plan carries it, and the bytes must match.)
-    short = simulate(*flags, "--rounds", "2", "--name", "part", faults="raise:1@2")
-    assert short.returncode == 2
+    # One simulation serves the uninterrupted run "full" and then "part", whose client 1
+    # raises in round 2: one usable reply of the two --min-clients needs. (The names are
+    # as long as each other: the plan carries them, and the bytes must match.)
+    both = "\n".join([
+        "import sys",
+        "from fedlora.errors import FedLoraError",
+        "from fedlora.simulate import parse_configs, simulate",
+        f"runs = [*parse_configs({[*COMMON, *flags, '--rounds', '2', '--name', 'full']!r}),",
+        f"        *parse_configs({[*COMMON, *flags, '--rounds', '2', '--name', 'part']!r})]",
+        "try:",
+        "    simulate(runs)",
+        "except FedLoraError as err:",  # as the CLI reports it
+        "    sys.exit(print(f'error: {err}', file=sys.stderr) or 2)",
+    ])
+    env = {**os.environ, "FEDLORA_INJECT_FAULTS": "raise:1@2@part"}
+    short = subprocess.run([sys.executable, "-c", both], capture_output=True, text=True,
+                           timeout=600, env=env)
+    assert short.returncode == 2, short.stderr[-3000:]
+    assert [r["round"] for r in rows_of(tmp_path / "full")] == [0, 1, 2]
     last = short.stderr.strip().splitlines()[-1]
     assert last.startswith("error: round 2 failed: 1 of 2 clients gave a usable reply, "
                            "--min-clients is 2; outputs so far are in ")
