@@ -7,10 +7,11 @@ under federated evaluation a seeded slice of it is held out, never trained on.
 A train message carries:
 
 - ``config``: the plan: the run config, plus ``server-round``, ``task`` ("train" or
-  "gradient", with ``gradient-examples`` and ``gradient-codec``), ``adapter``, ``trainable`` (which adapter tensors to train and upload),
-  ``upload`` ("delta": trained minus received, or "weights"), ``upload-codec``,
-  ``kept-batches``, ``aggregated-round`` (the last round whose reply from this node the
-  server aggregated) and ``label-words`` (the run's label set, JSON); for clients of
+  "gradient", with ``gradient-examples`` and ``gradient-codec``), ``adapter``,
+  ``trainable`` (which adapter tensors to train and upload), ``upload`` ("delta":
+  trained minus received, or "weights"), ``upload-codec``, ``kept-batches``,
+  ``base-delta-version``, ``aggregated-round`` (the last round whose reply from this node
+  the server aggregated) and ``label-words`` (the run's label set, JSON); for clients of
   several ranks on one global LoRA, ``truncate-to-rank`` (load only the leading
   components the client's rank holds) and ``lora-scale`` (alpha = scale * rank); and
   ``personal`` (adapter tensors the client trains and keeps in its node state for the
