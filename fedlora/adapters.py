@@ -298,8 +298,8 @@ def merge_lora(model, factors: dict[str, torch.Tensor]) -> None:
     copies whatever the model's dtype (see Fp32Linear), so merges accumulate exactly to
     fp32 rounding on a bf16 GPU model too, every client trains on the base the server
     evaluates, and the model's own layers are left as they were."""
+    device = next(model.parameters()).device  # the products on the model's device
     for key, A in factors.items():
         if key.endswith(".lora_A.weight"):
             B = factors[key.replace(".lora_A.", ".lora_B.")]
-            device = next(model.parameters()).device  # the product on the model's device
             add_to_weights(model, {module_path(key): B.float().to(device) @ A.float().to(device)})

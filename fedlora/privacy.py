@@ -58,24 +58,15 @@ def clip_update(update: State, clip: float) -> State:
     return {k: (t.double() * factor) for k, t in update.items()}
 
 
-def private_mean(
-    updates: list[State], clip: float, noise: float, denominator: int, generator: torch.Generator
-) -> State:
-    """(sum of the clipped updates + N(0, (noise * clip)^2) per coordinate) / denominator.
+def noised_mean(total: State, clip: float, noise: float, denominator: int,
+                generator: torch.Generator) -> State:
+    """(``total`` + N(0, (noise * clip)^2) per coordinate) / denominator, fp32: user-level
+    DP's release, from the sum of the clipped updates (which the server adds up one reply
+    at a time).
 
     The denominator is the number of clients sampled, fixed before any reply arrives, so
     that dividing reveals nothing (a client that drops out shrinks the mean a little).
     """
-    clipped = [clip_update(u, clip) for u in updates]
-    return noised_mean({k: sum(c[k].double() for c in clipped) for k in updates[0]},
-                       clip, noise, denominator, generator)
-
-
-def noised_mean(total: State, clip: float, noise: float, denominator: int,
-                generator: torch.Generator) -> State:
-    """(``total`` + N(0, (noise * clip)^2) per coordinate) / denominator, fp32: the release
-    of :func:`private_mean` from the sum of the clipped updates (which a server can add
-    up one reply at a time)."""
     return {
         k: ((t.double() + noise * clip * torch.randn(t.shape, generator=generator, dtype=torch.float64))
             / denominator).float()

@@ -108,15 +108,13 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
     def evaluation(arrays: ArrayRecord, server_round: int) -> dict:
         """Central evaluation of the global adapter, federated evaluation, or both."""
         begin, metrics = time.perf_counter(), {}
-        if central_examples is not None and central_on_clients:
-            metrics.update(central_evaluation_on_clients(
+        if central_examples is not None:
+            counts = central_evaluation_on_clients(
                 grid, strategy, arrays, plan, server_round, config.round_timeout,
                 central_examples, len(label_words or []),
-                lambda share: scored_here(arrays, share)).metrics())
-            metrics["eval_seconds"] = time.perf_counter() - begin
-        elif central_examples is not None:
-            metrics.update(scored_here(arrays, central_examples).metrics())
-            metrics["eval_seconds"] = time.perf_counter() - begin
+                lambda share: scored_here(arrays, share),
+            ) if central_on_clients else scored_here(arrays, central_examples)
+            metrics.update(counts.metrics(), eval_seconds=time.perf_counter() - begin)
         if federated:
             metrics.update(federated_evaluation(grid, strategy, arrays, plan, server_round,
                                                 config.round_timeout, len(label_words or [])))

@@ -15,7 +15,7 @@ from opacus.accountants.rdp import RDPAccountant
 from fedlora.config import RunConfig
 from fedlora.data import Example
 from fedlora.errors import FedLoraError
-from fedlora.privacy import DPSGD, Privacy, clip_update, default_delta, private_mean, update_norm
+from fedlora.privacy import DPSGD, Privacy, clip_update, default_delta, noised_mean, update_norm
 from fedlora.seeds import stream_seed
 from fedlora.train import answer_loss, make_batch, train_local
 from server.run import over_budget
@@ -55,7 +55,8 @@ def test_the_added_noise_has_standard_deviation_z_c_over_n():
     updates = [{"w": torch.randn(1000, 250) * 0.01}, {"w": torch.randn(1000, 250) * 10},
                {"w": torch.zeros(1000, 250)}]
     generator = torch.Generator().manual_seed(0)
-    released = private_mean(updates, clip, noise, sampled, generator)["w"].double()
+    total = {"w": sum(clip_update(u, clip)["w"] for u in updates)}  # what the server sums
+    released = noised_mean(total, clip, noise, sampled, generator)["w"].double()
     signal = sum(clip_update(u, clip)["w"] for u in updates) / sampled
     added = released - signal
     expected = noise * clip / sampled
