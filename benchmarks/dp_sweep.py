@@ -45,7 +45,7 @@ def main() -> None:
         "--strategy", "fedavg", "--dp", "sample", "--dp-clip", "1.0",
         "--dp-target-epsilon", epsilons[-1]]))
     run_dirs = run_variants("simulations/dp.toml", variants, args.name, args.output)
-    print("\n" + write_comparison(run_dirs, Path(args.output) / args.name))
+    print("\n" + write_comparison({d.name: {"": [d]} for d in run_dirs}, Path(args.output) / args.name))
     private, plain = seconds_per_step(run_dirs[-1]), seconds_per_step(run_dirs[0])
     print(f"\nclient seconds per local step: DP-SGD {private:.3f}, no DP {plain:.3f}, "
           f"ratio {private / plain:.2f}")

@@ -31,7 +31,7 @@ def main() -> None:
         variants.append((f"sparse-{density}-ef", ["--upload-density", density, "--error-feedback"]))
     run_dirs = [Path(args.baseline)] if args.baseline else []
     run_dirs += run_variants("simulations/sparse.toml", variants, args.name, args.output)
-    print("\n" + write_comparison(run_dirs, Path(args.output) / args.name))
+    print("\n" + write_comparison({d.name: {"": [d]} for d in run_dirs}, Path(args.output) / args.name))
 
 
 if __name__ == "__main__":

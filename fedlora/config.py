@@ -30,6 +30,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {
     "max_length": (8, 32_768, True),
     "dirichlet_alpha": (0.0, 1e6, False),
     "eval_size": (1, 1_000_000, True),
+    "val_size": (0, 1_000_000, True),
     "fedsb_init_examples": (1, 1_000_000, True),
     "upload_density": (0.0, 1.0, False),
     "download_density": (0.0, 1.0, False),
@@ -239,6 +240,13 @@ class RunConfig:
     eval_size: int = field(
         default=200, metadata={"help": "held-out examples of --dataset for central evaluation"}
     )
+    val_size: int = field(
+        default=0,
+        metadata={"help": "validation examples the server holds apart from the evaluation ones "
+                          "(from --dataset, else from --eval-dataset) and scores as val_* "
+                          "metrics: a grid's values are chosen on them, never on the reported "
+                          "evaluation"},
+    )
     eval_batch_size: int = field(default=32, metadata={"help": "batch size of evaluation"})
     eval_max_new_tokens: int = field(
         default=64,
@@ -335,6 +343,9 @@ class RunConfig:
                 f"--evaluation {self.evaluation} evaluates at the server, which holds no data "
                 "with --client-data: give --eval-dataset FILE or --evaluation federated"
             )
+        if self.val_size and self.client_data and not self.eval_dataset:
+            raise FedLoraError(f"--val-size {self.val_size}: the server holds no data with "
+                               "--client-data to validate on; give --eval-dataset FILE")
         if self.min_clients > self.num_clients:
             raise FedLoraError(
                 f"--min-clients {self.min_clients} exceeds --num-clients {self.num_clients}"

@@ -17,8 +17,9 @@ without exchanging data.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -50,11 +51,14 @@ class Example:
 
 @dataclass
 class Task:
-    """``--dataset`` split once: ``train`` is what the clients partition, ``eval`` is held out."""
+    """``--dataset`` split once: ``train`` is what the clients partition, ``eval`` is held
+    out for the reported evaluation, ``validation`` (``--val-size``) is held out apart from
+    both, for choosing settings."""
 
     train: list[Example]
     eval: list[Example]
     label_words: list[str] | None  # None for prompt/response data
+    validation: list[Example] = field(default_factory=list)
 
     @property
     def train_labels(self) -> np.ndarray | None:
@@ -114,17 +118,20 @@ def declared_label_words(config) -> list[str] | None:
 
 
 def load_task(config, label_words: list[str] | None = None) -> Task:
-    """Read ``--dataset``, format it and split off ``eval_size`` examples (seeded)."""
+    """Read ``--dataset``, format it and split off ``eval_size`` examples for evaluation
+    and the next ``val_size`` for validation (one seeded permutation: the three parts are
+    disjoint)."""
     examples, label_words = read_examples(config.dataset, config, label_words, "--dataset")
-    if len(examples) <= config.eval_size:
-        raise FedLoraError(
-            f"--eval-size {config.eval_size} leaves no training data: "
-            f"the dataset has {len(examples)} examples"
-        )
+    held = config.eval_size + config.val_size
+    if len(examples) <= held:
+        sizes = f"--eval-size {config.eval_size}" + (
+            f" and --val-size {config.val_size} leave" if config.val_size else " leaves")
+        raise FedLoraError(f"{sizes} no training data: the dataset has {len(examples)} examples")
     order = np.random.default_rng(config.seed).permutation(len(examples))
-    eval_set = [examples[i] for i in order[: config.eval_size]]
-    train_set = [examples[i] for i in order[config.eval_size :]]
-    return Task(train=train_set, eval=eval_set, label_words=label_words)
+    return Task(train=[examples[i] for i in order[held:]],
+                eval=[examples[i] for i in order[: config.eval_size]],
+                validation=[examples[i] for i in order[config.eval_size : held]],
+                label_words=label_words)
 
 
 def read_examples(
@@ -322,26 +329,42 @@ def read_table(path: Path) -> pd.DataFrame:
         raise FedLoraError(f"cannot read {path}: {reason[:200]}") from None
 
 
-def server_data(config) -> tuple[list[Example] | None, list[str] | None]:
-    """What the server holds: its central evaluation examples (None unless evaluation is
-    central) and the run's label set (None for prompt/response data).
+class ServerData(NamedTuple):
+    """What the server holds: see :func:`server_data`."""
 
-    The examples are all of ``--eval-dataset``, else the held-out split of ``--dataset``
-    when the clients partition it. The label set is the declared one (``--labels``,
-    ``--label-names``), else that of this data; with clients' own files and no server
-    data it must be declared. A declared label set and federated evaluation alone read
-    no data at all (a deployment's server may hold none).
+    examples: list[Example] | None  # central evaluation, None unless it is central
+    validation: list[Example]  # --val-size examples for choosing settings, else empty
+    label_words: list[str] | None  # None for prompt/response data
+
+
+def server_data(config) -> ServerData:
+    """What the server holds: its central evaluation examples, its validation examples
+    and the run's label set.
+
+    The evaluation examples are all of ``--eval-dataset`` (less ``--val-size`` of them,
+    seeded, for validation), else the held-out splits of ``--dataset`` when the clients
+    partition it. The label set is the declared one (``--labels``, ``--label-names``),
+    else that of this data; with clients' own files and no server data it must be
+    declared. A declared label set and federated evaluation alone read no data at all (a
+    deployment's server may hold none).
     """
     words = declared_label_words(config)
     central = config.evaluation_mode in ("central", "both")
-    examples = None
+    examples, validation = None, []
     if config.eval_dataset:
         examples, words = read_examples(config.eval_dataset, config, words, "--eval-dataset")
-    elif not config.client_data and (central or (words is None and not config.prompt_column)):
+        if config.val_size >= len(examples):
+            raise FedLoraError(f"--val-size {config.val_size} leaves no evaluation data: "
+                               f"{config.eval_dataset} has {len(examples)} examples")
+        order = np.random.default_rng(stream_seed(config.seed, "validation")).permutation(len(examples))
+        validation = [examples[i] for i in order[: config.val_size]]
+        examples = [examples[i] for i in sorted(order[config.val_size :])]
+    elif not config.client_data and (central or config.val_size
+                                     or (words is None and not config.prompt_column)):
         task = load_task(config, words)  # the clients partition it: a simulation's dataset
-        examples, words = task.eval, task.label_words
+        examples, validation, words = task.eval, task.validation, task.label_words
     elif words is None and not config.prompt_column:
         raise FedLoraError("the clients bring their own data and the server holds none to "
                            "read the label set from: give --labels a,b,c (or --label-names, "
                            "or --eval-dataset FILE)")
-    return (examples if central else None), words
+    return ServerData(examples if central else None, validation, words)

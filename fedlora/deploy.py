@@ -34,7 +34,8 @@ import tomli_w
 from fedlora.config import RunConfig, comma_list
 from fedlora.errors import FedLoraError
 from fedlora.simulate import build_parser as build_simulate_parser
-from fedlora.simulate import configs_from_args, print_outputs
+from fedlora.simulate import print_outputs, study_from_args
+from fedlora.study import StudyRun
 
 # The project folder: `flwr run` builds the Flower app from its pyproject.toml.
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[list[RunConfig], Federation]:
-    """The validated RunConfigs (as ``fedlora.simulate`` makes them) and the federation."""
+def parse_args(argv: list[str] | None = None) -> tuple[list[StudyRun], Federation]:
+    """The runs (as ``fedlora.simulate`` makes them) and the federation."""
     args = vars(build_parser().parse_args(argv))
     clients = args.pop("clients")
     tls = args.pop("tls")
@@ -117,7 +118,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[RunConfig], Federati
                 "the server waits for --num-clients SuperNodes: give one of them"
             )
         args["num_clients"] = clients
-    configs = configs_from_args(args)
+    runs = study_from_args(args)
+    configs = [run.config for run in runs]
     # Each SuperNode reads its own file (node-config data-file), as on a client's machine;
     # the run config keeps the list only so that the server knows it holds no data.
     files = tuple(str(Path(f).resolve()) for f in configs[0].client_data_list)
@@ -125,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[RunConfig], Federati
         if '"' in path:
             raise FedLoraError(f"--client-data: '{path}' has a double quote, which "
                                "flower-supernode's --node-config cannot carry; rename it")
-    return configs, Federation(configs[0].num_clients, tls, ranks, devices, files)
+    return runs, Federation(configs[0].num_clients, tls, ranks, devices, files)
 
 
 def _ranks(text: str) -> tuple[int, ...]:
@@ -467,9 +469,8 @@ def deploy(configs: list[RunConfig], federation: Federation) -> list[Path]:
         run_config_overrides(config)  # a key that flwr run would refuse
         if not config.resume:
             check_unused(run_folder(config))
-    folder = run_folder(configs[0])
-    if len(configs) > 1:
-        folder = folder.parent
+    # The folder that holds them all: a comparison's or a study's.
+    folder = Path(os.path.commonpath([run_folder(c) for c in configs]))
     log_dir = folder / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -502,8 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     start = time.perf_counter()
     try:
-        configs, federation = parse_args(argv)
-        run_dirs = deploy(configs, federation)
+        runs, federation = parse_args(argv)
+        deploy([run.config for run in runs], federation)
     except DeploymentFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -515,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print_outputs(run_dirs, time.perf_counter() - start,
+    print_outputs(runs, time.perf_counter() - start,
                   "config.toml, metrics.jsonl, adapter/, report.png, logs/")
     return 0
 

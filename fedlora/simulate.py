@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fedlora.config import RunConfig, comma_list
 from fedlora.errors import FedLoraError
+from fedlora.study import GRID_FIELDS, StudyRun, expand, pop_study_keys, to_do
 
 # Flower and Hugging Face: no telemetry, no update checks, no hub.
 for _name, _value in {
@@ -45,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated LoRA fine-tuning with N simulated clients (Flower simulation).",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML file of settings; flags override it")
+    study = parser.add_argument_group(
+        "studies", "repeat each run over seeds and a grid; the same command again skips the "
+        "finished runs and resumes an interrupted one")
+    study.add_argument("--seeds", metavar="S,S,...", default=argparse.SUPPRESS,
+                       help="run once per seed (data partitions, initialisation and batches "
+                            "follow it), into <name>/<strategy>/seed<S>/")
+    study.add_argument("--lr-grid", metavar="LR,LR,...", default=argparse.SUPPRESS,
+                       help="run every learning rate; the value reported for each strategy is "
+                            "chosen on --val-size validation examples")
+    study.add_argument("--rank-grid", metavar="R,R,...", default=argparse.SUPPRESS,
+                       help="run every LoRA rank, as --lr-grid (not --ranks, which gives each "
+                            "client of flora, hetlora, flexlora its own rank)")
     for field in dataclasses.fields(RunConfig):
         flag, help = "--" + field.name.replace("_", "-"), field.metadata["help"]
         if isinstance(field.default, bool):  # --check-exactness / --no-check-exactness
@@ -61,12 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_configs(argv: list[str] | None = None) -> list[RunConfig]:
-    """The validated RunConfigs of a command line: see ``configs_from_args``."""
-    return configs_from_args(vars(build_parser().parse_args(argv)))
+    """The validated RunConfigs of a command line: see ``study_from_args``."""
+    return [run.config for run in study_from_args(vars(build_parser().parse_args(argv)))]
 
 
 def configs_from_args(args: dict) -> list[RunConfig]:
-    """The validated RunConfigs of parsed flags: one per strategy of ``--strategy a,b``.
+    """The validated RunConfigs of parsed flags: see ``study_from_args``."""
+    return [run.config for run in study_from_args(args)]
+
+
+def study_from_args(args: dict) -> list[StudyRun]:
+    """The runs of parsed flags: one per strategy of ``--strategy a,b``, grid value and
+    seed (fedlora.study).
 
     ``args`` holds the flags given to a parser from ``build_parser`` (the flags that were
     not given are absent). Values come from the config file, then its table named after the
@@ -75,16 +94,25 @@ def configs_from_args(args: dict) -> list[RunConfig]:
     partitions and seed. With ``--resume FOLDER`` the values come from the run's saved
     config.toml, then the flags (e.g. ``--rounds`` to run longer).
     """
-    args = dict(args)
+    args = {k.replace("_", "-") if k in ("lr_grid", "rank_grid") else k: v
+            for k, v in args.items()}
+    study_flags = pop_study_keys(args)
     file = args.pop("config", None)
     if args.get("resume"):
         if file:
             raise FedLoraError("--resume continues a run with its own saved config; drop --config")
+        if study_flags:
+            raise FedLoraError("--resume continues one run; to continue a study, give its "
+                               "command again")
         saved = Path(args["resume"]) / "config.toml"
         if not saved.is_file():
             raise FedLoraError(f"--resume {args['resume']}: not a run folder (no config.toml there)")
         file = saved
+    for key, field in GRID_FIELDS.items():
+        if key in study_flags and field in args:
+            raise FedLoraError(f"--{field} and --{key} both given; keep one")
     values = RunConfig.from_toml(file) if file else {}
+    study_file = pop_study_keys(values)
     tables = {k: values.pop(k) for k in list(values) if isinstance(values[k], dict)}
     strategy = str(args.get("strategy", values.get("strategy", "fedavg")))
     strategies = comma_list(strategy)
@@ -102,13 +130,16 @@ def configs_from_args(args: dict) -> list[RunConfig]:
     name = args.get("name", values.get("name", "")) or default_run_name(
         [folder_name(s) for s in strategies]  # "module:Class" has a ':'
     )
-    configs = []
+    runs = []
     for each in strategies:
-        merged = {**values, **tables.get(each, {}), **args, "strategy": each, "name": name}
-        if len(strategies) > 1:
-            merged["name"] = f"{name}/{folder_name(each)}"
-        configs.append(RunConfig.from_dict(merged))
-    return configs
+        table = dict(tables.get(each, {}))
+        study = {**study_file, **pop_study_keys(table), **study_flags}
+        for key, field in GRID_FIELDS.items():  # a flag's single value overrides a file's grid
+            if field in args and key not in study_flags:
+                study.pop(key, None)
+        merged = {**values, **table, **args, "strategy": each}
+        runs += expand(merged, study, each, name, multi=len(strategies) > 1)
+    return runs
 
 
 def default_run_name(strategies: list[str]) -> str:
@@ -158,8 +189,14 @@ def simulate(configs: list[RunConfig]) -> list[Path]:
         try:
             for config in configs:
                 if len(configs) > 1:
-                    print(f"\n== {config.strategy} ==", flush=True)
-                outcome["run_dirs"].append(run_federation(grid, config, simulation=True))
+                    print(f"\n== {config.name} ==", flush=True)
+                try:
+                    outcome["run_dirs"].append(run_federation(grid, config, simulation=True))
+                except FedLoraError as err:  # one failed run of a study stops no other
+                    if len(configs) == 1:
+                        raise
+                    print(f"error: {config.name}: {err}", file=sys.stderr, flush=True)
+                    outcome.setdefault("error", err)
         except BaseException as err:  # the engine would log and swallow it
             outcome["error"] = err
 
@@ -182,7 +219,7 @@ def simulate(configs: list[RunConfig]) -> list[Path]:
         flower_log.removeFilter(_drop_run_simulation_notice)
     if "error" in outcome:
         raise outcome["error"]
-    if len(outcome["run_dirs"]) < len(configs):
+    if len(outcome["run_dirs"]) < len(configs):  # a run failed without a FedLoraError
         raise RuntimeError("the simulation ended without finishing the run; see the log above")
     return outcome["run_dirs"]
 
@@ -203,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").propagate = False  # Flower has its own console handler
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes of deps
     try:
-        configs = parse_configs(argv)
+        runs = study_from_args(vars(build_parser().parse_args(argv)))
+        in_study = len(runs) > 1 or runs[0].config.name != runs[0].folder  # or --seeds 3
+        configs = to_do(runs) if in_study else [runs[0].config]
         from server.run import check_unused, evaluation_for
         from strategies import build_strategy
 
@@ -211,23 +250,31 @@ def main(argv: list[str] | None = None) -> int:
             evaluation_for(build_strategy(config), config)  # an unknown strategy or a refused combination
             if config.name and not config.resume:
                 check_unused(Path(config.output) / config.name)
+        if len(configs) < len(runs):
+            print(f"{len(runs) - len(configs)} of {len(runs)} runs are finished; running "
+                  f"{len(configs)}", flush=True)
         start = time.perf_counter()
-        run_dirs = simulate(configs)
+        if configs:
+            simulate(configs)
     except FedLoraError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print_outputs(run_dirs, time.perf_counter() - start, "config.toml, metrics.jsonl, adapter/, report.png")
+    print_outputs(runs, time.perf_counter() - start, "config.toml, metrics.jsonl, adapter/, report.png")
     return 0
 
 
-def print_outputs(run_dirs: list[Path], seconds: float, files: str) -> None:
+def print_outputs(runs: list[StudyRun], seconds: float, files: str) -> None:
     """Say where the runs' outputs are; with several runs, write and print their comparison."""
-    print(f"done in {seconds:.0f}s: {run_dirs[-1]}/ ({files})")
-    if len(run_dirs) > 1:
+    print(f"done in {seconds:.0f}s: {Path(runs[-1].config.output) / runs[-1].config.name}/ ({files})")
+    if len(runs) > 1:
         from server.report import write_comparison
 
-        folder = Path(run_dirs[0]).parent
-        print("\n" + write_comparison(run_dirs, folder))
+        groups: dict[str, dict[str, list[Path]]] = {}
+        for run in runs:
+            groups.setdefault(run.strategy, {}).setdefault(run.value, []).append(
+                Path(run.config.output) / run.config.name)
+        folder = Path(runs[0].config.output) / runs[0].folder
+        print("\n" + write_comparison(groups, folder))
         print(f"comparison: {folder}/comparison.md, {folder}/comparison.png")
 
 

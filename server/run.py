@@ -51,6 +51,9 @@ COLUMNS = [  # (metrics key, table heading, width, format spec)
     ("eval_accuracy", "accuracy", 8, ".3f"),  # these two with labels
     ("eval_macro_f1", "macro-F1", 8, ".3f"),
     ("eval_exact_match", "exact match", 11, ".3f"),  # this one without
+    ("val_loss", "val loss", 9, ".4f"),  # --val-size
+    ("val_accuracy", "val acc", 7, ".3f"),
+    ("val_exact_match", "val exact", 9, ".3f"),
     ("fed_eval_loss", "fed loss", 9, ".4f"),  # federated evaluation
     ("fed_eval_accuracy", "fed acc", 7, ".3f"),
     ("fed_eval_accuracy_min", "fed min", 7, ".3f"),
@@ -89,12 +92,12 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
     central_on_clients = config.central_eval_on == "clients" or (
         config.central_eval_on == "auto" and simulation)
     run_dir = make_run_dir(config)
-    central_examples, label_words = server_data(config)
+    central_examples, validation, label_words = server_data(config)
     # The server's copy of the model serves the initial adapter, the saved outputs and the
     # central evaluation; where the clients' processes evaluate, it stays on the CPU (its
     # weights are read from disk only where touched), so a GPU holds no second copy.
     device = pick_device(config.device)
-    if central_examples is None or central_on_clients:
+    if (central_examples is None and not validation) or central_on_clients:
         device = torch.device("cpu")
     model, tokenizer = load_model(config.model, device)
     # What clients get: the run config, less the server's own --resume path, and the label set.
@@ -106,15 +109,20 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
                     "epsilon covers training only, not these figures (docs/privacy.md)")
 
     def evaluation(arrays: ArrayRecord, server_round: int) -> dict:
-        """Central evaluation of the global adapter, federated evaluation, or both."""
+        """Central evaluation of the global adapter, federated evaluation, or both; and
+        the validation examples' ``val_*`` metrics."""
         begin, metrics = time.perf_counter(), {}
-        if central_examples is not None:
+        for examples, prefix in ((central_examples, "eval_"), (validation, "val_")):
+            if not examples:
+                continue
             counts = central_evaluation_on_clients(
                 grid, strategy, arrays, plan, server_round, config.round_timeout,
-                central_examples, len(label_words or []),
+                examples, len(label_words or []),
                 lambda share: scored_here(arrays, share),
-            ) if central_on_clients else scored_here(arrays, central_examples)
-            metrics.update(counts.metrics(), eval_seconds=time.perf_counter() - begin)
+            ) if central_on_clients else scored_here(arrays, examples)
+            metrics.update(counts.metrics(prefix))
+        if central_examples or validation:
+            metrics["eval_seconds"] = time.perf_counter() - begin
         if federated:
             metrics.update(federated_evaluation(grid, strategy, arrays, plan, server_round,
                                                 config.round_timeout, len(label_words or [])))
@@ -141,7 +149,7 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", private=strategy.privacy is not None,
                              central=central_examples is not None, federated=federated,
-                             labelled=label_words is not None)
+                             labelled=label_words is not None, validated=bool(validation))
     start = time.perf_counter()
     arrays = strategy.initialize(model)
     if config.resume:
@@ -400,7 +408,7 @@ class MetricsLog:
     """metrics.jsonl, one JSON object per round, and the table row printed for it."""
 
     def __init__(self, path: Path, private: bool = False, central: bool = True,
-                 federated: bool = False, labelled: bool = True) -> None:
+                 federated: bool = False, labelled: bool = True, validated: bool = False) -> None:
         self.path = path
         self.rows: list[dict] = []
         self.total_up = self.total_down = 0
@@ -410,8 +418,11 @@ class MetricsLog:
         if not federated:
             hidden |= {"fed_eval_loss", "fed_eval_accuracy", "fed_eval_accuracy_min",
                        "fed_eval_exact_match"}
-        hidden |= ({"eval_exact_match", "fed_eval_exact_match"} if labelled else
-                   {"eval_accuracy", "eval_macro_f1", "fed_eval_accuracy", "fed_eval_accuracy_min"})
+        if not validated:
+            hidden |= {"val_loss", "val_accuracy", "val_exact_match"}
+        hidden |= ({"eval_exact_match", "fed_eval_exact_match", "val_exact_match"} if labelled
+                   else {"eval_accuracy", "eval_macro_f1", "fed_eval_accuracy",
+                         "fed_eval_accuracy_min", "val_accuracy"})
         self.columns = [c for c in COLUMNS if c[0] not in hidden]
         tqdm.write("  ".join(f"{heading:>{width}}" for _, heading, width, _ in self.columns))
 

@@ -162,7 +162,7 @@ def test_label_names_map_raw_labels_and_declare_the_label_set(tmp_path):
     assert declared_label_words(config) == ["high", "low", "mid"]  # in the order given
     assert sorted({(e.answer, e.label) for e in examples + held}) == [
         (" high", 0), (" low", 1), (" mid", 2)]
-    assert server_data(config) == (None, ["high", "low", "mid"])  # the server reads no file
+    assert server_data(config) == (None, [], ["high", "low", "mid"])  # the server reads no file
     with pytest.raises(FedLoraError, match="server holds none to read the label set from: give --labels"):
         server_data(RunConfig.from_dict({"client-data": str(path)}))
 
@@ -170,4 +170,4 @@ def test_label_names_map_raw_labels_and_declare_the_label_set(tmp_path):
 def test_a_server_with_declared_labels_and_federated_evaluation_reads_no_data():
     # --dataset names a file that does not exist on this server: only clients hold data.
     config = RunConfig(dataset="/clients/only.csv", evaluation="federated", labels="low,high")
-    assert server_data(config) == (None, ["low", "high"])
+    assert server_data(config) == (None, [], ["low", "high"])

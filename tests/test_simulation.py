@@ -132,7 +132,7 @@ def test_federated_evaluation_pools_the_clients_held_out_slices(run_dir, data_fi
     assert 0.4 < last["fed_eval_majority_accuracy"] < 0.65
 
     config = RunConfig.from_dict(tomllib.loads((run_dir / "config.toml").read_text()))
-    _, words = server_data(config)
+    words = server_data(config).label_words
     assert words == ["negative", "positive"]
     base, tokenizer = load_model("tiny-llama", torch.device("cpu"))
     adapted = PeftModel.from_pretrained(base, run_dir / "adapter")

@@ -1,0 +1,233 @@
+"""``python -m fedlora.plan``: the bytes every client uploads and downloads, before a run.
+
+For each strategy asked, the planner runs the server's own code (the strategy's
+configure and aggregate steps, the codecs, Flower's serialization) through the
+initialisation and every round, against stand-in clients. A stand-in does not train: it
+replies what a real client would, in form and size (the tensors the server expects of
+it, filled with random values, encoded by the run's codec; the metrics a client reports,
+with its real example count), through the ClientApp's own reply builder.
+
+The model is built on the meta device from its config: no weights are read. The adapted
+linear layers get CPU storage that is never filled or read, so their pages cost no
+memory. Bytes depend on shapes, codecs and settings (the run config travels in every
+message, so ``--name`` and ``--output`` count too), not on values, with one exception:
+Flower sends a tensor that occurs twice in a message once. The planner's tensors repeat
+where a real run's do (the zero B of a fresh LoRA), and nowhere else.
+
+What it costs: the server's own work on the tensors, e.g. FedEx-LoRA's dense residuals
+(out x in values per module) and Fed-SB's gradient round (the same, per client).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedlora.errors import FedLoraError
+from fedlora.simulate import build_parser as build_simulate_parser
+
+
+@dataclass
+class RoundBytes:
+    """One round's traffic: each client's bytes by partition id (0: the initialisation)."""
+
+    round: int
+    up: dict[int, int] = field(default_factory=dict)
+    down: dict[int, int] = field(default_factory=dict)
+
+
+def meta_model(name: str, target_modules: list[str]):
+    """The model of ``name`` (a packaged name, a Hugging Face folder or its config.json),
+    built on the meta device; its ``target_modules`` linears get unfilled CPU weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedlora.adapters import target_linears
+    from fedlora.models import resolve_model
+
+    path = Path(name)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FedLoraError(f"--model {name}: no such file")
+        source = path
+    else:
+        source = resolve_model(name)
+    try:
+        hf_config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise FedLoraError(f"--model {name}: not a Hugging Face model config ({err})") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    for linear in target_linears(model, target_modules).values():
+        linear.weight = torch.nn.Parameter(torch.empty(linear.weight.shape), requires_grad=False)
+    return model
+
+
+class PlanGrid:
+    """What a strategy asks of Flower's Grid when it builds messages: the node ids."""
+
+    def __init__(self, clients: int) -> None:
+        self.nodes = list(range(1, clients + 1))  # node n serves partition n - 1
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+@contextmanager
+def dry_run() -> Iterator[None]:
+    """Flower gives every message the run it belongs to; a dry run has none, so it
+    borrows a placeholder identity for as long as it builds messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    try:
+        yield
+    finally:
+        TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
+
+
+def stand_in_reply(message, strategy, config, examples: dict[int, int], generator):
+    """The reply a real client would send to ``message``, with random tensors."""
+    from flwr.app import Message, Metadata
+
+    from client.app import client_rank, reply_content, train_metrics
+    from fedlora.codec import Codec, encode_payload
+    from fedlora.privacy import Privacy
+
+    node = message.metadata.dst_node_id
+    partition = node - 1
+    plan = message.content["config"]
+    if plan["task"] == "gradient":
+        metrics = {"num-examples": min(examples[partition], int(plan["gradient-examples"]))}
+        shapes, codec = strategy.init_reply_shapes(), Codec.parse(str(plan["gradient-codec"]))
+    else:
+        rank = client_rank(config, {}, partition)
+        privacy = Privacy.from_config(config)
+        dpsgd = (privacy.client_dpsgd(config, examples[partition], int(plan["server-round"]),
+                                      partition)
+                 if privacy and privacy.mode == "sample" else None)
+        stats = {"train_loss": 1.0 + generator.random(), "train_seconds": 1.0 + generator.random()}
+        metrics = train_metrics(examples[partition], stats, rank, dpsgd, config.local_steps)
+        from flwr.app import MetricRecord
+
+        shapes, codec = strategy.expected_shapes(MetricRecord(metrics)), Codec.parse(config.upload_codec)
+    tensors = {k: torch.randn(shape, generator=torch.Generator().manual_seed(
+        int(generator.integers(2**62)))) for k, shape in shapes.items()}
+    payload, header = encode_payload(tensors, codec)
+    metadata = Metadata(run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=0,
+                        reply_to_message_id=f"message-{node}", group_id="", created_at=time.time(),
+                        ttl=3600.0, message_type=message.metadata.message_type)
+    return Message(content=reply_content(payload, header, metrics, str(partition)),
+                   metadata=metadata)
+
+
+def plan_traffic(config, model=None) -> list[RoundBytes]:
+    """The bytes of every client's messages in the initialisation (round 0) and in each
+    of ``config.rounds`` rounds, from the server's own code on stand-in replies."""
+    import numpy as np
+    from flwr.app import ConfigRecord
+
+    from fedlora.data import local_examples, server_data
+    from server.run import evaluation_for, plan_record, traffic
+    from strategies import build_strategy
+
+    strategy = build_strategy(config)
+    config = evaluation_for(strategy, config)
+    model = model if model is not None else meta_model(config.model, config.target_module_list)
+    words = server_data(config).label_words
+    examples = {}
+    for partition in range(config.num_clients):
+        data_file = config.client_data_list[partition] if config.client_data else None
+        train, _ = local_examples(config, data_file, partition, config.num_clients, words)
+        examples[partition] = len(train)
+    generator = np.random.default_rng(config.seed)
+    grid = PlanGrid(config.num_clients)
+    plan: ConfigRecord = plan_record(config, words)
+    rounds = []
+    with dry_run():
+        arrays = strategy.initialize(model)
+        messages = strategy.configure_init(arrays, plan, grid)
+        replies = [stand_in_reply(m, strategy, config, examples, generator) for m in messages]
+        rounds.append(bytes_of(0, messages, replies, traffic))
+        if messages:
+            arrays = strategy.aggregate_init(replies)
+        for server_round in range(1, config.rounds + 1):
+            messages = list(strategy.configure_train(server_round, arrays, plan, grid))
+            replies = [stand_in_reply(m, strategy, config, examples, generator) for m in messages]
+            rounds.append(bytes_of(server_round, messages, replies, traffic))
+            arrays, _ = strategy.aggregate_train(server_round, replies)
+            if arrays is None:
+                raise FedLoraError(f"round {server_round}: the server refused the stand-in "
+                                   f"replies: {strategy.dropped[:1]}")
+    return rounds
+
+
+def bytes_of(server_round: int, messages, replies, traffic) -> RoundBytes:
+    row = RoundBytes(server_round)
+    for message in messages:
+        row.down[message.metadata.dst_node_id - 1] = traffic([message])
+    for reply in replies:
+        row.up[reply.metadata.src_node_id - 1] = traffic([reply])
+    return row
+
+
+def per_client(values: dict[int, int]) -> str:
+    """One client's bytes, or the range where clients differ."""
+    if not values:
+        return "-"
+    low, high = min(values.values()), max(values.values())
+    return f"{low:,}" if low == high else f"{low:,} to {high:,}"
+
+
+def table(config, rounds: list[RoundBytes]) -> str:
+    """The plan of one strategy as a markdown table."""
+    lines = [f"{config.strategy}: rank {config.rank_list if config.ranks else config.rank}, "
+             f"{config.target_modules}, upload {config.upload_codec}, download "
+             f"{config.download_codec}, {config.num_clients} clients, model {config.model}", "",
+             "| round | upload per client | download per client | upload, all clients "
+             "| download, all clients |", "|---|---|---|---|---|"]
+    for row in rounds:
+        lines.append(f"| {'init' if row.round == 0 else row.round} | {per_client(row.up)} "
+                     f"| {per_client(row.down)} | {sum(row.up.values()):,} | {sum(row.down.values()):,} |")
+    lines.append(f"| total | | | {sum(sum(r.up.values()) for r in rounds):,} "
+                 f"| {sum(sum(r.down.values()) for r in rounds):,} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m fedlora.simulate``'s flags; ``--model`` also takes a config.json."""
+    parser = build_simulate_parser()
+    parser.prog = "python -m fedlora.plan"
+    parser.description = ("The exact bytes each client uploads and downloads per round and in "
+                          "the initialisation, for every strategy of --strategy, without "
+                          "loading the model's weights (it is built on the meta device from "
+                          "its config: --model NAME, FOLDER or config.json).")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedlora.simulate import study_from_args
+
+    args = vars(build_parser().parse_args(argv))
+    model = args.pop("model", "smollm2-135m")
+    try:
+        # A config.json is not a model a run can load: the configs are checked without it.
+        runs = study_from_args({**args, **({} if model.endswith(".json") else {"model": model})})
+        for run in runs:
+            config = dataclasses.replace(run.config, model=model)
+            print(f"{table(config, plan_traffic(config))}\n", flush=True)
+    except FedLoraError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

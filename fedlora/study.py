@@ -1,0 +1,211 @@
+"""Studies: a run repeated over seeds and over a grid of learning rates and LoRA ranks.
+
+``--seeds 0,1,2`` repeats every run once per seed (the data partitions, the adapter's
+initialisation and the batches all follow it); ``--lr-grid 1e-3,3e-3`` and
+``--rank-grid 16,32`` run every value (each combination, for each strategy). In a TOML file
+the same keys take lists, at the top or in a strategy's table (``[fedsb]
+lr-grid = [1e-3, 1e-2]``). The rank grid is not ``--ranks``, FLoRA's per-client ranks.
+
+A study's folder holds one run per (strategy, grid value, seed), as
+``<name>/<strategy>/<value>/seed<k>/`` (a level only where it varies). Running the same
+command again skips the finished runs and resumes an interrupted one from its checkpoint.
+A grid value is chosen per strategy on the validation split (``--val-size``), which is
+disjoint from the evaluation split that the summary reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import shutil
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedlora.config import RunConfig, comma_list
+from fedlora.errors import FedLoraError
+
+STUDY_KEYS = ("seeds", "lr-grid", "rank-grid")
+GRID_FIELDS = {"lr-grid": "lr", "rank-grid": "rank"}  # grid key -> the RunConfig field it sets
+# Settings a finished or interrupted run must share with the command that finds it.
+RESUMABLE_CHANGES = {"name", "resume", "output"}
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """One run of a study: its config and where it sits in the study."""
+
+    config: RunConfig
+    strategy: str
+    value: str  # the grid value, e.g. "lr0.001-rank16"; "" without a grid
+    seed: int
+    folder: str  # the study's folder under --output (the run's is config.name)
+
+
+def pop_study_keys(values: dict) -> dict:
+    """Remove the study keys from ``values`` (flags or a TOML table) and return them."""
+    return {key: values.pop(key) for key in STUDY_KEYS if key in values}
+
+
+def parse_list(key: str, value, kind: type) -> list:
+    """A study key's values: a TOML list or a comma-separated string, each of ``kind``."""
+    items = comma_list(value) if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise FedLoraError(f"--{key} takes a comma-separated list, e.g. --{key} "
+                           f"{'0,1,2' if kind is int else '1e-3,3e-3'}; got {value!r}")
+    try:
+        parsed = [kind(v) if isinstance(v, str) or kind is float else v for v in items]
+    except ValueError:
+        parsed = []
+    if len(parsed) != len(items) or any(isinstance(v, bool) or not isinstance(v, kind) for v in parsed):
+        raise FedLoraError(f"--{key} must list {kind.__name__}s, got {value!r}")
+    if len(set(parsed)) < len(parsed):
+        raise FedLoraError(f"--{key} names a value twice: {value!r}")
+    return parsed
+
+
+def value_name(settings: dict) -> str:
+    """A grid value's folder name: ``lr0.001-rank16``."""
+    return "-".join(f"{field}{value:g}" for field, value in settings.items())
+
+
+def expand(base: dict, study: dict, strategy: str, name: str, multi: bool) -> list[StudyRun]:
+    """The runs of one strategy: one per grid value and seed.
+
+    ``base`` holds the merged run settings (dashed keys), ``study`` the strategy's study
+    keys, ``name`` the folder under ``--output``; ``multi`` says whether the command runs
+    more than one strategy (each then gets its own folder level).
+    """
+    from strategies import folder_name
+
+    seeds = parse_list("seeds", study["seeds"], int) if "seeds" in study else None
+    grids = {GRID_FIELDS[key]: parse_list(key, study[key], float if key == "lr-grid" else int)
+             for key in GRID_FIELDS if key in study}
+    if "rank" in grids and base.get("ranks"):
+        raise FedLoraError(f"--rank-grid gives every client one rank, --ranks {base['ranks']} "
+                           "gives each its own: keep one")
+    runs = []
+    values = [dict(zip(grids, combo)) for combo in itertools.product(*grids.values())]
+    for settings, seed in itertools.product(values, seeds or [None]):
+        parts = [name, folder_name(strategy)] if multi or seeds or grids else [name]
+        if grids:
+            parts.append(value_name(settings))
+        if seeds is not None:
+            parts.append(f"seed{seed}")
+        merged = {**base, **settings, "strategy": strategy, "name": "/".join(parts)}
+        if seed is not None:
+            merged["seed"] = seed
+        config = RunConfig.from_dict(merged)
+        runs.append(StudyRun(config, strategy, value_name(settings) if grids else "",
+                             config.seed, name))
+    if len(values) > 1 and not runs[0].config.val_size:
+        raise FedLoraError(f"--strategy {strategy}: a grid of {len(values)} values is chosen "
+                           "on a validation split; give --val-size N (e.g. 200), which the "
+                           "server holds apart from the reported evaluation")
+    return runs
+
+
+def run_dir(config: RunConfig) -> Path:
+    return Path(config.output) / config.name
+
+
+def is_finished(folder: Path) -> bool:
+    """Whether the run in ``folder`` ended: its report is the last file a run writes."""
+    return (folder / "report.png").is_file()
+
+
+def to_do(runs: list[StudyRun]) -> list[RunConfig]:
+    """The configs still to run: a finished run is skipped, an interrupted one resumes
+    from its checkpoint, one that completed no round starts again. A run folder whose
+    saved settings differ from the command's is refused (its figures would be mixed up
+    with another study's)."""
+    pending = []
+    for run in runs:
+        folder = run_dir(run.config)
+        saved = folder / "config.toml"
+        if not saved.is_file():
+            pending.append(run.config)
+            continue
+        before = tomllib.loads(saved.read_text())
+        now = run.config.to_dict()
+        changed = [k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k]]
+        if changed:
+            key = changed[0]
+            raise FedLoraError(f"{folder} was run with {key} = {before.get(key)!r}, this "
+                               f"command gives {now[key]!r}: choose another --name")
+        if is_finished(folder):
+            continue
+        rounds = [row["round"] for row in read_rows(folder)] if (folder / "metrics.jsonl").is_file() else []
+        if (folder / "checkpoint.pt").is_file() and max(rounds, default=0) < run.config.rounds:
+            pending.append(dataclasses.replace(run.config, resume=str(folder)))
+        else:  # no round completed (or all did, and it stopped before its outputs): again
+            shutil.rmtree(folder)
+            pending.append(run.config)
+    return pending
+
+
+# ---- the summary ------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """Mean, standard deviation (n - 1) and the half-width of the 95 % confidence interval
+    (Student's t) of one figure over seeds."""
+
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.values, ddof=1)) if self.n > 1 else math.nan
+
+    @property
+    def half_width(self) -> float:
+        if self.n < 2:
+            return math.nan
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, self.n - 1) * self.std / math.sqrt(self.n))
+
+
+def read_rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").open()]
+
+
+def latest(rows: list[dict], key: str):
+    """The value of ``key`` in the last row that has it (rows skipped by --eval-every, or
+    a federated evaluation no client answered, have none), else None."""
+    return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
+
+
+def selection_key(rows: list[dict]) -> tuple[str, bool] | None:
+    """The validation figure a grid value is chosen on, and whether higher is better."""
+    for key, higher in (("val_accuracy", True), ("val_exact_match", True), ("val_loss", False)):
+        if latest(rows, key) is not None:
+            return key, higher
+    return None
+
+
+def choose(groups: dict[str, list[list[dict]]]) -> tuple[str, str | None]:
+    """The grid value with the best mean final validation figure over its seeds (the first
+    in grid order on a tie), and that figure's name; with one value, that value."""
+    values = list(groups)
+    if len(values) == 1:
+        return values[0], None
+    key, higher = selection_key(groups[values[0]][0]) or (None, True)
+    if key is None:
+        raise FedLoraError(f"the runs of {values[0]} have no validation figures to choose on")
+    means = {v: Summary([latest(rows, key) for rows in groups[v]]).mean for v in values}
+    best = max(values, key=lambda v: means[v] if higher else -means[v])
+    return best, key

@@ -1,0 +1,220 @@
+"""Studies: runs over seeds and a grid, chosen on validation, summarised over seeds, resumed."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fedlora.config import RunConfig
+from fedlora.data import load_task, server_data
+from fedlora.errors import FedLoraError
+from fedlora.simulate import study_from_args
+from fedlora.study import Summary, choose, to_do
+from server.run import check_unused
+
+T_975 = {1: 12.7062, 2: 4.3027, 4: 2.7764}  # Student's t quantiles, from printed tables
+
+
+def study(*flags: str):
+    from fedlora.simulate import build_parser
+
+    return study_from_args(vars(build_parser().parse_args(list(flags))))
+
+
+def test_seeds_and_grids_give_one_run_per_strategy_value_and_seed(tmp_path):
+    runs = study("--strategy", "fedavg,fedsb", "--seeds", "0,1", "--lr-grid", "1e-3,1e-2",
+                 "--val-size", "20", "--name", "s")
+    assert [(r.strategy, r.value, r.seed, r.config.lr, r.config.name) for r in runs[:4]] == [
+        ("fedavg", "lr0.001", 0, 1e-3, "s/fedavg/lr0.001/seed0"),
+        ("fedavg", "lr0.001", 1, 1e-3, "s/fedavg/lr0.001/seed1"),
+        ("fedavg", "lr0.01", 0, 1e-2, "s/fedavg/lr0.01/seed0"),
+        ("fedavg", "lr0.01", 1, 1e-2, "s/fedavg/lr0.01/seed1"),
+    ]
+    assert len(runs) == 8 and {r.folder for r in runs} == {"s"}
+    # A grid in a strategy's table applies to that strategy; a flag's single value wins.
+    file = tmp_path / "grid.toml"
+    file.write_text('strategy = "fedavg,fedsb"\nval-size = 20\nseeds = [3]\n'
+                    '[fedsb]\nlr-grid = [0.01, 0.03]\nrank-grid = [16, 32]\n')
+    runs = study("--config", str(file), "--name", "g")
+    assert [(r.strategy, r.value, r.config.seed) for r in runs] == [
+        ("fedavg", "", 3), ("fedsb", "lr0.01-rank16", 3), ("fedsb", "lr0.01-rank32", 3),
+        ("fedsb", "lr0.03-rank16", 3), ("fedsb", "lr0.03-rank32", 3)]
+    assert runs[0].config.name == "g/fedavg/seed3" and runs[4].config.rank == 32
+    assert [r.config.lr for r in study("--config", str(file), "--lr", "0.002")] == [0.002] * 3
+    # Without a study key, one run keeps its folder.
+    [single] = study("--name", "plain")
+    assert (single.config.name, single.value, single.seed) == ("plain", "", 0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr-grid", "1e-3,3e-3"], "--strategy fedavg: a grid of 2 values is chosen on a "
+                                 "validation split; give --val-size N"),
+    (["--lr", "0.1", "--lr-grid", "1e-3"], "--lr and --lr-grid both given; keep one"),
+    (["--seeds", "0,x"], "--seeds must list ints, got '0,x'"),
+    (["--seeds", "1,1"], "--seeds names a value twice: '1,1'"),
+    (["--rank-grid", "4,8", "--val-size", "9", "--strategy", "flora", "--ranks", "8,4"],
+     "--rank-grid gives every client one rank, --ranks 8,4 gives each its own: keep one"),
+    (["--val-size", "5", "--client-data", "a.jsonl"], "--val-size 5: the server holds no data"),
+])
+def test_bad_study_settings_are_one_line_errors(flags, message):
+    with pytest.raises(FedLoraError, match="^" + message.replace("(", r"\(").replace("[", r"\[")):
+        study(*flags)
+
+
+def test_summary_matches_an_independent_computation():
+    values = [0.71, 0.74, 0.80]
+    figure = Summary(values)
+    mean = sum(values) / 3
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+    assert figure.mean == pytest.approx(mean, abs=1e-12)
+    assert figure.std == pytest.approx(std, abs=1e-12)
+    assert figure.half_width == pytest.approx(T_975[2] * std / math.sqrt(3), rel=1e-4)
+    assert math.isnan(Summary([0.5]).std) and math.isnan(Summary([0.5]).half_width)
+
+
+def test_a_grid_value_is_chosen_on_validation_not_on_the_reported_evaluation():
+    def rows(val, test):
+        return [{"round": 0, "val_accuracy": 0.5, "eval_accuracy": 0.5},
+                {"round": 1, "val_accuracy": val, "eval_accuracy": test}]
+
+    groups = {"lr0.001": [rows(0.70, 0.90), rows(0.72, 0.88)],  # best on evaluation
+              "lr0.01": [rows(0.80, 0.60), rows(0.78, 0.62)]}  # best on validation
+    assert choose(groups) == ("lr0.01", "val_accuracy")
+    tie = {"a": [rows(0.7, 0.1)], "b": [rows(0.7, 0.9)]}
+    assert choose(tie) == ("a", "val_accuracy")  # the first in grid order
+    loss = {"a": [[{"round": 1, "val_loss": 2.0}]], "b": [[{"round": 1, "val_loss": 1.0}]]}
+    assert choose(loss) == ("b", "val_loss")  # lower is better
+
+
+def test_validation_is_disjoint_from_evaluation_and_training(tmp_path):
+    config = RunConfig.from_dict({"eval-size": 50, "val-size": 30})
+    task = load_task(config)
+    without = load_task(RunConfig.from_dict({"eval-size": 50}))
+    assert task.eval == without.eval  # the reported split does not move
+    assert len(task.validation) == 30
+    prompts = [set(e.prompt for e in part) for part in (task.train, task.eval, task.validation)]
+    assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
+    assert len(task.train) == len(without.train) - 30
+    # From the server's own file: disjoint parts whose union is the file.
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps({"text": f"review {i}", "label": i % 2}) + "\n"
+                            for i in range(40)))
+    examples, validation, words = server_data(RunConfig.from_dict(
+        {"eval-dataset": str(path), "val-size": 10, "label-names": "0=bad,1=good"}))
+    assert len(examples) == 30 and len(validation) == 10 and words == ["bad", "good"]
+    assert {e.prompt for e in examples} | {e.prompt for e in validation} == {
+        e.prompt for e in examples + validation} and len({e.prompt for e in examples + validation}) == 40
+    with pytest.raises(FedLoraError, match="--val-size 40 leaves no evaluation data"):
+        server_data(RunConfig.from_dict({"eval-dataset": str(path), "val-size": 40}))
+
+
+def test_a_finished_run_is_skipped_and_a_changed_one_refused(tmp_path):
+    runs = study("--seeds", "0,1", "--output", str(tmp_path), "--name", "s")
+    done, cut = (tmp_path / r.config.name for r in runs)
+    for folder in (done, cut):
+        folder.mkdir(parents=True)
+        (folder / "config.toml").write_text(
+            __import__("tomli_w").dumps({**runs[0].config.to_dict(), "seed": 0 if folder == done else 1}))
+        (folder / "metrics.jsonl").write_text('{"round": 0}\n{"round": 1}\n')
+        (folder / "checkpoint.pt").write_bytes(b"")
+    (done / "report.png").write_bytes(b"")
+    [pending] = to_do(runs)  # the finished one is skipped, the other resumes
+    assert pending.resume == str(cut) and pending.seed == 1
+    changed = study("--seeds", "0,1", "--output", str(tmp_path), "--name", "s", "--rounds", "5")
+    with pytest.raises(FedLoraError, match=f"^{done} was run with rounds = 3, this command gives 5: "
+                                           "choose another --name$"):
+        to_do(changed)
+
+
+# sparse with the server's Adam and user-level DP: a resume must restore the Adam moments,
+# the noise generator and the accountant, and the metrics so far.
+COMMAND = ["--model", "tiny-llama", "--num-clients", "2", "--min-clients", "2", "--rounds", "2",
+           "--local-steps", "2", "--eval-size", "16", "--val-size", "16", "--max-length", "40",
+           "--strategy", "sparse", "--server-optimizer", "adam", "--server-lr", "0.01",
+           "--upload-density", "0.5", "--dp", "user", "--dp-noise", "0.3", "--dp-clip", "1.0",
+           "--dp-noise-seed", "5", "--seeds", "0,1", "--lr-grid", "0.03,0.001", "--name", "st"]
+BROKEN, TWIN = "st/sparse/lr0.03/seed1", "tw/sparse/lr0.03/seed1"  # as long as each other:
+# the plan carries the name, and the bytes must match
+
+
+def test_a_study_is_summarised_over_seeds_and_resumes_where_it_stopped(tmp_path, capsys):
+    # One simulation serves the study, whose second run's client 1 raises in round 2 (one
+    # usable reply of the two --min-clients needs), and an uninterrupted twin of that run.
+    script = "\n".join([
+        "import dataclasses, sys",
+        "from fedlora.errors import FedLoraError",
+        "from fedlora.simulate import parse_configs, simulate",
+        f"configs = parse_configs({[*COMMAND, '--output', str(tmp_path)]!r})",
+        f"twin = dataclasses.replace(configs[1], name={TWIN!r})",
+        "try:",
+        "    simulate([*configs, twin])",
+        "except FedLoraError as err:",  # as the CLI reports it
+        "    sys.exit(print(f'error: {err}', file=sys.stderr) or 2)",
+    ])
+    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "FEDLORA_INJECT_FAULTS": f"raise:1@2@{BROKEN}"})
+    assert first.returncode == 2, first.stderr[-3000:]
+    assert f"error: {BROKEN}: round 2 failed: 1 of 2 clients" in first.stderr  # the rest went on
+    assert first.stderr.strip().splitlines()[-1].startswith(
+        "error: round 2 failed: 1 of 2 clients gave a usable reply, --min-clients is 2; "
+        "outputs so far are in ")
+    folders = {(v, s): tmp_path / "st" / "sparse" / v / f"seed{s}"
+               for v in ("lr0.03", "lr0.001") for s in (0, 1)}
+    rows = {k: [json.loads(line) for line in (f / "metrics.jsonl").open()] for k, f in folders.items()}
+    assert [r["round"] for r in rows["lr0.03", 1]] == [0, 1]
+    assert all([r["round"] for r in v] == [0, 1, 2] for k, v in rows.items() if k != ("lr0.03", 1))
+    with pytest.raises(FedLoraError, match="already holds a run; choose another --name or continue"):
+        check_unused(folders["lr0.03", 1])
+
+    second = simulate(tmp_path)  # the same command: it picks up where it stopped
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "3 of 4 runs are finished; running 1" in second.stdout
+    resumed = [json.loads(line) for line in (folders["lr0.03", 1] / "metrics.jsonl").open()]
+    assert resumed[:2] == rows["lr0.03", 1] and resumed[2]["round"] == 2  # not run again
+    timing = {"seconds", "eval_seconds", "client_train_seconds"}
+    twin = [json.loads(line) for line in (tmp_path / TWIN / "metrics.jsonl").open()]
+    assert ([{k: v for k, v in r.items() if k not in timing} for r in resumed]
+            == [{k: v for k, v in r.items() if k not in timing} for r in twin])
+    assert twin[-1]["epsilon"] > twin[1]["epsilon"]
+    rows["lr0.03", 1] = resumed
+    assert rows["lr0.03", 0][-1]["eval_loss"] != rows["lr0.03", 1][-1]["eval_loss"]  # seeds differ
+
+    # The table: each value's seeds summarised, the value chosen on validation.
+    def final(value, key):
+        return np.array([rows[value, s][-1][key] for s in (0, 1)])
+
+    means = {v: final(v, "val_accuracy").mean() for v in ("lr0.03", "lr0.001")}
+    best = "lr0.03" if means["lr0.03"] >= means["lr0.001"] else "lr0.001"
+    table = (tmp_path / "st" / "comparison.md").read_text().splitlines()
+    headings = [h.strip() for h in table[0].split("|")]
+    cells = dict(zip(headings, (c.strip() for c in table[2].split("|"))))
+    accuracy = final(best, "eval_accuracy")
+    mean, std = accuracy.mean(), accuracy.std(ddof=1)
+    assert cells["value"] == best and cells["seeds"] == "2"
+    assert cells["final eval_accuracy"] == (f"{mean:.3f}" if std == 0 else f"{mean:.3f} ± {std:.3f}")
+    width = T_975[1] * std / math.sqrt(2)
+    assert cells["95 % CI"] == f"[{mean - width:.3f}, {mean + width:.3f}]"
+    loss = final(best, "eval_loss")
+    assert cells["final eval_loss"] == f"{loss.mean():.4f} ± {loss.std(ddof=1):.4f}"
+    upload = final(best, "cumulative_bytes_up")
+    assert cells["upload bytes"] == f"{upload.mean():,.0f}"
+    grid = [line for line in table[table.index("Every grid value (the final round, over seeds):"):]
+            if line.startswith("| sparse | lr")]
+    assert [line.endswith("| yes |") for line in grid] == [best == "lr0.03", best == "lr0.001"]
+    assert (tmp_path / "st" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+    from fedlora.simulate import main
+
+    (tmp_path / "st" / "comparison.md").unlink()
+    assert main([*COMMAND, "--output", str(tmp_path)]) == 0  # nothing left to run: no engine
+    assert "4 of 4 runs are finished; running 0" in capsys.readouterr().out
+    assert (tmp_path / "st" / "comparison.md").read_text().splitlines() == table
+
+
+def simulate(output):
+    return subprocess.run([sys.executable, "-m", "fedlora.simulate", *COMMAND, "--output", str(output)],
+                          capture_output=True, text=True, timeout=600)
