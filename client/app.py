@@ -242,15 +242,7 @@ def run_plan(msg: Message, context: Context, config: RunConfig, model, tokenizer
               if any(t in k for t in trainable) and not any(t in k for t in personal)}
     if plan["upload"] == "delta":  # what training changed, relative to what was received
         upload = {k: v - received[k] for k, v in upload.items()}
-    metrics = {
-        "num-examples": len(examples),
-        "train-loss": stats["train_loss"],
-        "train-seconds": stats["train_seconds"],
-        "rank": rank,
-    }
-    if dpsgd is not None:  # what the server's accountant composes
-        metrics.update({"dp-noise": float(dpsgd.noise), "dp-sample-rate": float(dpsgd.sample_rate),
-                        "dp-steps": config.local_steps})
+    metrics = train_metrics(len(examples), stats, rank, dpsgd, config.local_steps)
     codec = Codec.parse(config.upload_codec)
     if plan.get("error-feedback", False):
         payload, header = encode_with_feedback(
@@ -374,16 +366,37 @@ def feedback_residual(context: Context, aggregated_round: int) -> dict[str, torc
             if k.startswith(fate)}
 
 
-def reply(msg: Message, payload: dict, header: dict, metrics: dict, client_id: str,
-          device: torch.device) -> Message:
-    """The reply: the encoded tensors, the codec header, the metrics and the client's
-    identity. GPU memory is given back before the process waits for the next message."""
-    content = RecordDict({
+def train_metrics(num_examples: int, stats: dict, rank: int, dpsgd, local_steps: int) -> dict:
+    """What a training reply reports: its examples (its weight), the training loss and
+    time, its rank, and with DP-SGD what the server's accountant composes."""
+    metrics = {
+        "num-examples": num_examples,
+        "train-loss": stats["train_loss"],
+        "train-seconds": stats["train_seconds"],
+        "rank": rank,
+    }
+    if dpsgd is not None:
+        metrics.update({"dp-noise": float(dpsgd.noise), "dp-sample-rate": float(dpsgd.sample_rate),
+                        "dp-steps": local_steps})
+    return metrics
+
+
+def reply_content(payload: dict, header: dict, metrics: dict, client_id: str) -> RecordDict:
+    """A reply's content: the encoded tensors, the codec header, the metrics and the
+    client's identity."""
+    return RecordDict({
         "arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
         "codec": ConfigRecord(header),
         "metrics": MetricRecord(metrics),
         "client": ConfigRecord({"client-id": client_id}),
     })
+
+
+def reply(msg: Message, payload: dict, header: dict, metrics: dict, client_id: str,
+          device: torch.device) -> Message:
+    """The reply to ``msg`` (see reply_content). GPU memory is given back before the
+    process waits for the next message."""
+    content = reply_content(payload, header, metrics, client_id)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return Message(content=content, reply_to=msg)

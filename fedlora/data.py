@@ -194,14 +194,15 @@ def hold_out(examples: list[Example], fraction: float, seed: int, source: str):
 
 
 def local_examples(config, data_file: str | None, partition_id: int, num_partitions: int,
-                label_words: list[str] | None):
+                   label_words: list[str] | None, task: Task | None = None):
     """(train, held out) examples of one client: all of its own ``data_file``, or its
-    partition of ``--dataset``; the held-out part is empty unless evaluation is federated."""
+    partition of ``--dataset`` (``task``, if it was loaded already); the held-out part is
+    empty unless evaluation is federated."""
     if data_file:
         examples, _ = read_examples(data_file, config, label_words)
         source = data_file
     else:
-        task = load_task(config, label_words)
+        task = task or load_task(config, label_words)
         examples = client_examples(task, config, partition_id, num_partitions)
         source = f"partition {partition_id} of {config.dataset}"
     if not examples:

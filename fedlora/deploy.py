@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     print_outputs(runs, time.perf_counter() - start,
-                  "config.toml, metrics.jsonl, adapter/, report.png, logs/")
+                  "config.toml, metrics.jsonl, adapter/, report.png, summary.json, logs/")
     return 0
 
 

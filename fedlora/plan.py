@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -93,33 +94,35 @@ def dry_run() -> Iterator[None]:
         TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
 
 
-def stand_in_reply(message, strategy, config, examples: dict[int, int], generator):
-    """The reply a real client would send to ``message``, with random tensors."""
-    from flwr.app import Message, Metadata
+def stand_in_reply(message, strategy, examples: dict[int, int], generator):
+    """The reply a real client would send to ``message``, with random tensors: it reads
+    the plan as the ClientApp does (the strategy may set the rank and codec there)."""
+    from flwr.app import Message, Metadata, MetricRecord
 
-    from client.app import client_rank, reply_content, train_metrics
+    from client.app import client_rank, plan_to_config, reply_content, train_metrics
     from fedlora.codec import Codec, encode_payload
     from fedlora.privacy import Privacy
 
     node = message.metadata.dst_node_id
     partition = node - 1
     plan = message.content["config"]
+    # The model is not the stand-in's concern (and a config.json is no model a run loads).
+    config = plan_to_config({**plan, "model": "tiny-llama"})
     if plan["task"] == "gradient":
         metrics = {"num-examples": min(examples[partition], int(plan["gradient-examples"]))}
         shapes, codec = strategy.init_reply_shapes(), Codec.parse(str(plan["gradient-codec"]))
     else:
-        rank = client_rank(config, {}, partition)
         privacy = Privacy.from_config(config)
         dpsgd = (privacy.client_dpsgd(config, examples[partition], int(plan["server-round"]),
                                       partition)
                  if privacy and privacy.mode == "sample" else None)
         stats = {"train_loss": 1.0 + generator.random(), "train_seconds": 1.0 + generator.random()}
-        metrics = train_metrics(examples[partition], stats, rank, dpsgd, config.local_steps)
-        from flwr.app import MetricRecord
-
-        shapes, codec = strategy.expected_shapes(MetricRecord(metrics)), Codec.parse(config.upload_codec)
-    tensors = {k: torch.randn(shape, generator=torch.Generator().manual_seed(
-        int(generator.integers(2**62)))) for k, shape in shapes.items()}
+        metrics = train_metrics(examples[partition], stats, client_rank(config, {}, partition),
+                                dpsgd, config.local_steps)
+        shapes = strategy.expected_shapes(MetricRecord(metrics))
+        codec = Codec.parse(config.upload_codec)
+    tensors = {k: torch.from_numpy(generator.standard_normal(shape, dtype="float32"))
+               for k, shape in shapes.items()}
     payload, header = encode_payload(tensors, codec)
     metadata = Metadata(run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=0,
                         reply_to_message_id=f"message-{node}", group_id="", created_at=time.time(),
@@ -134,7 +137,7 @@ def plan_traffic(config, model=None) -> list[RoundBytes]:
     import numpy as np
     from flwr.app import ConfigRecord
 
-    from fedlora.data import local_examples, server_data
+    from fedlora.data import load_task, local_examples, server_data
     from server.run import evaluation_for, plan_record, traffic
     from strategies import build_strategy
 
@@ -142,10 +145,11 @@ def plan_traffic(config, model=None) -> list[RoundBytes]:
     config = evaluation_for(strategy, config)
     model = model if model is not None else meta_model(config.model, config.target_module_list)
     words = server_data(config).label_words
-    examples = {}
+    task = None if config.client_data else load_task(config, words)
+    examples = {}  # each client's training examples: its weight, in its metrics
     for partition in range(config.num_clients):
         data_file = config.client_data_list[partition] if config.client_data else None
-        train, _ = local_examples(config, data_file, partition, config.num_clients, words)
+        train, _ = local_examples(config, data_file, partition, config.num_clients, words, task)
         examples[partition] = len(train)
     generator = np.random.default_rng(config.seed)
     grid = PlanGrid(config.num_clients)
@@ -154,28 +158,35 @@ def plan_traffic(config, model=None) -> list[RoundBytes]:
     with dry_run():
         arrays = strategy.initialize(model)
         messages = strategy.configure_init(arrays, plan, grid)
-        replies = [stand_in_reply(m, strategy, config, examples, generator) for m in messages]
-        rounds.append(bytes_of(0, messages, replies, traffic))
-        if messages:
-            arrays = strategy.aggregate_init(replies)
+        rounds.append(RoundBytes(0, down=sent_bytes(messages, traffic)))
+        if messages:  # replies are made, counted and folded one at a time, as they arrive
+            arrays = strategy.aggregate_init(counted(
+                (stand_in_reply(m, strategy, examples, generator) for m in messages),
+                rounds[-1], traffic))
         for server_round in range(1, config.rounds + 1):
             messages = list(strategy.configure_train(server_round, arrays, plan, grid))
-            replies = [stand_in_reply(m, strategy, config, examples, generator) for m in messages]
-            rounds.append(bytes_of(server_round, messages, replies, traffic))
-            arrays, _ = strategy.aggregate_train(server_round, replies)
+            rounds.append(RoundBytes(server_round, down=sent_bytes(messages, traffic)))
+            arrays, _ = strategy.aggregate_train(server_round, counted(
+                (stand_in_reply(m, strategy, examples, generator) for m in messages),
+                rounds[-1], traffic))
             if arrays is None:
                 raise FedLoraError(f"round {server_round}: the server refused the stand-in "
                                    f"replies: {strategy.dropped[:1]}")
+            del messages
     return rounds
 
 
-def bytes_of(server_round: int, messages, replies, traffic) -> RoundBytes:
-    row = RoundBytes(server_round)
-    for message in messages:
-        row.down[message.metadata.dst_node_id - 1] = traffic([message])
+def sent_bytes(messages, traffic) -> dict[int, int]:
+    """Each message's bytes, by the partition id of the node it goes to."""
+    return {m.metadata.dst_node_id - 1: traffic([m]) for m in messages}
+
+
+def counted(replies, row: RoundBytes, traffic):
+    """``replies``, each counted into ``row`` on its way to the strategy."""
     for reply in replies:
         row.up[reply.metadata.src_node_id - 1] = traffic([reply])
-    return row
+        yield reply
+        del reply
 
 
 def per_client(values: dict[int, int]) -> str:
@@ -214,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from fedlora.simulate import study_from_args
+
+    # peft looks for the model's files beside a config.json, and says it found none.
+    warnings.filterwarnings("ignore", message="Could not find a config file")
 
     args = vars(build_parser().parse_args(argv))
     model = args.pop("model", "smollm2-135m")

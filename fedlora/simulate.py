@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     except FedLoraError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print_outputs(runs, time.perf_counter() - start, "config.toml, metrics.jsonl, adapter/, report.png")
+    print_outputs(runs, time.perf_counter() - start, "config.toml, metrics.jsonl, adapter/, report.png, summary.json")
     return 0
 
 

@@ -114,8 +114,9 @@ def run_dir(config: RunConfig) -> Path:
 
 
 def is_finished(folder: Path) -> bool:
-    """Whether the run in ``folder`` ended: its report is the last file a run writes."""
-    return (folder / "report.png").is_file()
+    """Whether the run in ``folder`` ended: summary.json is the last file a run writes
+    (and with config.toml and metrics.jsonl, all a committed study keeps of it)."""
+    return (folder / "summary.json").is_file()
 
 
 def to_do(runs: list[StudyRun]) -> list[RunConfig]:

@@ -43,6 +43,7 @@ from strategies.replies import check_no_error, reply_metrics
 
 log = logging.getLogger("fedlora")
 CHECKPOINT = "checkpoint.pt"  # in the run folder: the state after the last completed round
+SUMMARY = "summary.json"  # in the run folder: how the run ended, written last
 
 COLUMNS = [  # (metrics key, table heading, width, format spec)
     ("round", "round", 5, "d"),
@@ -100,9 +101,7 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
     if (central_examples is None and not validation) or central_on_clients:
         device = torch.device("cpu")
     model, tokenizer = load_model(config.model, device)
-    # What clients get: the run config, less the server's own --resume path, and the label set.
-    plan = ConfigRecord({**{k: v for k, v in config.to_dict().items() if k != "resume"},
-                         "label-words": json.dumps(label_words)})
+    plan = plan_record(config, label_words)
     federated = config.evaluation_mode in ("federated", "both")
     if federated and strategy.privacy:
         log.warning("federated evaluation releases metrics of the clients' held-out data; "
@@ -156,20 +155,23 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
         arrays, done = load_checkpoint(run_dir, strategy, metrics_log, config.rounds)
     else:
         init_messages = strategy.configure_init(arrays, plan, grid)
-        init_replies = exchange(grid, init_messages, config.round_timeout, "initialisation")
+        init_replies = Tally()  # folded as they arrive, like a round's
         if init_messages:
-            arrays = strategy.aggregate_init(init_replies)
+            arrays = strategy.aggregate_init(init_replies.count(arrivals(
+                grid, init_messages, config.round_timeout, "initialisation")))
         metrics_log.write({
-            "round": 0, "strategy": config.strategy, "clients": len(init_replies),
+            "round": 0, "strategy": config.strategy, "clients": init_replies.replies,
             # Round 0: the model clients start from: the base model with the initial
             # adapter (zero for LoRA; B R A for Fed-SB's gradient initialisation).
             **evaluation(arrays, 0),
-            "bytes_up": traffic(init_replies), "bytes_down": traffic(init_messages),
+            "bytes_up": init_replies.bytes, "bytes_down": traffic(init_messages),
             "seconds": time.perf_counter() - start,
         })
         done = 0
+    ended = f"after all {config.rounds} rounds"
     for server_round in range(done + 1, config.rounds + 1):
         if over_budget(strategy, config, server_round):
+            ended = f"before round {server_round}: --dp-max-epsilon {config.dp_max_epsilon:g} reached"
             break
         start = time.perf_counter()
         messages = list(strategy.configure_train(server_round, arrays, plan, grid))
@@ -212,7 +214,20 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
     from server.report import plot_report  # matplotlib: only once a report is written
 
     plot_report(metrics_log.rows, run_dir / "report.png")
+    last = metrics_log.rows[-1]
+    (run_dir / SUMMARY).write_text(json.dumps({  # written last: the run has ended
+        "ended": ended, "rounds": last["round"],
+        "cumulative_bytes_up": last["cumulative_bytes_up"],
+        "cumulative_bytes_down": last["cumulative_bytes_down"],
+        "seconds": sum(row["seconds"] for row in metrics_log.rows)}, indent=1) + "\n")
     return run_dir
+
+
+def plan_record(config: RunConfig, label_words: list[str] | None) -> ConfigRecord:
+    """What every message tells the clients: the run config, less the server's own
+    --resume path, and the label set."""
+    return ConfigRecord({**{k: v for k, v in config.to_dict().items() if k != "resume"},
+                         "label-words": json.dumps(label_words)})
 
 
 def evaluation_for(strategy, config: RunConfig) -> RunConfig:

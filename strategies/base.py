@@ -245,8 +245,13 @@ class LoraStrategy(FedAvg):
         """Messages of an initialisation round before round 1; none by default."""
         return []
 
-    def aggregate_init(self, replies: list[Message]) -> ArrayRecord:
-        """The global state from the initialisation round's replies."""
+    def aggregate_init(self, replies: Iterable[Message]) -> ArrayRecord:
+        """The global state from the initialisation round's replies (handed over as they
+        arrive, like a training round's)."""
+        raise NotImplementedError(f"{self.name} has no initialisation round")
+
+    def init_reply_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes of a valid reply in the initialisation round."""
         raise NotImplementedError(f"{self.name} has no initialisation round")
 
     # ---- a training round -----------------------------------------------------------
@@ -431,20 +436,6 @@ class LoraStrategy(FedAvg):
         if not self.accountant.last_round:
             return None
         return self.accountant.epsilon_after(list(self.accountant.last_round.values()))
-
-    def valid_replies(self, server_round: int, replies: Iterable[Message], expected_shapes=None):
-        """The usable replies and their states; the others are logged and dropped.
-
-        ``expected_shapes(metrics)`` gives the keys and shapes a reply must have
-        (default: :meth:`expected_shapes`).
-        """
-        valid, states, self.dropped = [], [], []
-        for reply in replies:
-            state = self.accept(server_round, reply, expected_shapes or self.expected_shapes)
-            if state is not None:
-                valid.append(reply)
-                states.append(state)
-        return valid, states
 
     def accept(self, server_round: int, reply: Message, expected_shapes) -> State | None:
         """The reply's decoded tensors, or None if it is unusable: then the reason is

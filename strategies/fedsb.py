@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -130,21 +132,32 @@ class FedSB(LoraStrategy):
             for node in node_ids
         ]
 
-    def aggregate_init(self, replies: list[Message]) -> ArrayRecord:
-        """Sum the clients' gradients and set B, A, R by the LoRA-SB rule."""
-        shapes = {f"{path}.weight": shape for path, shape in self.module_shapes.items()}
-        valid, gradients = self.valid_replies(0, replies, expected_shapes=lambda _: shapes)
-        if not valid:
+    def aggregate_init(self, replies: Iterable[Message]) -> ArrayRecord:
+        """Sum the clients' gradients as they arrive (none is kept after its fold) and set
+        B, A, R by the LoRA-SB rule."""
+        shapes = self.init_reply_shapes()
+        self.dropped, sums = [], {}
+        for reply in replies:
+            gradients = self.accept(0, reply, lambda _: shapes)
+            for key, gradient in (gradients or {}).items():
+                if key in sums:
+                    sums[key].add_(gradient.double())
+                else:
+                    sums[key] = gradient.double()
+            del reply, gradients
+        if not sums:
             reasons = "; ".join(reason for _, reason in self.dropped) or "no client replied"
             raise FedLoraError(f"Fed-SB's gradient initialisation got no usable reply: {reasons}")
         torch.manual_seed(self.seed)  # svd_lowrank is randomised
         factors = {
-            path: lora_sb_from_gradient(
-                sum(g[f"{path}.weight"].double() for g in gradients), self.rank, self.init_eta
-            )
+            path: lora_sb_from_gradient(sums[f"{path}.weight"], self.rank, self.init_eta)
             for path in self.module_shapes
         }
         return self.set_factors(factors)
+
+    def init_reply_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each client's gradient of every adapted weight, out x in."""
+        return {f"{path}.weight": shape for path, shape in self.module_shapes.items()}
 
     def set_factors(self, factors: dict[str, tuple[torch.Tensor, ...]]) -> ArrayRecord:
         """Keep B and A (sent once to each client); return R as the global state."""

@@ -40,11 +40,25 @@ def comparison(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     folder = output / "cmp"
     rows = {f: [json.loads(line) for line in (folder / f / "metrics.jsonl").open()] for f in FOLDERS}
-    return folder, rows, result.stdout
+    return folder, rows, result.stdout, config
+
+
+def test_the_planner_predicts_every_strategys_bytes_to_the_byte(comparison):
+    """python -m fedlora.plan, on the meta-device model, against what the run counted:
+    the initialisation and both rounds, both ways, for every strategy."""
+    from fedlora.plan import plan_traffic
+    from fedlora.simulate import parse_configs
+
+    folder, rows, _, config = comparison
+    configs = parse_configs(["--config", str(config), "--output", str(folder.parent), "--name", "cmp"])
+    for each, name in zip(configs, FOLDERS):
+        planned = plan_traffic(each)
+        assert [(sum(r.up.values()), sum(r.down.values())) for r in planned] == [
+            (r["bytes_up"], r["bytes_down"]) for r in rows[name]], name
 
 
 def test_exact_methods_are_exact_and_fedavg_is_not(comparison):
-    _, rows, _ = comparison
+    _, rows, _, _ = comparison
     for strategy in ("ffa", "flora", "fedsb", "fedex"):
         errors = [r["aggregation_error"] for r in rows[strategy][1:]]
         assert max(errors) < 1e-5, (strategy, errors)
@@ -53,7 +67,7 @@ def test_exact_methods_are_exact_and_fedavg_is_not(comparison):
 
 
 def test_round_0_evaluates_the_model_clients_start_from(comparison):
-    _, rows, _ = comparison
+    _, rows, _, _ = comparison
     # FedAvg's and FFA's zero B and FLoRA's empty stack leave the base model as it is;
     # Fed-SB's gradient initialisation starts clients from W + B R A.
     base = {s: (rows[s][0]["eval_loss"], rows[s][0]["eval_accuracy"])
@@ -63,7 +77,7 @@ def test_round_0_evaluates_the_model_clients_start_from(comparison):
 
 
 def test_communication_follows_the_methods(comparison):
-    _, rows, _ = comparison
+    _, rows, _, _ = comparison
     up = {f: rows[f][1]["bytes_up"] for f in FOLDERS}
     assert up["fedsb"] < up["ffa"] < up["fedavg"]  # r^2 < B < A and B
     assert rows["fedsb"][0]["bytes_up"] > 0  # the gradient initialisation round is counted
@@ -89,7 +103,7 @@ def test_communication_follows_the_methods(comparison):
 
 
 def test_a_strategy_written_outside_the_package_runs_in_the_comparison(comparison):
-    folder, rows, _ = comparison
+    folder, rows, _, _ = comparison
     example = rows[FOLDERS[-1]]
     assert [r["round"] for r in example] == [0, 1, 2]
     assert all(r["strategy"] == EXAMPLE for r in example)  # the name the user gave
@@ -97,7 +111,7 @@ def test_a_strategy_written_outside_the_package_runs_in_the_comparison(compariso
 
 
 def test_comparison_table_and_plot(comparison):
-    folder, rows, stdout = comparison
+    folder, rows, stdout, _ = comparison
     lines = (folder / "comparison.md").read_text().splitlines()
     table = lines[:lines.index("")]  # one row per strategy, then notes
     assert [line.split("|")[1].strip() for line in table[2:]] == STRATEGIES
@@ -114,7 +128,7 @@ def test_comparison_table_and_plot(comparison):
 
 
 def test_fedsa_saves_its_shared_a_and_says_where_b_is(comparison):
-    folder, _, _ = comparison
+    folder, _, _, _ = comparison
     from safetensors.torch import load_file
 
     shared = load_file(folder / "fedsa" / "adapter" / "shared.safetensors")
@@ -124,7 +138,7 @@ def test_fedsa_saves_its_shared_a_and_says_where_b_is(comparison):
 
 @pytest.mark.parametrize("strategy", GLOBAL)
 def test_every_exported_adapter_loads_with_peft(comparison, strategy):
-    folder, _, _ = comparison
+    folder, _, _, _ = comparison
     base, tokenizer = load_model("tiny-llama", torch.device("cpu"))
     ids = tokenizer("a fine film\nAnswer:", return_tensors="pt").input_ids
     with torch.no_grad():

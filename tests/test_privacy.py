@@ -86,7 +86,7 @@ def test_user_level_dp_releases_the_plain_mean_of_clipped_updates(strategy_name)
     strategy, updates = server_with_replies(strategy_name, dp="user", **{"dp-noise": 0.0, "dp-clip": 0.3})
     codec = "topk:0.5,fp32" if strategy_name == "sparse" else "fp32"
     replies = [train_reply(1, updates[0], 10, codec=codec), train_reply(2, updates[1], 990, codec=codec)]
-    _, sent = strategy.valid_replies(1, replies)
+    sent = [strategy.accept(1, reply, strategy.expected_shapes) for reply in replies]
     arrays, metrics = strategy.aggregate_train(1, replies)
     new = arrays.to_torch_state_dict()
     for key, value in strategy.global_state.items():
@@ -149,7 +149,7 @@ def test_a_dpsgd_reply_without_its_settings_or_identity_is_dropped():
                dpsgd_reply(3, updates[1], 100, 0.9, 1.5, 10),
                dpsgd_reply(4, updates[1], 100, 0.9, 0.08, 10, client_id=None),
                dpsgd_reply(5, updates[1], 100, 0.9, 0.08, 10, client_id="")]
-    valid, _ = strategy.valid_replies(1, replies)
+    valid = [r for r in replies if strategy.accept(1, r, strategy.expected_shapes) is not None]
     assert [r.metadata.src_node_id for r in valid] == [1]
     reasons = dict(strategy.dropped)
     assert "'dp-noise' must be a finite float" in reasons[2]

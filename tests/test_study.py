@@ -121,7 +121,7 @@ def test_a_finished_run_is_skipped_and_a_changed_one_refused(tmp_path):
             __import__("tomli_w").dumps({**runs[0].config.to_dict(), "seed": 0 if folder == done else 1}))
         (folder / "metrics.jsonl").write_text('{"round": 0}\n{"round": 1}\n')
         (folder / "checkpoint.pt").write_bytes(b"")
-    (done / "report.png").write_bytes(b"")
+    (done / "summary.json").write_text("{}")
     [pending] = to_do(runs)  # the finished one is skipped, the other resumes
     assert pending.resume == str(cut) and pending.seed == 1
     changed = study("--seeds", "0,1", "--output", str(tmp_path), "--name", "s", "--rounds", "5")
