@@ -254,7 +254,7 @@ def partition_indices(
         raise FedLoraError(f"unknown partitioning '{method}'; valid choices: iid, dirichlet")
     partitioner.dataset = Dataset.from_dict(columns)
     return [
-        np.array(partitioner.load_partition(i)["index"], dtype=np.int64)
+        partitioner.load_partition(i).to_pandas()["index"].to_numpy(np.int64)
         for i in range(num_partitions)
     ]
 

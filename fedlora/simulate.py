@@ -271,7 +271,7 @@ def print_outputs(runs: list[StudyRun], seconds: float, files: str) -> None:
 
         groups: dict[str, dict[str, list[Path]]] = {}
         for run in runs:
-            groups.setdefault(run.strategy, {}).setdefault(run.value, []).append(
+            groups.setdefault(run.label, {}).setdefault(run.tuned, []).append(
                 Path(run.config.output) / run.config.name)
         folder = Path(runs[0].config.output) / runs[0].folder
         print("\n" + write_comparison(groups, folder))

@@ -9,8 +9,12 @@ lr-grid = [1e-3, 1e-2]``). The rank grid is not ``--ranks``, FLoRA's per-client 
 A study's folder holds one run per (strategy, grid value, seed), as
 ``<name>/<strategy>/<value>/seed<k>/`` (a level only where it varies). Running the same
 command again skips the finished runs and resumes an interrupted one from its checkpoint.
-A grid value is chosen per strategy on the validation split (``--val-size``), which is
-disjoint from the evaluation split that the summary reports.
+
+The two grids differ in what the summary makes of them. A rank is a design choice, traded
+against bytes: each rank of ``--rank-grid`` is compared, as its own row and curve ("fedsb
+rank32"). A learning rate is tuned: for each row, one value of ``--lr-grid`` is chosen on
+the validation split (``--val-size``), which is disjoint from the evaluation split that
+the summary reports.
 """
 
 from __future__ import annotations
@@ -44,6 +48,17 @@ class StudyRun:
     value: str  # the grid value, e.g. "lr0.001-rank16"; "" without a grid
     seed: int
     folder: str  # the study's folder under --output (the run's is config.name)
+
+    @property
+    def label(self) -> str:
+        """The row it belongs to: the strategy, and its rank if ranks are compared."""
+        rank = [part for part in self.value.split("-") if part.startswith("rank")]
+        return " ".join([self.strategy, *rank])
+
+    @property
+    def tuned(self) -> str:
+        """Its value of the tuned grid (``lr0.001``), or ""."""
+        return "-".join(part for part in self.value.split("-") if part.startswith("lr"))
 
 
 def pop_study_keys(values: dict) -> dict:
@@ -102,10 +117,11 @@ def expand(base: dict, study: dict, strategy: str, name: str, multi: bool) -> li
         config = RunConfig.from_dict(merged)
         runs.append(StudyRun(config, strategy, value_name(settings) if grids else "",
                              config.seed, name))
-    if len(values) > 1 and not runs[0].config.val_size:
-        raise FedLoraError(f"--strategy {strategy}: a grid of {len(values)} values is chosen "
-                           "on a validation split; give --val-size N (e.g. 200), which the "
-                           "server holds apart from the reported evaluation")
+    tuned = len(grids.get("lr", []))
+    if tuned > 1 and not runs[0].config.val_size:
+        raise FedLoraError(f"--strategy {strategy}: a learning rate of --lr-grid's {tuned} is "
+                           "chosen on a validation split; give --val-size N (e.g. 200), which "
+                           "the server holds apart from the reported evaluation")
     return runs
 
 

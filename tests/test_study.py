@@ -44,6 +44,10 @@ def test_seeds_and_grids_give_one_run_per_strategy_value_and_seed(tmp_path):
         ("fedavg", "", 3), ("fedsb", "lr0.01-rank16", 3), ("fedsb", "lr0.01-rank32", 3),
         ("fedsb", "lr0.03-rank16", 3), ("fedsb", "lr0.03-rank32", 3)]
     assert runs[0].config.name == "g/fedavg/seed3" and runs[4].config.rank == 32
+    # Ranks are compared (a row each), learning rates tuned (one chosen per row).
+    assert [(r.label, r.tuned) for r in runs[1:3]] == [("fedsb rank16", "lr0.01"),
+                                                      ("fedsb rank32", "lr0.01")]
+    assert [(r.label, r.tuned) for r in study("--seeds", "1")] == [("fedavg", "")]
     assert [r.config.lr for r in study("--config", str(file), "--lr", "0.002")] == [0.002] * 3
     # Without a study key, one run keeps its folder.
     [single] = study("--name", "plain")
@@ -51,8 +55,8 @@ def test_seeds_and_grids_give_one_run_per_strategy_value_and_seed(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--lr-grid", "1e-3,3e-3"], "--strategy fedavg: a grid of 2 values is chosen on a "
-                                 "validation split; give --val-size N"),
+    (["--lr-grid", "1e-3,3e-3"], "--strategy fedavg: a learning rate of --lr-grid's 2 is "
+                                 "chosen on a validation split; give --val-size N"),
     (["--lr", "0.1", "--lr-grid", "1e-3"], "--lr and --lr-grid both given; keep one"),
     (["--seeds", "0,x"], "--seeds must list ints, got '0,x'"),
     (["--seeds", "1,1"], "--seeds names a value twice: '1,1'"),
