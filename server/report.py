@@ -154,6 +154,12 @@ def write_comparison(groups: dict[str, dict[str, list[Path]]], folder: Path) -> 
                     f"| {label} | {value or '-'} | {len(seed_rows)} | {key or '-'} "
                     f"| {cell(summary(seed_rows, key), '.3f') if key else '-'} "
                     f"| {cell(summary(seed_rows, quality), '.3f')} | {'yes' if value == best else ''} |")
+    short = [" ".join(filter(None, [label, value, f"({len(seed_rows)} seeds)"]))
+             for label, values in runs.items() for value, seed_rows in values.items()
+             if any(r.get("dropped") for rows in seed_rows for r in rows)]
+    if short:
+        notes += ["", "Some rounds of these had fewer clients than they sampled (a reply missing, "
+                  "failed or refused; the 'dropped' of metrics.jsonl): " + "; ".join(short) + "."]
     table = "\n".join(lines + notes)
     (folder / "comparison.md").write_text(table + "\n")
     plot_comparison({label: values[chosen[label][0]] for label, values in runs.items()},

@@ -193,6 +193,8 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
             "round": server_round,
             "strategy": config.strategy,
             "clients": replies.replies - len(strategy.dropped),
+            # sampled, but no usable reply: missing, failed or refused
+            "dropped": len(messages) - replies.replies + len(strategy.dropped),
             "train_loss": float(train_metrics["train-loss"]),
             **(evaluation(arrays, server_round) if evaluated else {}),
             "bytes_up": replies.bytes,

@@ -28,7 +28,7 @@ TINY = ["--model", "tiny-llama", "--local-steps", "2", "--batch-size", "4",
 FAST = [*TINY, "--strategy", "fedsb", "--fedsb-init", "random"]
 # The keys a simulation writes for every trained round (docs: README, Outputs), and those
 # of central or federated evaluation.
-ROUND_KEYS = {"round", "strategy", "clients", "train_loss", "bytes_up", "bytes_down",
+ROUND_KEYS = {"round", "strategy", "clients", "dropped", "train_loss", "bytes_up", "bytes_down",
               "cumulative_bytes_up", "cumulative_bytes_down", "seconds", "client_train_seconds"}
 CENTRAL_KEYS = {"eval_loss", "eval_accuracy", "eval_macro_f1", "eval_seconds"}
 FEDERATED_KEYS = {"fed_eval_loss", "fed_eval_accuracy", "fed_eval_accuracy_min",
@@ -168,7 +168,7 @@ def test_a_supernode_killed_mid_round_does_not_kill_the_run(tmp_path):
     run_dir = tmp_path / "runs" / "killed"
     assert "Uvicorn running on http://127.0.0.1" in (run_dir / "logs" / "superlink.log").read_text()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients"] == 1
+    assert [r["round"] for r in rows] == [0, 1] and (rows[1]["clients"], rows[1]["dropped"]) == (1, 1)
     assert "deploy: supernode-1 exited with code -9; the run goes on without it" in output
     assert "round 1: 1 of 2 clients did not reply within 20s" in (
         tmp_path / "runs" / "killed" / "logs" / "server.log").read_text()

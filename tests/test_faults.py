@@ -38,6 +38,7 @@ def test_clients_that_raise_or_die_do_not_kill_the_round(tmp_path):
     # Round 1: partition 0 raised; its error reply was dropped with the reason. Round 2:
     # partition 2's process died: the other two carried the round.
     assert [r["clients"] for r in rows[1:]] == [2, 2]
+    assert [r["dropped"] for r in rows[1:]] == [1, 1]
     assert "the client failed: " in result.stderr and "partition 0 raises in round 1" in result.stderr
     assert rows[-1]["round"] == 2 and (tmp_path / "faults" / "adapter").is_dir()
 

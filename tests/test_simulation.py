@@ -13,7 +13,7 @@ from fedlora.config import RunConfig
 from fedlora.models import load_model
 
 ROUNDS, CLIENTS = 2, 3
-KEYS = {"round", "strategy", "clients", "train_loss", "eval_loss", "eval_accuracy",
+KEYS = {"round", "strategy", "clients", "dropped", "train_loss", "eval_loss", "eval_accuracy",
         "bytes_up", "bytes_down", "seconds"}
 FED_KEYS = {"fed_eval_loss", "fed_eval_accuracy", "fed_eval_accuracy_min", "fed_eval_macro_f1",
             "fed_eval_majority_accuracy", "fed_eval_clients", "fed_eval_by_client"}
@@ -92,7 +92,7 @@ def test_metrics_have_one_row_per_round_with_the_contract_keys(run_dir):
     assert rows[0]["clients"] == 0 and rows[0]["bytes_up"] == rows[0]["bytes_down"] == 0
     for row in rows[1:]:
         assert KEYS - {"eval_loss", "eval_accuracy"} <= set(row)
-        assert row["clients"] == CLIENTS  # the fourth client's file is broken
+        assert (row["clients"], row["dropped"]) == (CLIENTS, 1)  # the fourth's file is broken
         assert row["bytes_up"] > 0 and row["bytes_down"] > 0
     assert rows[-1]["cumulative_bytes_up"] == sum(r["bytes_up"] for r in rows)
     # Every client uploads the same adapter shapes: the upload is the same each round.

@@ -116,6 +116,25 @@ def test_validation_is_disjoint_from_evaluation_and_training(tmp_path):
         server_data(RunConfig.from_dict({"eval-dataset": str(path), "val-size": 40}))
 
 
+def test_the_summary_names_the_runs_that_lost_clients(tmp_path):
+    from server.report import write_comparison
+
+    folders = []
+    for seed, dropped in ((0, 0), (1, 1)):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        rows = [{"round": 0, "eval_accuracy": 0.5, "eval_loss": 1.0, "cumulative_bytes_up": 0,
+                 "cumulative_bytes_down": 0, "seconds": 1.0},
+                {"round": 1, "dropped": dropped, "eval_accuracy": 0.6 + seed / 10, "eval_loss": 0.9,
+                 "cumulative_bytes_up": 10, "cumulative_bytes_down": 20, "seconds": 1.0}]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        folders.append(folder)
+    table = write_comparison({"fedavg": {"": folders}}, tmp_path).splitlines()
+    assert table[2].startswith("| fedavg | 2 | 1 | 0.650 ± 0.071 |")
+    assert table[-1] == ("Some rounds of these had fewer clients than they sampled (a reply "
+                         "missing, failed or refused; the 'dropped' of metrics.jsonl): fedavg (2 seeds).")
+
+
 def test_a_finished_run_is_skipped_and_a_changed_one_refused(tmp_path):
     runs = study("--seeds", "0,1", "--output", str(tmp_path), "--name", "s")
     done, cut = (tmp_path / r.config.name for r in runs)
