@@ -126,7 +126,11 @@ class RunConfig:
     )
     local_steps: int = field(default=10, metadata={"help": "optimizer steps per client per round"})
     batch_size: int = field(default=8, metadata={"help": "local batch size"})
-    lr: float = field(default=3e-3, metadata={"help": "local AdamW learning rate"})
+    lr: float = field(
+        default=0.0,
+        metadata={"help": "local AdamW learning rate; 0: the strategy's own (docs/strategies.md, "
+                          "'Learning rates', says where each comes from)"},
+    )
     max_length: int = field(default=96, metadata={"help": "max tokens of a prompt and answer"})
     gradient_checkpointing: bool = field(
         default=False,
@@ -290,6 +294,10 @@ class RunConfig:
                     f"unknown config key '{key}'; valid keys: {', '.join(cls.keys())}"
                 )
             kwargs[name] = _convert(key, value, type(fields[name].default))
+        if not kwargs.get("lr"):  # the strategy's own learning rate
+            from strategies import strategy_class
+
+            kwargs["lr"] = strategy_class(kwargs.get("strategy", cls.strategy)).default_lr
         if kwargs.get("client_data") and "num_clients" not in kwargs:  # one client per file
             kwargs["num_clients"] = len(comma_list(kwargs["client_data"]))
         config = cls(**kwargs)

@@ -34,13 +34,13 @@ def write_module(folder: Path, name: str, source: str) -> None:
 # ---- the worked example's run folders -------------------------------------------------------
 
 
-def test_the_examples_default_folder_has_no_colon():
+def test_the_examples_default_folder_has_no_colon(TrimmedMean):
     # The example runs end to end in tests/test_comparison.py; here, its folder name.
     (config,) = parse_configs(["--strategy", EXAMPLE, "--model", "tiny-llama"])
     assert config.name.startswith("examples.trimmed_mean-TrimmedMean-")  # no ':'
 
 
-def test_several_strategies_get_valid_folder_names():
+def test_several_strategies_get_valid_folder_names(TrimmedMean):
     configs = parse_configs(["--strategy", f"fedavg,{EXAMPLE}", "--model", "tiny-llama"])
     parent = configs[0].name.split("/")[0]
     assert parent.startswith("fedavg-examples.trimmed_mean-TrimmedMean-")
@@ -48,6 +48,24 @@ def test_several_strategies_get_valid_folder_names():
         f"{parent}/fedavg", f"{parent}/examples.trimmed_mean-TrimmedMean"
     ]
     assert configs[1].strategy == EXAMPLE  # the value the user gave, as metrics.jsonl records it
+
+
+def test_a_strategys_own_learning_rate_applies_where_lr_is_not_given(tmp_path, monkeypatch):
+    write_module(tmp_path, "eager", """
+        from strategies.fedavg import FedAvgLoRA
+
+        class Eager(FedAvgLoRA):
+            default_lr = 0.02
+    """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    eager, plain = parse_configs(["--strategy", "eager:Eager,fedavg", "--name", "lr"])
+    assert (eager.lr, plain.lr) == (0.02, FedAvgLoRA.default_lr)
+    assert [c.lr for c in parse_configs(["--strategy", "eager:Eager,fedavg", "--lr", "0.001"])] == [0.001] * 2
+    assert RunConfig.from_dict({"strategy": "eager:Eager", "lr": 0}).lr == 0.02  # 0: its own
+    # What the clients are sent, and what the run saves, is the learning rate used.
+    from server.run import plan_record
+
+    assert plan_record(eager, None)["lr"] == 0.02 and eager.to_dict()["lr"] == 0.02
 
 
 # ---- the trimmed mean's math --------------------------------------------------------------
