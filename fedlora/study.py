@@ -147,7 +147,8 @@ def to_do(runs: list[StudyRun]) -> list[RunConfig]:
         if not saved.is_file():
             pending.append(run.config)
             continue
-        before = tomllib.loads(saved.read_text())
+        # A setting newer than the saved run was at its default there.
+        before = {**RunConfig().to_dict(), **tomllib.loads(saved.read_text())}
         now = run.config.to_dict()
         changed = [k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k]]
         if changed:

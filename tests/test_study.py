@@ -147,6 +147,10 @@ def test_a_finished_run_is_skipped_and_a_changed_one_refused(tmp_path):
     (done / "summary.json").write_text("{}")
     [pending] = to_do(runs)  # the finished one is skipped, the other resumes
     assert pending.resume == str(cut) and pending.seed == 1
+    saved = (cut / "config.toml").read_text()  # a run saved before --val-size existed
+    (cut / "config.toml").write_text("\n".join(line for line in saved.splitlines()
+                                               if not line.startswith("val-size")))
+    assert to_do(runs) == [pending]
     changed = study("--seeds", "0,1", "--output", str(tmp_path), "--name", "s", "--rounds", "5")
     with pytest.raises(FedLoraError, match=f"^{done} was run with rounds = 3, this command gives 5: "
                                            "choose another --name$"):
