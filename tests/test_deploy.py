@@ -21,6 +21,7 @@ import pytest
 
 from fedlora import deploy
 from fedlora.config import RunConfig
+from strategies.fedavg import FedAvgLoRA
 
 # Seconds matter here: tiny model, tiny evaluation, Fed-SB without its gradient round.
 TINY = ["--model", "tiny-llama", "--local-steps", "2", "--batch-size", "4",
@@ -221,5 +222,13 @@ def test_node_config_cycles_ranks_and_devices():
 
 def test_run_config_sends_what_differs_from_the_app_defaults():
     config = RunConfig.from_dict({"model": "tiny-llama", "rounds": 2, "name": "x"})
+    # The learning rate is sent as the one used (the app's 0 would mean the same).
     assert deploy.run_config_overrides(config) == {"model": "tiny-llama", "rounds": 2,
-                                                   "name": "x"}
+                                                   "name": "x", "lr": FedAvgLoRA.default_lr}
+
+
+def test_a_study_deploys_its_runs_one_after_another():
+    runs, federation = deploy.parse_args(["--model", "tiny-llama", "--seeds", "0,1", "--clients", "2",
+                                          "--name", "d"])
+    assert [(r.config.name, r.config.seed) for r in runs] == [("d/fedavg/seed0", 0), ("d/fedavg/seed1", 1)]
+    assert federation.clients == 2
