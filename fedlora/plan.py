@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from fedlora.errors import FedLoraError
-from fedlora.simulate import build_parser as build_simulate_parser
+from fedlora.simulate import build_parser as build_simulate_parser  # sets Flower's env vars
+from server.run import evaluation_for, plan_record, traffic  # noqa: E402
 
 
 @dataclass
@@ -138,7 +139,6 @@ def plan_traffic(config, model=None) -> list[RoundBytes]:
     from flwr.app import ConfigRecord
 
     from fedlora.data import load_task, local_examples, server_data
-    from server.run import evaluation_for, plan_record, traffic
     from strategies import build_strategy
 
     strategy = build_strategy(config)
@@ -158,17 +158,17 @@ def plan_traffic(config, model=None) -> list[RoundBytes]:
     with dry_run():
         arrays = strategy.initialize(model)
         messages = strategy.configure_init(arrays, plan, grid)
-        rounds.append(RoundBytes(0, down=sent_bytes(messages, traffic)))
+        rounds.append(RoundBytes(0, down=sent_bytes(messages)))
         if messages:  # replies are made, counted and folded one at a time, as they arrive
             arrays = strategy.aggregate_init(counted(
                 (stand_in_reply(m, strategy, examples, generator) for m in messages),
-                rounds[-1], traffic))
+                rounds[-1]))
         for server_round in range(1, config.rounds + 1):
             messages = list(strategy.configure_train(server_round, arrays, plan, grid))
-            rounds.append(RoundBytes(server_round, down=sent_bytes(messages, traffic)))
+            rounds.append(RoundBytes(server_round, down=sent_bytes(messages)))
             arrays, _ = strategy.aggregate_train(server_round, counted(
                 (stand_in_reply(m, strategy, examples, generator) for m in messages),
-                rounds[-1], traffic))
+                rounds[-1]))
             if arrays is None:
                 raise FedLoraError(f"round {server_round}: the server refused the stand-in "
                                    f"replies: {strategy.dropped[:1]}")
@@ -176,12 +176,12 @@ def plan_traffic(config, model=None) -> list[RoundBytes]:
     return rounds
 
 
-def sent_bytes(messages, traffic) -> dict[int, int]:
+def sent_bytes(messages) -> dict[int, int]:
     """Each message's bytes, by the partition id of the node it goes to."""
     return {m.metadata.dst_node_id - 1: traffic([m]) for m in messages}
 
 
-def counted(replies, row: RoundBytes, traffic):
+def counted(replies, row: RoundBytes):
     """``replies``, each counted into ``row`` on its way to the strategy."""
     for reply in replies:
         row.up[reply.metadata.src_node_id - 1] = traffic([reply])

@@ -72,12 +72,15 @@ def parse_list(key: str, value, kind: type) -> list:
     if not isinstance(items, list) or not items:
         raise FedLoraError(f"--{key} takes a comma-separated list, e.g. --{key} "
                            f"{'0,1,2' if kind is int else '1e-3,3e-3'}; got {value!r}")
-    try:
-        parsed = [kind(v) if isinstance(v, str) or kind is float else v for v in items]
-    except ValueError:
-        parsed = []
-    if len(parsed) != len(items) or any(isinstance(v, bool) or not isinstance(v, kind) for v in parsed):
-        raise FedLoraError(f"--{key} must list {kind.__name__}s, got {value!r}")
+    parsed = []
+    for item in items:
+        try:  # "3", 3 and 3.0 are the int 3; "3.5", 3.5 and true are no int
+            number = kind(item)
+            if isinstance(item, bool) or (kind is int and number != float(item)):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise FedLoraError(f"--{key} must list {kind.__name__}s, got {value!r}") from None
+        parsed.append(number)
     if len(set(parsed)) < len(parsed):
         raise FedLoraError(f"--{key} names a value twice: {value!r}")
     return parsed
