@@ -26,7 +26,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {
     "alpha": (0.0, 1e6, False),
     "local_steps": (1, 1_000_000, True),
     "batch_size": (1, 65_536, True),
-    "lr": (0.0, 1.0, False),
+    "lr": (0.0, 1.0, True),  # 0: the strategy's own, set by from_dict
     "max_length": (8, 32_768, True),
     "dirichlet_alpha": (0.0, 1e6, False),
     "eval_size": (1, 1_000_000, True),

@@ -85,7 +85,7 @@ def test_metrics_have_one_row_per_round_with_the_contract_keys(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
     for row in (rows[0], rows[2]):  # --eval-every 2: round 0, then every 2nd and the last
-        assert KEYS - {"train_loss"} | FED_KEYS <= set(row)
+        assert KEYS - {"train_loss", "dropped"} | FED_KEYS <= set(row)  # dropped: trained rounds
         assert row["strategy"] == "fedavg" and 0.0 <= row["eval_accuracy"] <= 1.0
         assert "epsilon" not in row and "delta" not in row  # no DP, no privacy claim
     assert not {"eval_loss", "fed_eval_loss"} & set(rows[1])
