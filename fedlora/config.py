@@ -26,7 +26,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {
     "alpha": (0.0, 1e6, False),
     "local_steps": (1, 1_000_000, True),
     "batch_size": (1, 65_536, True),
-    "lr": (0.0, 1.0, True),  # 0: the strategy's own, set by from_dict
+    "lr": (0.0, 1.0, False),  # 0 means the strategy's own, set on construction
     "max_length": (8, 32_768, True),
     "dirichlet_alpha": (0.0, 1e6, False),
     "eval_size": (1, 1_000_000, True),
@@ -277,6 +277,12 @@ class RunConfig:
 
     # ---- construction -------------------------------------------------------------------
 
+    def __post_init__(self) -> None:
+        if not self.lr:  # 0: the strategy's own learning rate
+            from strategies import strategy_class
+
+            self.lr = strategy_class(self.strategy).default_lr
+
     @classmethod
     def keys(cls) -> list[str]:
         """The dashed names of all fields, as flags and TOML keys spell them."""
@@ -294,10 +300,6 @@ class RunConfig:
                     f"unknown config key '{key}'; valid keys: {', '.join(cls.keys())}"
                 )
             kwargs[name] = _convert(key, value, type(fields[name].default))
-        if not kwargs.get("lr"):  # the strategy's own learning rate
-            from strategies import strategy_class
-
-            kwargs["lr"] = strategy_class(kwargs.get("strategy", cls.strategy)).default_lr
         if kwargs.get("client_data") and "num_clients" not in kwargs:  # one client per file
             kwargs["num_clients"] = len(comma_list(kwargs["client_data"]))
         config = cls(**kwargs)

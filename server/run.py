@@ -242,6 +242,10 @@ def evaluation_for(strategy, config: RunConfig) -> RunConfig:
         raise FedLoraError(f"--evaluation {config.evaluation}: --strategy {strategy.name} keeps "
                            f"{', '.join(strategy.personal)} on each client, so only the clients "
                            "can evaluate it; use --evaluation federated")
+    if config.val_size:
+        raise FedLoraError(f"--val-size {config.val_size}: --strategy {strategy.name} keeps "
+                           f"{', '.join(strategy.personal)} on each client, so the server has no "
+                           "model to validate; drop --val-size (and --lr-grid) for it")
     return dataclasses.replace(config, evaluation="federated")
 
 

@@ -76,5 +76,8 @@ def test_fedsa_refuses_central_evaluation_and_the_exactness_check():
     strategy = build_strategy(RunConfig(strategy="fedsa"))
     with pytest.raises(FedLoraError, match="only the clients can evaluate it; use --evaluation federated"):
         evaluation_for(strategy, RunConfig(strategy="fedsa", evaluation="central"))
+    with pytest.raises(FedLoraError, match="--val-size 20: --strategy fedsa keeps lora_B on each "
+                                           "client, so the server has no model to validate"):
+        evaluation_for(strategy, RunConfig(strategy="fedsa", val_size=20))
     with pytest.raises(FedLoraError, match="--strategy fedsa has none"):
         build_strategy(RunConfig(strategy="fedsa", check_exactness=True))
