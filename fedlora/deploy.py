@@ -35,7 +35,7 @@ from fedlora.config import RunConfig, comma_list
 from fedlora.errors import FedLoraError
 from fedlora.simulate import build_parser as build_simulate_parser
 from fedlora.simulate import print_outputs, study_from_args
-from fedlora.study import StudyRun
+from fedlora.study import StudyRun, pending
 
 # The project folder: `flwr run` builds the Flower app from its pyproject.toml.
 ROOT = Path(__file__).resolve().parents[1]
@@ -504,7 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         runs, federation = parse_args(argv)
-        deploy([run.config for run in runs], federation)
+        configs = pending(runs)  # a study's finished runs are skipped
+        if configs:
+            deploy(configs, federation)
     except DeploymentFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

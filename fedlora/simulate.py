@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fedlora.config import RunConfig, comma_list
 from fedlora.errors import FedLoraError
-from fedlora.study import GRID_FIELDS, StudyRun, expand, pop_study_keys, to_do
+from fedlora.study import GRID_FIELDS, StudyRun, expand, pending, pop_study_keys
 
 # Flower and Hugging Face: no telemetry, no update checks, no hub.
 for _name, _value in {
@@ -241,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes of deps
     try:
         runs = study_from_args(vars(build_parser().parse_args(argv)))
-        in_study = len(runs) > 1 or runs[0].config.name != runs[0].folder  # or --seeds 3
-        configs = to_do(runs) if in_study else [runs[0].config]
+        configs = pending(runs)
         from server.run import check_unused, evaluation_for
         from strategies import build_strategy
 

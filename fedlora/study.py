@@ -138,6 +138,13 @@ def is_finished(folder: Path) -> bool:
     return (folder / "summary.json").is_file()
 
 
+def pending(runs: list[StudyRun]) -> list[RunConfig]:
+    """What a command still has to run: one plain run is run (into a new folder); the runs
+    of a study (several, or one with a study key) as :func:`to_do` says."""
+    in_study = len(runs) > 1 or runs[0].config.name != runs[0].folder
+    return to_do(runs) if in_study else [runs[0].config]
+
+
 def to_do(runs: list[StudyRun]) -> list[RunConfig]:
     """The configs still to run: a finished run is skipped, an interrupted one resumes
     from its checkpoint, one that completed no round starts again. A run folder whose
