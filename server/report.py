@@ -77,13 +77,13 @@ def plot_report(rows: list[dict], path: Path) -> None:
 
 
 def write_comparison(groups: dict[str, dict[str, list[Path]]], folder: Path) -> str:
-    """comparison.md and comparison.png of runs grouped by strategy, grid value and seed
-    (``groups[strategy][value]`` lists the run folders of that value's seeds); returns
-    the markdown.
+    """comparison.md and comparison.png of runs grouped by row, learning rate and seed
+    (``groups[row][value]`` lists the run folders of that value's seeds; a row is a
+    strategy, or a strategy at one rank of a rank grid); returns the markdown.
 
-    Each strategy is shown at one grid value: the one with the best mean final
-    validation figure over its seeds (fedlora.study.choose). Figures are means over
-    seeds with their standard deviation and 95 % confidence interval (Student's t).
+    Each row is shown at one value: the one with the best mean final validation figure
+    over its seeds (fedlora.study.choose). Figures are means over seeds with their
+    standard deviation and 95 % confidence interval (Student's t).
     """
     runs = {label: {value: [read_rows(Path(d)) for d in dirs] for value, dirs in values.items()}
             for label, values in groups.items()}
