@@ -1,6 +1,6 @@
 """Accuracy against epsilon with user-level DP, for FedAvg and Fed-SB, and one DP-SGD run.
 
-    python benchmarks/dp_sweep.py [--epsilons 1,3,8] [--name dp-sweep]
+    python benchmarks/dp_sweep.py [--epsilons 1,3,8] [--name dp-sweep] [--seeds 0,1,2]
 
 Runs ``simulations/dp.toml`` for each strategy without DP and with ``--dp user
 --dp-target-epsilon E``, plus FedAvg with DP-SGD (``--dp sample``) at the largest epsilon,
@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--epsilons", default="1,3,8")
     parser.add_argument("--name", default="dp-sweep")
     parser.add_argument("--output", default="runs")
+    parser.add_argument("--seeds", default="", help="e.g. 0,1,2: each variant once per seed")
     args = parser.parse_args()
 
     epsilons = args.epsilons.split(",")
@@ -44,9 +45,11 @@ def main() -> None:
     variants.append((f"fedavg-dpsgd-eps{epsilons[-1]}", [
         "--strategy", "fedavg", "--dp", "sample", "--dp-clip", "1.0",
         "--dp-target-epsilon", epsilons[-1]]))
-    run_dirs = run_variants("simulations/dp.toml", variants, args.name, args.output)
-    print("\n" + write_comparison({d.name: {"": [d]} for d in run_dirs}, Path(args.output) / args.name))
-    private, plain = seconds_per_step(run_dirs[-1]), seconds_per_step(run_dirs[0])
+    folders = run_variants("simulations/dp.toml", variants, args.name, args.output, args.seeds)
+    print("\n" + write_comparison({v: {"": dirs} for v, dirs in folders.items()},
+                                   Path(args.output) / args.name))
+    first, *_, last = folders.values()
+    private, plain = seconds_per_step(last[0]), seconds_per_step(first[0])
     print(f"\nclient seconds per local step: DP-SGD {private:.3f}, no DP {plain:.3f}, "
           f"ratio {private / plain:.2f}")
 

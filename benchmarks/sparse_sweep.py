@@ -2,6 +2,7 @@
 
     python benchmarks/sparse_sweep.py [--densities 0.5,0.1,0.01] [--name sparse-sweep]
                                       [--baseline runs/<a fedavg run with the same training>]
+                                      [--rounds 15] [--seeds 0,1,2]
 
 Runs ``simulations/sparse.toml`` once per upload density, without and with error feedback,
 plus dense FedAvg with the same training (or takes an existing such run, --baseline), into
@@ -23,15 +24,20 @@ def main() -> None:
     parser.add_argument("--name", default="sparse-sweep")
     parser.add_argument("--output", default="runs")
     parser.add_argument("--baseline", help="an existing dense FedAvg run folder to compare with")
+    parser.add_argument("--rounds", help="instead of simulations/sparse.toml's 3")
+    parser.add_argument("--seeds", default="", help="e.g. 0,1,2: each variant once per seed")
     args = parser.parse_args()
 
-    variants = [] if args.baseline else [("fedavg-dense", ["--strategy", "fedavg"])]
+    common = ["--rounds", args.rounds] if args.rounds else []
+    variants = [] if args.baseline else [("fedavg-dense", ["--strategy", "fedavg", *common])]
     for density in args.densities.split(","):
-        variants.append((f"sparse-{density}", ["--upload-density", density]))
-        variants.append((f"sparse-{density}-ef", ["--upload-density", density, "--error-feedback"]))
-    run_dirs = [Path(args.baseline)] if args.baseline else []
-    run_dirs += run_variants("simulations/sparse.toml", variants, args.name, args.output)
-    print("\n" + write_comparison({d.name: {"": [d]} for d in run_dirs}, Path(args.output) / args.name))
+        variants.append((f"sparse-{density}", ["--upload-density", density, *common]))
+        variants.append((f"sparse-{density}-ef", ["--upload-density", density, "--error-feedback",
+                                                  *common]))
+    folders = {"fedavg-dense": [Path(args.baseline)]} if args.baseline else {}
+    folders |= run_variants("simulations/sparse.toml", variants, args.name, args.output, args.seeds)
+    print("\n" + write_comparison({v: {"": dirs} for v, dirs in folders.items()},
+                                   Path(args.output) / args.name))
 
 
 if __name__ == "__main__":
