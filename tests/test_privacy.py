@@ -1,6 +1,6 @@
-"""Differential privacy: the Gaussian mechanism, DP-SGD's loss, accounting, and refusals."""
+"""Differential privacy: the Gaussian mechanism, DP-SGD's loss, accounting, and refusals.
+(A DP-SGD simulation that learns, and whose clients' epsilon survives a restart: tests/test_study.py.)"""
 
-import json
 import math
 import subprocess
 import sys
@@ -306,40 +306,6 @@ def test_dpsgd_steps_even_on_an_empty_poisson_sample(tiny_model_dir):
     assert math.isnan(stats["train_loss"])  # no example was ever sampled...
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed  # ...yet each step moved the adapter by the noise
-
-
-def test_a_dpsgd_simulation_trains_and_reports_epsilon_also_when_resumed(tmp_path):
-    """Two rounds, then resumed to three: Flower gives the resumed run new node ids, and
-    each client's accountant still composes all three rounds (as an uninterrupted run)."""
-    command = [
-        sys.executable, "-m", "fedlora.simulate", "--model", "tiny-llama", "--num-clients", "2",
-        "--rounds", "2", "--local-steps", "6", "--lr", "0.01", "--batch-size", "16",
-        "--target-modules", "q_proj,v_proj,o_proj,down_proj", "--eval-size", "32",
-        "--max-length", "48", "--dp", "sample", "--dp-clip", "1.0", "--dp-noise", "0.7",
-        "--dp-noise-seed", "0",
-        "--output", str(tmp_path), "--name", "dpsgd",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "epsilon    delta" in result.stdout  # the table names delta beside epsilon
-    resumed = subprocess.run(
-        [sys.executable, "-m", "fedlora.simulate", "--resume", str(tmp_path / "dpsgd"), "--rounds", "3"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "dpsgd" / "metrics.jsonl").open()]
-    assert [r["round"] for r in rows] == [0, 1, 2, 3]
-    assert rows[2]["eval_loss"] < rows[0]["eval_loss"] - 0.2
-    assert "epsilon" not in rows[0]
-    from fedlora.data import client_examples, load_task
-
-    run = RunConfig.from_dict({"model": "tiny-llama", "num-clients": 2, "eval-size": 32})
-    sizes = [len(client_examples(load_task(run), run, k, 2)) for k in (0, 1)]
-    for row in rows[1:]:  # an uninterrupted run composes 6 steps per round, per client
-        expected = max(independent_epsilon(0.7, 16 / n, 6 * row["round"], default_delta(n)) for n in sizes)
-        assert row["epsilon"] == pytest.approx(expected, rel=1e-6)
-        assert row["delta"] == max(default_delta(n) for n in sizes)
-    assert rows[3]["epsilon"] > rows[2]["epsilon"]
 
 
 @pytest.mark.parametrize("adapter", ["lora", "lorasb"])

@@ -12,7 +12,7 @@ import pytest
 from fedlora.config import RunConfig
 from fedlora.data import load_task, server_data
 from fedlora.errors import FedLoraError
-from fedlora.simulate import study_from_args
+from fedlora.simulate import parse_configs, study_from_args
 from fedlora.study import Summary, choose, to_do
 from server.run import check_unused
 
@@ -157,71 +157,122 @@ def test_a_finished_run_is_skipped_and_a_changed_one_refused(tmp_path):
         to_do(changed)
 
 
-# sparse with the server's Adam and user-level DP: a resume must restore the Adam moments,
-# the noise generator and the accountant, and the metrics so far.
-COMMAND = ["--model", "tiny-llama", "--num-clients", "2", "--min-clients", "2", "--rounds", "2",
-           "--local-steps", "2", "--eval-size", "16", "--val-size", "16", "--max-length", "40",
-           "--strategy", "sparse", "--server-optimizer", "adam", "--server-lr", "0.01",
-           "--upload-density", "0.5", "--dp", "user", "--dp-noise", "0.3", "--dp-clip", "1.0",
-           "--dp-noise-seed", "5", "--seeds", "0,1", "--lr-grid", "0.03,0.001", "--name", "st"]
-BROKEN, TWIN = "st/sparse/lr0.03/seed1", "tw/sparse/lr0.03/seed1"  # as long as each other:
-# the plan carries the name, and the bytes must match
+STUDY = """
+model = "tiny-llama"
+strategy = "sparse,fedavg"
+num-clients = 2
+min-clients = 2
+rounds = 2
+local-steps = 2
+eval-size = 16
+val-size = 16
+max-length = 40
+dp-clip = 1.0
+dp-noise-seed = 5
+seeds = [0, 1]
+lr-grid = [0.03, 0.001]
+name = "st"
+
+[sparse]  # a resume must restore the server Adam's moments, the noise generator, the accountant
+server-optimizer = "adam"
+server-lr = 0.01
+upload-density = 0.5
+dp = "user"
+dp-noise = 0.3
+
+[fedsb]  # not run: a table may wait for its strategy
+
+[fedavg]  # DP-SGD: each client's accountant composes across the restart, under new node ids
+dp = "sample"
+dp-noise = 0.7
+local-steps = 6
+batch-size = 16
+target-modules = "q_proj,v_proj,o_proj,down_proj"
+"""
+# The second run of each strategy fails in round 2 (its client 1 raises: one usable reply
+# of the two --min-clients needs); each has an uninterrupted twin, whose name is as long
+# (the plan carries the name, and the bytes must match).
+BROKEN = {s: f"st/{s}/lr0.03/seed1" for s in ("sparse", "fedavg")}
+TWIN = {s: f"tw/{s}/lr0.03/seed1" for s in ("sparse", "fedavg")}
+VALUES, SEEDS = ("lr0.03", "lr0.001"), (0, 1)
 
 
 def test_a_study_is_summarised_over_seeds_and_resumes_where_it_stopped(tmp_path, capsys):
-    # One simulation serves the study, whose second run's client 1 raises in round 2 (one
-    # usable reply of the two --min-clients needs), and an uninterrupted twin of that run.
-    script = "\n".join([
+    (tmp_path / "study.toml").write_text(STUDY)
+    command = ["--config", str(tmp_path / "study.toml"), "--output", str(tmp_path)]
+    script = "\n".join([  # one simulation serves the study and the twins
         "import dataclasses, sys",
         "from fedlora.errors import FedLoraError",
         "from fedlora.simulate import parse_configs, simulate",
-        f"configs = parse_configs({[*COMMAND, '--output', str(tmp_path)]!r})",
-        f"twin = dataclasses.replace(configs[1], name={TWIN!r})",
+        f"configs = parse_configs({command!r})",
+        f"twins = [dataclasses.replace(c, name=c.name.replace('st/', 'tw/')) for c in configs "
+        f"if c.name in {list(BROKEN.values())!r}]",
         "try:",
-        "    simulate([*configs, twin])",
+        "    simulate([*configs, *twins])",
         "except FedLoraError as err:",  # as the CLI reports it
         "    sys.exit(print(f'error: {err}', file=sys.stderr) or 2)",
     ])
+    faults = ",".join(f"raise:1@2@{name}" for name in BROKEN.values())
     first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                           timeout=600, env={**os.environ, "FEDLORA_INJECT_FAULTS": f"raise:1@2@{BROKEN}"})
+                           timeout=600, env={**os.environ, "FEDLORA_INJECT_FAULTS": faults})
     assert first.returncode == 2, first.stderr[-3000:]
-    assert f"error: {BROKEN}: round 2 failed: 1 of 2 clients" in first.stderr  # the rest went on
+    for name in BROKEN.values():  # the rest went on
+        assert f"error: {name}: round 2 failed: 1 of 2 clients" in first.stderr
     assert first.stderr.strip().splitlines()[-1].startswith(
         "error: round 2 failed: 1 of 2 clients gave a usable reply, --min-clients is 2; "
         "outputs so far are in ")
-    folders = {(v, s): tmp_path / "st" / "sparse" / v / f"seed{s}"
-               for v in ("lr0.03", "lr0.001") for s in (0, 1)}
-    rows = {k: [json.loads(line) for line in (f / "metrics.jsonl").open()] for k, f in folders.items()}
-    assert [r["round"] for r in rows["lr0.03", 1]] == [0, 1]
-    assert all([r["round"] for r in v] == [0, 1, 2] for k, v in rows.items() if k != ("lr0.03", 1))
+    assert "epsilon    delta" in first.stdout  # the table names delta beside epsilon
+    folders = {(s, v, k): tmp_path / "st" / s / v / f"seed{k}"
+               for s in BROKEN for v in VALUES for k in SEEDS}
+    rows = {key: rows_of(folder) for key, folder in folders.items()}
+    for (strategy, value, seed), got in rows.items():
+        broken = (value, seed) == ("lr0.03", 1)
+        assert [r["round"] for r in got] == ([0, 1] if broken else [0, 1, 2])
     with pytest.raises(FedLoraError, match="already holds a run; choose another --name or continue"):
-        check_unused(folders["lr0.03", 1])
+        check_unused(folders["sparse", "lr0.03", 1])
 
-    second = simulate(tmp_path)  # the same command: it picks up where it stopped
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "3 of 4 runs are finished; running 1" in second.stdout
-    resumed = [json.loads(line) for line in (folders["lr0.03", 1] / "metrics.jsonl").open()]
-    assert resumed[:2] == rows["lr0.03", 1] and resumed[2]["round"] == 2  # not run again
+    second = subprocess.run([sys.executable, "-m", "fedlora.simulate", *command],
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]  # the same command picks up
+    assert "6 of 8 runs are finished; running 2" in second.stdout
     timing = {"seconds", "eval_seconds", "client_train_seconds"}
-    twin = [json.loads(line) for line in (tmp_path / TWIN / "metrics.jsonl").open()]
-    assert ([{k: v for k, v in r.items() if k not in timing} for r in resumed]
-            == [{k: v for k, v in r.items() if k not in timing} for r in twin])
-    assert twin[-1]["epsilon"] > twin[1]["epsilon"]
-    rows["lr0.03", 1] = resumed
-    assert rows["lr0.03", 0][-1]["eval_loss"] != rows["lr0.03", 1][-1]["eval_loss"]  # seeds differ
+    for strategy in BROKEN:
+        resumed = rows_of(folders[strategy, "lr0.03", 1])
+        assert resumed[:2] == rows[strategy, "lr0.03", 1] and resumed[2]["round"] == 2
+        twin = rows_of(tmp_path / TWIN[strategy])
+        assert ([{k: v for k, v in r.items() if k not in timing} for r in resumed]
+                == [{k: v for k, v in r.items() if k not in timing} for r in twin])
+        assert twin[2]["epsilon"] > twin[1]["epsilon"] and "epsilon" not in twin[0]
+        rows[strategy, "lr0.03", 1] = resumed
+    assert rows["sparse", "lr0.03", 0][-1]["eval_loss"] != rows["sparse", "lr0.03", 1][-1]["eval_loss"]
+
+    # DP-SGD learns, and its epsilon is Opacus' analysis of each client's steps so far.
+    from test_privacy import independent_epsilon
+
+    from fedlora.data import client_examples, load_task
+    from fedlora.privacy import default_delta
+
+    dpsgd = rows["fedavg", "lr0.03", 1]
+    assert dpsgd[2]["eval_loss"] < dpsgd[0]["eval_loss"] - 0.2
+    [run] = [c for c in parse_configs(command) if c.name == BROKEN["fedavg"]]
+    sizes = [len(client_examples(load_task(run), run, k, 2)) for k in (0, 1)]
+    for row in dpsgd[1:]:
+        expected = max(independent_epsilon(0.7, 16 / n, 6 * row["round"], default_delta(n)) for n in sizes)
+        assert row["epsilon"] == pytest.approx(expected, rel=1e-6)
+        assert row["delta"] == max(default_delta(n) for n in sizes)
 
     # The table: each value's seeds summarised, the value chosen on validation.
-    def final(value, key):
-        return np.array([rows[value, s][-1][key] for s in (0, 1)])
+    def final(value, key, strategy="sparse"):
+        return np.array([rows[strategy, value, s][-1][key] for s in SEEDS])
 
-    means = {v: final(v, "val_accuracy").mean() for v in ("lr0.03", "lr0.001")}
+    means = {v: final(v, "val_accuracy").mean() for v in VALUES}
     best = "lr0.03" if means["lr0.03"] >= means["lr0.001"] else "lr0.001"
     table = (tmp_path / "st" / "comparison.md").read_text().splitlines()
     headings = [h.strip() for h in table[0].split("|")]
     cells = dict(zip(headings, (c.strip() for c in table[2].split("|"))))
     accuracy = final(best, "eval_accuracy")
     mean, std = accuracy.mean(), accuracy.std(ddof=1)
-    assert cells["value"] == best and cells["seeds"] == "2"
+    assert cells["strategy"] == "sparse" and cells["value"] == best and cells["seeds"] == "2"
     assert cells["final eval_accuracy"] == (f"{mean:.3f}" if std == 0 else f"{mean:.3f} ± {std:.3f}")
     width = T_975[1] * std / math.sqrt(2)
     assert cells["95 % CI"] == f"[{mean - width:.3f}, {mean + width:.3f}]"
@@ -237,11 +288,10 @@ def test_a_study_is_summarised_over_seeds_and_resumes_where_it_stopped(tmp_path,
     from fedlora.simulate import main
 
     (tmp_path / "st" / "comparison.md").unlink()
-    assert main([*COMMAND, "--output", str(tmp_path)]) == 0  # nothing left to run: no engine
-    assert "4 of 4 runs are finished; running 0" in capsys.readouterr().out
+    assert main(command) == 0  # nothing left to run: no engine
+    assert "8 of 8 runs are finished; running 0" in capsys.readouterr().out
     assert (tmp_path / "st" / "comparison.md").read_text().splitlines() == table
 
 
-def simulate(output):
-    return subprocess.run([sys.executable, "-m", "fedlora.simulate", *COMMAND, "--output", str(output)],
-                          capture_output=True, text=True, timeout=600)
+def rows_of(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").open()]
