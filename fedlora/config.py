@@ -353,6 +353,12 @@ class RunConfig:
                 f"--evaluation {self.evaluation} evaluates at the server, which holds no data "
                 "with --client-data: give --eval-dataset FILE or --evaluation federated"
             )
+        eval_size_default = next(f.default for f in dataclasses.fields(self) if f.name == "eval_size")
+        if self.eval_size != eval_size_default and (self.client_data or self.eval_dataset):
+            raise FedLoraError(
+                f"--eval-size {self.eval_size} sets how many examples of --dataset the server holds "
+                "out; with " + ("--eval-dataset it evaluates that file whole" if self.eval_dataset
+                                else "--client-data it holds none") + ": drop --eval-size")
         if self.val_size and self.client_data and not self.eval_dataset:
             raise FedLoraError(f"--val-size {self.val_size}: the server holds no data with "
                                "--client-data to validate on; give --eval-dataset FILE")

@@ -52,6 +52,9 @@ def test_a_comparison_gives_one_config_per_strategy_with_its_table(tmp_path):
         ({"num-clients": 0}, "--num-clients must be in [1, 10000], got 0"),
         ({"rounds": -1}, "--rounds must be in [1, 100000], got -1"),
         ({"lr": -0.1}, "--lr must be in (0, 1], got -0.1"),
+        ({"client-data": "a.jsonl", "eval-size": 50},
+         "--eval-size 50 sets how many examples of --dataset the server holds out; with "
+         "--client-data it holds none: drop --eval-size"),
         ({"lr": 5}, "--lr must be in (0, 1], got 5"),
         ({"lr": "fast"}, "--lr must be a float, got 'fast'"),
         ({"rank": "2.5"}, "--rank must be a int, got '2.5'"),

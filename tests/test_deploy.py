@@ -24,9 +24,9 @@ from fedlora.config import RunConfig
 from strategies.fedavg import FedAvgLoRA
 
 # Seconds matter here: tiny model, tiny evaluation, Fed-SB without its gradient round.
-TINY = ["--model", "tiny-llama", "--local-steps", "2", "--batch-size", "4",
-        "--eval-size", "16", "--max-length", "48"]
+TINY = ["--model", "tiny-llama", "--local-steps", "2", "--batch-size", "4", "--max-length", "48"]
 FAST = [*TINY, "--strategy", "fedsb", "--fedsb-init", "random"]
+SHARE = ["--eval-size", "16"]  # the server's held-out share of --dataset
 # The keys a simulation writes for every trained round (docs: README, Outputs), and those
 # of central or federated evaluation.
 ROUND_KEYS = {"round", "strategy", "clients", "dropped", "train_loss", "bytes_up", "bytes_down",
@@ -161,7 +161,7 @@ def test_a_supernode_killed_mid_round_does_not_kill_the_run(tmp_path):
     # on it and goes on with SuperNode 0's (--min-clients 1).
     code, output, left = run_deploy(
         tmp_path, "--clients", "2", "--rounds", "1", "--min-clients", "1", "--round-timeout", "20",
-        "--name", "killed", *FAST, kill_on=("flwr-clientapp", "partition-id=1 "),
+        "--name", "killed", *FAST, *SHARE, kill_on=("flwr-clientapp", "partition-id=1 "),
     )
     assert code == 0, output[-3000:]
     assert left == []
@@ -178,7 +178,7 @@ def test_a_supernode_killed_mid_round_does_not_kill_the_run(tmp_path):
 def test_failed_run_stops_every_process_and_says_why(tmp_path):
     # rank-4 clients under a rank-8 FedAvg: the server drops both replies, the round fails
     code, output, left = run_deploy(tmp_path, "--clients", "2", "--client-ranks", "4",
-                                    "--rounds", "1", "--name", "failed", *TINY)
+                                    "--rounds", "1", "--name", "failed", *TINY, *SHARE)
     assert code == 1, output[-3000:]
     assert left == []
     last = output.strip().splitlines()[-1]
@@ -188,7 +188,7 @@ def test_failed_run_stops_every_process_and_says_why(tmp_path):
 
 def test_sigterm_while_clients_train_stops_every_process(tmp_path):
     code, output, left = run_deploy(tmp_path, "--clients", "2", "--rounds", "2",
-                                    "--name", "stopped", *FAST, terminate_on="flwr-clientapp")
+                                    "--name", "stopped", *FAST, *SHARE, terminate_on="flwr-clientapp")
     assert code == 130, output[-3000:]
     assert left == []
     assert "stopped the" in output and output.strip().endswith("interrupted")
