@@ -145,18 +145,18 @@ class RunConfig:
     )
     fedsb_init: str = field(
         default="auto",
-        metadata={"help": "Fed-SB init: gradient (a federated round), random, or auto "
+        metadata={"method": "fedsb", "help": "Fed-SB init: gradient (a federated round), random, or auto "
                           "(gradient; random under --dp)"},
     )
     fedsb_weighting: str = field(
-        default="examples", metadata={"help": "Fed-SB R average: examples (weighted) or uniform"}
+        default="examples", metadata={"method": "fedsb", "help": "Fed-SB R average: examples (weighted) or uniform"}
     )
     fedsb_init_examples: int = field(
-        default=64, metadata={"help": "examples per client for Fed-SB's gradient estimate"}
+        default=64, metadata={"method": "fedsb", "help": "examples per client for Fed-SB's gradient estimate"}
     )
     fedsb_init_codec: str = field(
         default="fp32",
-        metadata={"help": "how Fed-SB's gradient round uploads each client's gradient: fp32 "
+        metadata={"method": "fedsb", "help": "how Fed-SB's gradient round uploads each client's gradient: fp32 "
                           "(exact), fp16, bf16, or sign (1 bit per value: the server's rule then "
                           "takes the majority vote of the clients' signs)"},
     )
@@ -168,24 +168,24 @@ class RunConfig:
         default="fp32", metadata={"help": "how the global adapter travels (same choices)"}
     )
     upload_density: float = field(
-        default=0.1, metadata={"help": "sparse: fraction of the update each client uploads"}
+        default=0.1, metadata={"method": "sparse", "help": "sparse: fraction of the update each client uploads"}
     )
     download_density: float = field(
-        default=1.0, metadata={"help": "sparse: fraction of the global adapter sent down"}
+        default=1.0, metadata={"method": "sparse", "help": "sparse: fraction of the global adapter sent down"}
     )
     density_decay: float = field(
-        default=1.0, metadata={"help": "sparse: densities shrink by this factor every ..."}
+        default=1.0, metadata={"method": "sparse", "help": "sparse: densities shrink by this factor every ..."}
     )
     density_decay_every: int = field(
-        default=1, metadata={"help": "sparse: ... this many rounds: d_t = d_0 * decay^((t - 1) // every)"}
+        default=1, metadata={"method": "sparse", "help": "sparse: ... this many rounds: d_t = d_0 * decay^((t - 1) // every)"}
     )
     server_optimizer: str = field(
-        default="avg", metadata={"help": "sparse: avg (FedAvg) or adam (FedOpt) on the global adapter"}
+        default="avg", metadata={"method": "sparse", "help": "sparse: avg (FedAvg) or adam (FedOpt) on the global adapter"}
     )
-    server_lr: float = field(default=1e-3, metadata={"help": "sparse: the server Adam's learning rate"})
+    server_lr: float = field(default=1e-3, metadata={"method": "sparse", "help": "sparse: the server Adam's learning rate"})
     error_feedback: bool = field(
         default=False,
-        metadata={"help": "sparse: clients keep what they did not send and add it next round"},
+        metadata={"method": "sparse", "help": "sparse: clients keep what they did not send and add it next round"},
     )
     dp: str = field(
         default="off",

@@ -37,7 +37,7 @@ from fedlora.data import server_data
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import Scores, score
 from fedlora.models import load_model, pick_device, restored
-from strategies import build_strategy, folder_name
+from strategies import build_strategy, folder_name, ignored_settings
 from strategies.base import example_shards
 from strategies.replies import check_no_error, reply_metrics
 
@@ -90,6 +90,8 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
     """
     strategy = build_strategy(config)
     config = evaluation_for(strategy, config)
+    for setting in ignored_settings(config):
+        log.warning("--strategy %s does not use %s", config.strategy, setting)
     central_on_clients = config.central_eval_on == "clients" or (
         config.central_eval_on == "auto" and simulation)
     run_dir = make_run_dir(config)

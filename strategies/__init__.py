@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 import re
@@ -93,6 +94,16 @@ def folder_name(strategy: str) -> str:
     return re.sub(r"[^\w.-]", "-", strategy)
 
 
+def ignored_settings(config) -> list[str]:
+    """The settings of another built-in method (a RunConfig field's ``method``) that
+    ``config`` moves from their default, which its strategy does not read, as flags."""
+    cls = strategy_class(config.strategy)
+    return [f"--{f.name.replace('_', '-')} {getattr(config, f.name)} ({f.metadata['method']}'s)"
+            for f in dataclasses.fields(config)
+            if "method" in f.metadata and getattr(config, f.name) != f.default
+            and not issubclass(cls, STRATEGIES[f.metadata["method"]])]
+
+
 def build_strategy(config) -> LoraStrategy:
     """The strategy named by ``config.strategy``, built from the config."""
     return strategy_class(config.strategy).from_config(config)
@@ -100,5 +111,5 @@ def build_strategy(config) -> LoraStrategy:
 
 __all__ = [
     "ENTRY_POINT_GROUP", "STRATEGIES", "LoraStrategy", "build_strategy", "folder_name",
-    "strategy_class",
+    "ignored_settings", "strategy_class",
 ]

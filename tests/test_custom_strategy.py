@@ -68,6 +68,26 @@ def test_a_strategys_own_learning_rate_applies_where_lr_is_not_given(tmp_path, m
     assert plan_record(eager, None)["lr"] == 0.02 and eager.to_dict()["lr"] == 0.02
 
 
+def test_another_methods_settings_are_named_as_ignored(tmp_path, monkeypatch):
+    from strategies import ignored_settings
+
+    write_module(tmp_path, "mine", """
+        from strategies.sparse import SparseLoRA
+
+        class Sparser(SparseLoRA):
+            pass
+    """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    flags = {"upload-density": 0.05, "error-feedback": True, "fedsb-init": "random"}
+    assert ignored_settings(RunConfig.from_dict(flags)) == [
+        "--fedsb-init random (fedsb's)", "--upload-density 0.05 (sparse's)",
+        "--error-feedback True (sparse's)"]
+    # A subclass reads what its method reads; defaults are never named.
+    assert ignored_settings(RunConfig.from_dict({**flags, "strategy": "mine:Sparser"})) == [
+        "--fedsb-init random (fedsb's)"]
+    assert ignored_settings(RunConfig.from_dict({"strategy": "fedsb"})) == []
+
+
 # ---- the trimmed mean's math --------------------------------------------------------------
 
 
