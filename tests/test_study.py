@@ -12,16 +12,14 @@ import pytest
 from fedlora.config import RunConfig
 from fedlora.data import load_task, server_data
 from fedlora.errors import FedLoraError
-from fedlora.simulate import parse_configs, study_from_args
+from fedlora.simulate import build_parser, parse_configs, study_from_args
 from fedlora.study import Summary, choose, to_do
 from server.run import check_unused
 
-T_975 = {1: 12.7062, 2: 4.3027, 4: 2.7764}  # Student's t quantiles, from printed tables
+T_975 = {1: 12.7062, 2: 4.3027}  # Student's t, 97.5 % quantiles by degrees of freedom (tables)
 
 
 def study(*flags: str):
-    from fedlora.simulate import build_parser
-
     return study_from_args(vars(build_parser().parse_args(list(flags))))
 
 
