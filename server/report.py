@@ -138,9 +138,13 @@ def write_comparison(groups: dict[str, dict[str, list[Path]]], folder: Path) -> 
             + (f" {cell(summary(seed_rows, 'epsilon'), '.3g')} ({last['delta']:.3g}) |"
                if "epsilon" in last else " no DP |" if private else "")
         )
+    total = sum(r["seconds"] for values in runs.values() for seed_rows in values.values()
+                for rows in seed_rows for r in rows)
     notes = ["", f"Final: the last evaluated round. With several seeds (up to {seeds} here), "
              "mean ± standard deviation over the seeds, and the 95 % confidence interval of the "
-             "mean (Student's t); bytes are all clients' totals, the initialisation included."]
+             "mean (Student's t); bytes are all clients' totals, the initialisation included. "
+             f"The {sum(len(s) for v in runs.values() for s in v.values())} runs took "             + (f"{total / 3600:.1f} hours" if total >= 3600 else f"{total / 60:.1f} minutes")
+             + " in all (the sum of their seconds)."]
     if gridded:
         notes[-1] += (" Each strategy's value was chosen on the validation split (--val-size), "
                       "which is disjoint from the evaluation split reported here.")
