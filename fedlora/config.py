@@ -26,7 +26,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {
     "alpha": (0.0, 1e6, False),
     "local_steps": (1, 1_000_000, True),
     "batch_size": (1, 65_536, True),
-    "lr": (0.0, 1.0, False),  # 0 means the strategy's own, set on construction
+    "lr": (0.0, 1.0, False),  # 0 (and rank 0) means the strategy's own, set on construction
     "max_length": (8, 32_768, True),
     "dirichlet_alpha": (0.0, 1e6, False),
     "eval_size": (1, 1_000_000, True),
@@ -115,14 +115,15 @@ class RunConfig:
     min_clients: int = field(
         default=1, metadata={"help": "a round fails unless at least this many clients reply"}
     )
-    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    rank: int = field(default=0, metadata={"help": "LoRA rank r; 0: the strategy's own"})
     ranks: str = field(
         default="",
         metadata={"help": "per-client ranks for flora, hetlora, flexlora, e.g. 16,8,4 (cycled over clients)"},
     )
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     target_modules: str = field(
-        default="q_proj,v_proj", metadata={"help": "comma-separated module names to adapt"}
+        default="",
+        metadata={"help": "comma-separated module names to adapt; empty: the strategy's own"},
     )
     local_steps: int = field(default=10, metadata={"help": "optimizer steps per client per round"})
     batch_size: int = field(default=8, metadata={"help": "local batch size"})
@@ -278,10 +279,15 @@ class RunConfig:
     # ---- construction -------------------------------------------------------------------
 
     def __post_init__(self) -> None:
-        if not self.lr:  # 0: the strategy's own learning rate
+        """A learning rate or rank of 0, or no target modules, means the strategy's own
+        (``default_lr``, ``default_rank``, ``default_target_modules``: docs/strategies.md)."""
+        if not (self.lr and self.rank and self.target_modules):
             from strategies import strategy_class
 
-            self.lr = strategy_class(self.strategy).default_lr
+            method = strategy_class(self.strategy)
+            self.lr = self.lr or method.default_lr
+            self.rank = self.rank or method.default_rank
+            self.target_modules = self.target_modules or method.default_target_modules
 
     @classmethod
     def keys(cls) -> list[str]:

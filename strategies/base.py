@@ -69,8 +69,9 @@ class LoraStrategy(FedAvg):
     attributes ``name`` (what ``--strategy`` and the outputs call it), ``adapter``,
     ``trainable``, ``personal`` (trained tensors each client keeps for itself: the
     adapter is then personalised, evaluated only by the clients), ``upload`` and
-    ``heterogeneous_ranks`` where it differs from LoRA's defaults, ``default_lr`` (the
-    clients' learning rate when ``--lr`` is not given), and overrides some of these hooks:
+    ``heterogeneous_ranks`` where it differs from LoRA's defaults, ``default_lr``,
+    ``default_rank`` and ``default_target_modules`` (what ``--lr``, ``--rank`` and
+    ``--target-modules`` are when not given), and overrides some of these hooks:
 
     - The method's math, one of two (required):
 
@@ -139,7 +140,10 @@ class LoraStrategy(FedAvg):
     upload = "delta"  # clients send trained - received ("delta") or what they trained
     heterogeneous_ranks = False  # whether clients may use different ranks
     personal: tuple[str, ...] = ()  # trained tensors each client keeps, never uploaded
-    default_lr = 3e-3  # the clients' learning rate when --lr is not given
+    # What --lr, --rank and --target-modules are when not given (docs/strategies.md).
+    default_lr = 3e-3
+    default_rank = 8
+    default_target_modules = "q_proj,v_proj"
 
     def __init__(
         self,

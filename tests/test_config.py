@@ -48,7 +48,7 @@ def test_a_comparison_gives_one_config_per_strategy_with_its_table(tmp_path):
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"rank": 0}, "--rank must be in [1, 4096], got 0"),
+        ({"rank": -1}, "--rank must be in [1, 4096], got -1"),
         ({"num-clients": 0}, "--num-clients must be in [1, 10000], got 0"),
         ({"rounds": -1}, "--rounds must be in [1, 100000], got -1"),
         ({"lr": -0.1}, "--lr must be in (0, 1], got -0.1"),
@@ -121,7 +121,7 @@ def test_cli_prints_one_line_and_exits_2(flags, expected):
 @pytest.mark.parametrize(
     "flags, expected",
     [  # the same path in this process (an interpreter start costs seconds each)
-        (["--rank", "0"], "error: --rank must be in [1, 4096], got 0"),
+        (["--rank", "5000"], "error: --rank must be in [1, 4096], got 5000"),
         (["--dataset", "missing.jsonl"], "error: --dataset: data file not found: missing.jsonl"),
         (["--client-cpus", "1024", "--model", "tiny-llama", "--name", "never"],
          f"error: --client-cpus 1024 exceeds this machine's {os.cpu_count()} cores: no client "

@@ -50,18 +50,23 @@ def test_several_strategies_get_valid_folder_names(TrimmedMean):
     assert configs[1].strategy == EXAMPLE  # the value the user gave, as metrics.jsonl records it
 
 
-def test_a_strategys_own_learning_rate_applies_where_lr_is_not_given(tmp_path, monkeypatch):
+def test_a_strategys_own_settings_apply_where_they_are_not_given(tmp_path, monkeypatch):
     write_module(tmp_path, "eager", """
         from strategies.fedavg import FedAvgLoRA
 
         class Eager(FedAvgLoRA):
             default_lr = 0.02
+            default_rank = 24
+            default_target_modules = "q_proj,k_proj"
     """)
     monkeypatch.syspath_prepend(str(tmp_path))
     eager, plain = parse_configs(["--strategy", "eager:Eager,fedavg", "--name", "lr"])
-    assert (eager.lr, plain.lr) == (0.02, FedAvgLoRA.default_lr)
-    assert [c.lr for c in parse_configs(["--strategy", "eager:Eager,fedavg", "--lr", "0.001"])] == [0.001] * 2
-    assert RunConfig.from_dict({"strategy": "eager:Eager", "lr": 0}).lr == 0.02  # 0: its own
+    assert (eager.lr, eager.rank, eager.target_modules) == (0.02, 24, "q_proj,k_proj")
+    assert (plain.lr, plain.rank, plain.target_modules) == (3e-3, 8, "q_proj,v_proj")
+    flags = ["--strategy", "eager:Eager,fedavg", "--lr", "0.001", "--rank", "4", "--target-modules", "o_proj"]
+    assert {(c.lr, c.rank, c.target_modules) for c in parse_configs(flags)} == {(0.001, 4, "o_proj")}
+    assert RunConfig.from_dict({"strategy": "eager:Eager", "lr": 0, "rank": 0}).lr == 0.02  # its own
+    assert build_strategy(eager).rank == 24
     # What the clients are sent, and what the run saves, is the learning rate used.
     from server.run import plan_record
 

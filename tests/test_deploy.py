@@ -198,7 +198,7 @@ def test_sigterm_while_clients_train_stops_every_process(tmp_path):
     (["--clients", "2", "--num-clients", "3"], "--clients 2 and --num-clients 3 differ"),
     (["--client-devices", "tpu"], "unknown device 'tpu'; valid choices: auto, cpu, cuda"),
     (["--client-ranks", "8,x"], "--client-ranks: 'x' is not a rank"),
-    (["--rank", "0"], "--rank"),
+    (["--rank", "5000"], "--rank"),
 ])
 def test_a_mistake_is_one_line_and_exit_code_2(flags, message, capsys):
     assert deploy.main(flags) == 2
@@ -222,9 +222,11 @@ def test_node_config_cycles_ranks_and_devices():
 
 def test_run_config_sends_what_differs_from_the_app_defaults():
     config = RunConfig.from_dict({"model": "tiny-llama", "rounds": 2, "name": "x"})
-    # The learning rate is sent as the one used (the app's 0 would mean the same).
-    assert deploy.run_config_overrides(config) == {"model": "tiny-llama", "rounds": 2,
-                                                   "name": "x", "lr": FedAvgLoRA.default_lr}
+    # The strategy's own settings are sent as the values used (the app's 0 and "" would
+    # mean the same).
+    assert deploy.run_config_overrides(config) == {
+        "model": "tiny-llama", "rounds": 2, "name": "x", "lr": FedAvgLoRA.default_lr,
+        "rank": FedAvgLoRA.default_rank, "target-modules": FedAvgLoRA.default_target_modules}
 
 
 def test_a_study_deploys_its_runs_one_after_another():
