@@ -181,6 +181,7 @@ dp-noise = 0.3
 [fedsb]  # not run: a table may wait for its strategy
 
 [fedavg]  # DP-SGD: each client's accountant composes across the restart, under new node ids
+lr-grid = [0.03]  # one value: the broken run and its seed 0
 dp = "sample"
 dp-noise = 0.7
 local-steps = 6
@@ -221,7 +222,7 @@ def test_a_study_is_summarised_over_seeds_and_resumes_where_it_stopped(tmp_path,
         "outputs so far are in ")
     assert "epsilon    delta" in first.stdout  # the table names delta beside epsilon
     folders = {(s, v, k): tmp_path / "st" / s / v / f"seed{k}"
-               for s in BROKEN for v in VALUES for k in SEEDS}
+               for s in BROKEN for v in (VALUES if s == "sparse" else VALUES[:1]) for k in SEEDS}
     rows = {key: rows_of(folder) for key, folder in folders.items()}
     for (strategy, value, seed), got in rows.items():
         broken = (value, seed) == ("lr0.03", 1)
@@ -232,7 +233,7 @@ def test_a_study_is_summarised_over_seeds_and_resumes_where_it_stopped(tmp_path,
     second = subprocess.run([sys.executable, "-m", "fedlora.simulate", *command],
                             capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]  # the same command picks up
-    assert "6 of 8 runs are finished; running 2" in second.stdout
+    assert "4 of 6 runs are finished; running 2" in second.stdout
     timing = {"seconds", "eval_seconds", "client_train_seconds"}
     for strategy in BROKEN:
         resumed = rows_of(folders[strategy, "lr0.03", 1])
@@ -287,7 +288,7 @@ def test_a_study_is_summarised_over_seeds_and_resumes_where_it_stopped(tmp_path,
 
     (tmp_path / "st" / "comparison.md").unlink()
     assert main(command) == 0  # nothing left to run: no engine
-    assert "8 of 8 runs are finished; running 0" in capsys.readouterr().out
+    assert "6 of 6 runs are finished; running 0" in capsys.readouterr().out
     assert (tmp_path / "st" / "comparison.md").read_text().splitlines() == table
 
 
