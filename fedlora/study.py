@@ -45,20 +45,25 @@ class StudyRun:
 
     config: RunConfig
     strategy: str
-    value: str  # the grid value, e.g. "lr0.001-rank16"; "" without a grid
+    settings: dict  # its grid value, e.g. {"lr": 0.001, "rank": 16}; {} without a grid
     seed: int
     folder: str  # the study's folder under --output (the run's is config.name)
 
     @property
+    def value(self) -> str:
+        """Its grid value as its folder names it: ``lr0.001-rank16``, or ""."""
+        return value_name(self.settings)
+
+    @property
     def label(self) -> str:
         """The row it belongs to: the strategy, and its rank if ranks are compared."""
-        rank = [part for part in self.value.split("-") if part.startswith("rank")]
-        return " ".join([self.strategy, *rank])
+        return " ".join([self.strategy, *(["rank" + str(self.settings["rank"])]
+                                          if "rank" in self.settings else [])])
 
     @property
     def tuned(self) -> str:
         """Its value of the tuned grid (``lr0.001``), or ""."""
-        return "-".join(part for part in self.value.split("-") if part.startswith("lr"))
+        return value_name({k: v for k, v in self.settings.items() if k == "lr"})
 
 
 def pop_study_keys(values: dict) -> dict:
@@ -118,8 +123,7 @@ def expand(base: dict, study: dict, strategy: str, name: str, multi: bool) -> li
         if seed is not None:
             merged["seed"] = seed
         config = RunConfig.from_dict(merged)
-        runs.append(StudyRun(config, strategy, value_name(settings) if grids else "",
-                             config.seed, name))
+        runs.append(StudyRun(config, strategy, settings, config.seed, name))
     tuned = len(grids.get("lr", []))
     if tuned > 1 and not runs[0].config.val_size:
         raise FedLoraError(f"--strategy {strategy}: a learning rate of --lr-grid's {tuned} is "

@@ -46,6 +46,10 @@ def test_seeds_and_grids_give_one_run_per_strategy_value_and_seed(tmp_path):
     assert [(r.label, r.tuned) for r in runs[1:3]] == [("fedsb rank16", "lr0.01"),
                                                       ("fedsb rank32", "lr0.01")]
     assert [(r.label, r.tuned) for r in study("--seeds", "1")] == [("fedavg", "")]
+    small = study("--lr-grid", "1e-5,3e-4", "--rank-grid", "16", "--val-size", "9", "--name", "x")
+    assert [(r.config.name, r.label, r.tuned) for r in small] == [  # "1e-05" has a dash
+        ("x/fedavg/lr1e-05-rank16", "fedavg rank16", "lr1e-05"),
+        ("x/fedavg/lr0.0003-rank16", "fedavg rank16", "lr0.0003")]
     assert [r.config.lr for r in study("--config", str(file), "--lr", "0.002")] == [0.002] * 3
     # Without a study key, one run keeps its folder.
     [single] = study("--name", "plain")
