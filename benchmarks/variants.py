@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fedlora.simulate import build_parser, study_from_args
 from fedlora.simulate import main as simulate_main
-from fedlora.study import is_finished
+from fedlora.study import is_finished, run_dir
 
 
 def run_variants(config: str, variants: list[tuple[str, list[str]]], name: str, output: str,
@@ -20,7 +20,7 @@ def run_variants(config: str, variants: list[tuple[str, list[str]]], name: str, 
         argv = ["--config", config, "--output", output, "--name", f"{name}/{variant}", *flags,
                 *(["--seeds", seeds] if seeds else [])]
         runs = study_from_args(vars(build_parser().parse_args(argv)))
-        folders[variant] = [Path(run.config.output) / run.config.name for run in runs]
+        folders[variant] = [run_dir(run.config) for run in runs]
         if not all(is_finished(folder) for folder in folders[variant]):
             print(f"\n== {variant} ==", flush=True)
             code = simulate_main(argv)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fedlora.config import RunConfig, comma_list
 from fedlora.errors import FedLoraError
-from fedlora.study import GRID_FIELDS, StudyRun, expand, pending, pop_study_keys
+from fedlora.study import GRID_FIELDS, StudyRun, expand, pending, pop_study_keys, run_dir
 
 # Flower and Hugging Face: no telemetry, no update checks, no hub.
 for _name, _value in {
@@ -264,14 +264,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_outputs(runs: list[StudyRun], seconds: float, files: str) -> None:
     """Say where the runs' outputs are; with several runs, write and print their comparison."""
-    print(f"done in {seconds:.0f}s: {Path(runs[-1].config.output) / runs[-1].config.name}/ ({files})")
+    print(f"done in {seconds:.0f}s: {run_dir(runs[-1].config)}/ ({files})")
     if len(runs) > 1:
         from server.report import write_comparison
 
         groups: dict[str, dict[str, list[Path]]] = {}
         for run in runs:
             groups.setdefault(run.label, {}).setdefault(run.tuned, []).append(
-                Path(run.config.output) / run.config.name)
+                run_dir(run.config))
         folder = Path(runs[0].config.output) / runs[0].folder
         print("\n" + write_comparison(groups, folder))
         print(f"comparison: {folder}/comparison.md, {folder}/comparison.png")

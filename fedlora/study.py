@@ -133,6 +133,7 @@ def expand(base: dict, study: dict, strategy: str, name: str, multi: bool) -> li
 
 
 def run_dir(config: RunConfig) -> Path:
+    """Where a run's outputs go: <output>/<name>."""
     return Path(config.output) / config.name
 
 
