@@ -4,7 +4,9 @@ and the run identity that Flower messages need."""
 from __future__ import annotations
 
 import os
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +54,24 @@ class FakeGrid:
 
     def get_node_ids(self):
         return self.nodes
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def example_strategy(monkeypatch):
+    """The worked example's class, examples/trimmed_mean.py, imported from the repository
+    root as ``python -m`` imports it there. pytest does not put the root on sys.path, and
+    Opacus installs a top-level package also named ``examples``: one imported before this
+    fixture ran is dropped, so that the name resolves to the root's folder."""
+    from strategies import strategy_class
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    for name in [m for m in sys.modules if m == "examples" or m.startswith("examples.")]:
+        if not str(getattr(sys.modules[name], "__file__", "")).startswith(str(ROOT)):
+            monkeypatch.delitem(sys.modules, name)
+    return strategy_class("examples.trimmed_mean:TrimmedMean")
 
 
 @pytest.fixture

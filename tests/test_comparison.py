@@ -43,7 +43,7 @@ def comparison(tmp_path_factory):
     return folder, rows, result.stdout, config
 
 
-def test_the_planner_predicts_every_strategys_bytes_to_the_byte(comparison):
+def test_the_planner_predicts_every_strategys_bytes_to_the_byte(comparison, example_strategy):
     """python -m fedlora.plan, on the meta-device model, against what the run counted:
     the initialisation and both rounds, both ways, for every strategy."""
     from fedlora.plan import plan_traffic

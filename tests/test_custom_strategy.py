@@ -20,11 +20,8 @@ BUILT_IN_CHOICES = "valid choices: " + ", ".join(STRATEGIES)
 
 
 @pytest.fixture
-def TrimmedMean(monkeypatch):
-    """The example's class, imported from the repository root as ``python -m`` imports it
-    there (pytest does not put the root on sys.path)."""
-    monkeypatch.syspath_prepend(str(ROOT))
-    return strategy_class(EXAMPLE)
+def TrimmedMean(example_strategy):
+    return example_strategy
 
 
 def write_module(folder: Path, name: str, source: str) -> None:
