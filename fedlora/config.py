@@ -58,6 +58,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "fedsb_init": ("auto", "gradient", "random"),
     "fedsb_weighting": ("examples", "uniform"),
+    "flora_scale": ("per-rank", "uniform"),
     "server_optimizer": ("avg", "adam"),
     "dp": ("off", "user", "sample"),
     "evaluation": ("auto", "central", "federated", "both"),
@@ -143,6 +144,12 @@ class RunConfig:
     partitioning: str = field(default="iid", metadata={"help": "iid or dirichlet (label skew)"})
     dirichlet_alpha: float = field(
         default=0.5, metadata={"help": "Dirichlet concentration; smaller is more skewed"}
+    )
+    flora_scale: str = field(
+        default="per-rank",
+        metadata={"method": "flora", "help": "FLoRA's LoRA scale: per-rank (alpha / r_k, each client "
+                          "its own) or uniform (alpha / --rank for every client; at alpha 16 and "
+                          "rank 8 that is 2, the FLoRA reference's alpha = 2 r_k)"},
     )
     fedsb_init: str = field(
         default="auto",

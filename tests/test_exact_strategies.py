@@ -84,9 +84,11 @@ def test_ffa_average_of_b_is_exact(base_model):
     assert all(".lora_B." in k for k in trained[0])  # half the upload
 
 
-def test_flora_stacking_is_exact_with_three_different_ranks(base_model):
+@pytest.mark.parametrize("scale", ["per-rank", "uniform"])
+def test_flora_stacking_is_exact_with_three_different_ranks(base_model, scale):
     ranks = [8, 4, 2]
-    strategy = FLoRA(ranks=tuple(ranks), rank=8, alpha=16, target_modules=TARGETS, check_exactness=True)
+    strategy = FLoRA(ranks=tuple(ranks), scale=scale, rank=8, alpha=16, target_modules=TARGETS,
+                     check_exactness=True)
 
     def states(_):
         out = []
@@ -99,10 +101,15 @@ def test_flora_stacking_is_exact_with_three_different_ranks(base_model):
             })
         return out
 
-    _, trained, arrays, metrics = one_round(strategy, base_model, states, ranks)
+    messages, trained, arrays, metrics = one_round(strategy, base_model, states, ranks)
+    # per-rank: s_k = alpha / r_k; uniform: alpha / rank = 2 for all, and the plan tells
+    # the clients so (their peft alpha is then 2 r_k)
+    scales = [16 / r for r in ranks] if scale == "per-rank" else [2.0] * 3
+    assert {m.content["config"].get("lora-scale") for m in messages} == (
+        {None} if scale == "per-rank" else {2.0})
     expected = {}
-    for state, w, r in zip(trained, p(EXAMPLES), ranks):
-        for module, delta in delta_weights(state, 16 / r).items():
+    for state, w, s_k in zip(trained, p(EXAMPLES), scales):
+        for module, delta in delta_weights(state, s_k).items():
             expected[module] = expected.get(module, 0) + w * delta
     assert relative_error(global_delta(strategy, arrays), expected) < 1e-5
     assert metrics["aggregation-error"] < 1e-5
