@@ -2,11 +2,16 @@
 
     python benchmarks/sparse_sweep.py [--densities 0.5,0.1,0.01] [--name sparse-sweep]
                                       [--baseline runs/<a fedavg run with the same training>]
-                                      [--rounds 15] [--seeds 0,1,2]
+                                      [--seeds 0,1,2] [simulate's flags, e.g. --rounds 15]
 
 Runs ``simulations/sparse.toml`` once per upload density, without and with error feedback,
 plus dense FedAvg with the same training (or takes an existing such run, --baseline), into
-runs/<name>/<variant>/, and writes runs/<name>/comparison.md and comparison.png.
+runs/<name>/<variant>/, and writes runs/<name>/comparison.md and comparison.png. Any
+other flag is simulate's and applies to every variant. The 15-round study of issue 14
+(docs/results.md, "Sparse uploads over 15 rounds"; about 2 hours on 2 cores):
+
+    python benchmarks/sparse_sweep.py --densities 0.1,0.05 --seeds 0,1,2 --name sparse-15 \
+        --output docs/results --rounds 15 --local-steps 4 --eval-every 5
 """
 
 from __future__ import annotations
@@ -24,11 +29,9 @@ def main() -> None:
     parser.add_argument("--name", default="sparse-sweep")
     parser.add_argument("--output", default="runs")
     parser.add_argument("--baseline", help="an existing dense FedAvg run folder to compare with")
-    parser.add_argument("--rounds", help="instead of simulations/sparse.toml's 3")
     parser.add_argument("--seeds", default="", help="e.g. 0,1,2: each variant once per seed")
-    args = parser.parse_args()
+    args, common = parser.parse_known_args()  # the rest is simulate's, for every variant
 
-    common = ["--rounds", args.rounds] if args.rounds else []
     variants = [] if args.baseline else [("fedavg-dense", ["--strategy", "fedavg", *common])]
     for density in args.densities.split(","):
         variants.append((f"sparse-{density}", ["--upload-density", density, *common]))
