@@ -137,10 +137,13 @@ def run_dir(config: RunConfig) -> Path:
     return Path(config.output) / config.name
 
 
+SUMMARY = "summary.json"  # in a run folder: how the run ended, written last
+
+
 def is_finished(folder: Path) -> bool:
-    """Whether the run in ``folder`` ended: summary.json is the last file a run writes
-    (and with config.toml and metrics.jsonl, all a committed study keeps of it)."""
-    return (folder / "summary.json").is_file()
+    """Whether the run in ``folder`` ended: SUMMARY is the last file a run writes (and
+    with config.toml and metrics.jsonl, all a committed study keeps of it)."""
+    return (folder / SUMMARY).is_file()
 
 
 def pending(runs: list[StudyRun]) -> list[RunConfig]:

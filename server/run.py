@@ -37,13 +37,13 @@ from fedlora.data import server_data
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import Scores, score
 from fedlora.models import load_model, pick_device, restored
+from fedlora.study import SUMMARY
 from strategies import build_strategy, folder_name, ignored_settings
 from strategies.base import example_shards
 from strategies.replies import check_no_error, reply_metrics
 
 log = logging.getLogger("fedlora")
 CHECKPOINT = "checkpoint.pt"  # in the run folder: the state after the last completed round
-SUMMARY = "summary.json"  # in the run folder: how the run ended, written last
 
 COLUMNS = [  # (metrics key, table heading, width, format spec)
     ("round", "round", 5, "d"),
