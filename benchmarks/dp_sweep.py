@@ -17,10 +17,10 @@ Any other flag is simulate's and applies to every variant. Issue 14's DP-SGD stu
 from __future__ import annotations
 
 import argparse
-import json
 import tomllib
 from pathlib import Path
 
+from fedlora.study import read_rows
 from server.report import write_comparison
 from variants import run_variants
 
@@ -28,7 +28,7 @@ from variants import run_variants
 def seconds_per_step(run_dir: Path) -> float:
     """Clients' training seconds per local step, over all rounds and clients."""
     config = tomllib.loads((run_dir / "config.toml").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()][1:]
+    rows = read_rows(run_dir)[1:]
     steps = sum(r["clients"] for r in rows) * config["local-steps"]
     return sum(r["client_train_seconds"] for r in rows) / steps
 

@@ -14,10 +14,11 @@ model right after the initialisation) and the final accuracy and loss of each.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
+
+from fedlora.study import METRICS, read_rows
 
 SETTINGS = ["--strategy", "fedsb", "--fedsb-init", "gradient", "--rank", "32",
             "--num-clients", "4", "--rounds", "3", "--local-steps", "10", "--eval-size", "200",
@@ -25,10 +26,9 @@ SETTINGS = ["--strategy", "fedsb", "--fedsb-init", "gradient", "--rank", "32",
 
 
 def finished(folder: Path, rounds: int) -> bool:
-    metrics = folder / "metrics.jsonl"
-    if not metrics.is_file():
+    if not (folder / METRICS).is_file():
         return False
-    rows = [json.loads(line) for line in metrics.open()]
+    rows = read_rows(folder)
     return bool(rows) and rows[-1]["round"] == rounds
 
 
@@ -49,7 +49,7 @@ def main() -> None:
                 *command, "--fedsb-init-codec", codec, "--output", str(output), "--name", codec]
             print("$ python -m fedlora.simulate", " ".join(resume), flush=True)
             subprocess.run([sys.executable, "-m", "fedlora.simulate", *resume], check=True)
-        rows = [json.loads(line) for line in (folder / "metrics.jsonl").open()]
+        rows = read_rows(folder)
         lines.append(f"| {codec} | {rows[0]['bytes_up']:,} | {rows[0]['eval_accuracy']:.3f} | "
                      f"{rows[-1]['eval_accuracy']:.3f} | {rows[-1]['eval_loss']:.4f} |")
     table = "\n".join(lines) + "\n"

@@ -13,7 +13,6 @@ loading, data loading and (de)serialisation cost on top of the training itself.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import tomllib
 from pathlib import Path
 
 import psutil
+
+from fedlora.study import read_rows
 
 
 def tree_rss(process: psutil.Process) -> int:
@@ -51,7 +52,7 @@ def main(flags: list[str]) -> None:
     if child.returncode != 0:
         sys.exit(child.returncode)
 
-    rows = [json.loads(line) for line in (Path("runs") / name / "metrics.jsonl").open()]
+    rows = read_rows(Path("runs") / name)
     client_cpus = tomllib.loads((Path("runs") / name / "config.toml").read_text())["client-cpus"]
     parallel = max(1, min((os.cpu_count() or 1) // client_cpus, rows[1]["clients"]))
     print(f"\nwall time {wall:.0f} s, peak memory {peak / 2**30:.2f} GiB "

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedlora.study import read_rows
+
 
 def newsgroups(split: str) -> pd.DataFrame:
     """The split ("train" or "test") as a frame of text and label."""
@@ -95,7 +97,7 @@ def main() -> None:
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
     output = next((v for f, v in zip(simulate_flags, simulate_flags[1:]) if f == "--output"), "runs")
-    rows = [json.loads(line) for line in (Path(output) / name / "metrics.jsonl").open()]
+    rows = read_rows(Path(output) / name)
     print("\nround  accuracy  macro-F1  majority | fed acc  fed min  fed F1  fed majority "
           "| central s  federated s")
     for r in rows:

@@ -138,6 +138,7 @@ def run_dir(config: RunConfig) -> Path:
 
 
 SUMMARY = "summary.json"  # in a run folder: how the run ended, written last
+METRICS = "metrics.jsonl"  # in a run folder: one JSON row per round
 
 
 def is_finished(folder: Path) -> bool:
@@ -175,7 +176,7 @@ def to_do(runs: list[StudyRun]) -> list[RunConfig]:
                                f"command gives {now[key]!r}: choose another --name")
         if is_finished(folder):
             continue
-        rounds = [row["round"] for row in read_rows(folder)] if (folder / "metrics.jsonl").is_file() else []
+        rounds = [row["round"] for row in read_rows(folder)] if (folder / METRICS).is_file() else []
         if (folder / "checkpoint.pt").is_file() and max(rounds, default=0) < run.config.rounds:
             pending.append(dataclasses.replace(run.config, resume=str(folder)))
         else:  # no round completed (or all did, and it stopped before its outputs): again
@@ -216,7 +217,8 @@ class Summary:
 
 
 def read_rows(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").open()]
+    """The rows of a run folder's metrics.jsonl, round 0 first."""
+    return [json.loads(line) for line in (folder / METRICS).open()]
 
 
 def latest(rows: list[dict], key: str):

@@ -37,7 +37,7 @@ from fedlora.data import server_data
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import Scores, score
 from fedlora.models import load_model, pick_device, restored
-from fedlora.study import SUMMARY
+from fedlora.study import METRICS, SUMMARY, read_rows
 from strategies import build_strategy, folder_name, ignored_settings
 from strategies.base import example_shards
 from strategies.replies import check_no_error, reply_metrics
@@ -148,7 +148,7 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
             with lora_applied(model, state, rank, alpha, config.target_module_list) as adapted:
                 yield adapted
 
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", private=strategy.privacy is not None,
+    metrics_log = MetricsLog(run_dir / METRICS, private=strategy.privacy is not None,
                              central=central_examples is not None, federated=federated,
                              labelled=label_words is not None, validated=bool(validation))
     start = time.perf_counter()
@@ -349,7 +349,7 @@ def make_run_dir(config: RunConfig) -> Path:
 
 def check_unused(run_dir: Path) -> None:
     """Raise FedLoraError if ``run_dir`` already holds a run."""
-    if (run_dir / "metrics.jsonl").exists():
+    if (run_dir / METRICS).exists():
         raise FedLoraError(f"run folder {run_dir} already holds a run; choose another --name "
                            f"or continue it with --resume {run_dir}")
 
@@ -372,8 +372,7 @@ def load_checkpoint(run_dir: Path, strategy, metrics_log: MetricsLog, rounds: in
         raise FedLoraError(f"--resume {run_dir}: all {done} rounds are done; give --rounds above "
                            f"{done} to continue")
     strategy.load_state_dict(checkpoint["strategy"])
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    metrics_log.restore([row for row in rows if row["round"] <= done])
+    metrics_log.restore([row for row in read_rows(run_dir) if row["round"] <= done])
     tqdm.write(f"resuming {run_dir} after round {done}")
     return ArrayRecord(checkpoint["arrays"]), done
 
