@@ -3,10 +3,11 @@ Opacus' RDP accountant.
 
 Two levels (``--dp``):
 
-- ``user``: the server clips each client's update to L2 norm C (over every tensor the
-  strategy aggregates, jointly), sums them, adds N(0, (z C)^2) to every coordinate and
-  divides by the number of clients it sampled. One Gaussian event per round, composed with
-  the client sampling rate. It protects everything a client contributes.
+- ``user``: clients are drawn by Poisson sampling at rate q; the server clips each
+  client's update to L2 norm C (over every tensor the strategy aggregates, jointly), sums
+  them, adds N(0, (z C)^2) to every coordinate and divides by the expected number of
+  clients. One Gaussian event per round, composed with q. It protects everything a client
+  contributes.
 - ``sample``: each client trains with DP-SGD (Opacus: per-example clipping to C, noise
   z C on the sum of a Poisson-sampled batch). Each client's epsilon composes its steps;
   the run reports the largest over clients.
@@ -58,14 +59,15 @@ def clip_update(update: State, clip: float) -> State:
     return {k: (t.double() * factor) for k, t in update.items()}
 
 
-def noised_mean(total: State, clip: float, noise: float, denominator: int,
+def noised_mean(total: State, clip: float, noise: float, denominator: float,
                 generator: torch.Generator) -> State:
     """(``total`` + N(0, (noise * clip)^2) per coordinate) / denominator, fp32: user-level
     DP's release, from the sum of the clipped updates (which the server adds up one reply
     at a time).
 
-    The denominator is the number of clients sampled, fixed before any reply arrives, so
-    that dividing reveals nothing (a client that drops out shrinks the mean a little).
+    The denominator is the expected number of clients, q x connected, fixed before any
+    client is drawn, so that dividing reveals nothing (McMahan et al., 2018: the number
+    drawn, or a client that drops out, changes the mean a little, not the sensitivity).
     """
     return {
         k: ((t.double() + noise * clip * torch.randn(t.shape, generator=generator, dtype=torch.float64))
@@ -104,7 +106,8 @@ class Privacy:
     max_epsilon : float
         A round that would take epsilon past this is not run (0: no limit).
     sample_rate : float
-        The planned fraction of clients sampled per round (user level).
+        q: the probability that a client is drawn in a round (user level: Poisson
+        sampling, LoraStrategy.sample_train_nodes).
     clients : int
         The number of clients in the federation (user level's n).
     noise_seed : int

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -111,7 +112,9 @@ class LoraStrategy(FedAvg):
     seed : int (default: 0)
         Seed of the adapter's initialisation.
     fraction_train : float (default: 1.0)
-        Fraction of the connected clients sampled for training each round.
+        Fraction of the connected clients sampled for training each round (Flower's
+        FedAvg draws that many; under user-level DP each client joins independently with
+        probability q instead: Poisson sampling, what the accountant's bound assumes).
     min_train_nodes : int (default: 1)
         A round fails unless at least this many clients return a valid reply.
     min_available_nodes : int (default: 1)
@@ -130,7 +133,8 @@ class LoraStrategy(FedAvg):
         Differential privacy (fedlora.privacy). "user": each round the server releases
         only the mean of the clients' updates clipped to C, plus N(0, (zC)^2) noise on their
         sum, with every client weighted equally (example counts would change the
-        sensitivity). "sample": clients train with DP-SGD and report its settings. Either
+        sensitivity), and divided by the expected number of clients, q x connected.
+        "sample": clients train with DP-SGD and report its settings. Either
         way the metrics carry ``epsilon`` and ``delta`` so far.
     """
 
@@ -266,9 +270,7 @@ class LoraStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample clients; send each the plan, the global arrays and the kept tensors it lacks."""
-        self.available = len(list(grid.get_node_ids()))
-        num_nodes = int(self.available * self.fraction_train)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
+        node_ids = self.sample_train_nodes(server_round, grid)
         self.sampled = len(node_ids)
         plan = self.plan(config, server_round, task="train")
         self.global_state = arrays.to_torch_state_dict() if arrays is not None else {}
@@ -283,6 +285,27 @@ class LoraStrategy(FedAvg):
                 payloads[shapes] = encode_payload(state, self.download_codec)
             messages.append(self.message(node, plan, *payloads[shapes]))
         return messages
+
+    def sample_train_nodes(self, server_round: int, grid: Grid) -> list[int]:
+        """The nodes that train this round, once ``min_available_nodes`` are connected.
+
+        Flower's sampling draws a fixed number of them (``fraction_train`` of the
+        connected ones, at least ``min_train_nodes``). Under user-level DP each node joins
+        independently with probability q (``privacy.sample_rate``): the RDP accountant's
+        amplification by subsampling is proved for this Poisson sampling, not for a fixed
+        number, so the round's count varies (and may be 0: the release is then noise alone).
+        """
+        if self.privacy and self.privacy.mode == "user":
+            _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits for them
+            nodes = sorted(connected)
+            self.available = len(nodes)
+            rng = np.random.default_rng(self.privacy.seed(server_round, "client-sampling"))
+            return [node for node, draw in zip(nodes, rng.random(len(nodes)))
+                    if draw < self.privacy.sample_rate]
+        self.available = len(list(grid.get_node_ids()))
+        num_nodes = int(self.available * self.fraction_train)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
+        return node_ids
 
     def arrays_to_send(self, arrays: ArrayRecord) -> ArrayRecord:
         """What of the global state goes to the clients each round: by default all of it."""
@@ -387,7 +410,11 @@ class LoraStrategy(FedAvg):
     def finish(self, round_: RoundSums) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The new global state and the round's metrics from what was folded in."""
         metrics = round_.metrics
-        if not metrics or len(metrics) < self.min_train_nodes:
+        user_dp = self.privacy is not None and self.privacy.mode == "user"
+        # Under user-level DP a Poisson draw of fewer clients than min_train_nodes is no
+        # failure: the round is released (noise alone when none was drawn).
+        required = min(self.min_train_nodes, self.sampled) if user_dp else max(self.min_train_nodes, 1)
+        if len(metrics) < required:
             return None, None
         for node in round_.nodes:
             self.aggregated_rounds[node] = round_.server_round
@@ -400,9 +427,11 @@ class LoraStrategy(FedAvg):
         if self.privacy:
             self.account(round_)
             aggregated["epsilon"], aggregated["delta"] = self.accountant.spent()
-        if self.privacy and self.privacy.mode == "user":  # one noised mean stands for all
-            update = noised_mean(round_.clipped.sums, self.privacy.clip, self.privacy.noise,
-                                 self.sampled, self.noise_generator)
+        if user_dp:  # one noised mean stands for all
+            total = round_.clipped.sums or {k: torch.zeros(v.shape, dtype=torch.float64)
+                                            for k, v in self.global_state.items()}
+            update = noised_mean(total, self.privacy.clip, self.privacy.noise,
+                                 self.privacy.sample_rate * self.available, self.noise_generator)
             examples = sum(int(m[self.weighted_by_key]) for m in metrics)
             new_state = self.aggregate_states(
                 [{k: self.global_state[k] + u for k, u in update.items()}], [1.0],
@@ -421,7 +450,7 @@ class LoraStrategy(FedAvg):
         """Record what this round released: one Gaussian event for the federation (user
         level), or each client's DP-SGD steps (sample level)."""
         if self.privacy.mode == "user":
-            self.accountant.record("clients", self.privacy.noise, self.sampled / self.available,
+            self.accountant.record("clients", self.privacy.noise, self.privacy.sample_rate,
                                    1, self.privacy.clients)
             return
         # By the client's identity: Flower's node ids change on restarts.

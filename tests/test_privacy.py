@@ -5,9 +5,10 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from conftest import train_reply
+from conftest import FakeGrid, train_reply
 from flwr.app import ConfigRecord
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
@@ -95,9 +96,46 @@ def test_user_level_dp_releases_the_plain_mean_of_clipped_updates(strategy_name)
     assert metrics["epsilon"] == math.inf  # no noise, no privacy
 
 
+def test_user_level_dp_draws_each_client_independently_and_divides_by_the_expected_count():
+    # Poisson sampling, which the accountant's amplification assumes: each of 40 clients
+    # joins with probability q = 0.25 (10 expected, the count varies), independently.
+    values = {"num-clients": 40, "fraction-train": 0.25, "dp-noise": 1.0, "dp-noise-seed": 3}
+    strategy = build_strategy(config(strategy="fedavg", dp="user", **values))
+    grid = FakeGrid(range(1, 41))
+    draws = [strategy.sample_train_nodes(r, grid) for r in range(1, 401)]
+    counts = np.array([len(d) for d in draws])
+    assert abs(counts.mean() - 10) < 0.5 and 5 < counts.var() < 10  # binomial: 10, 7.5
+    frequency = np.array([sum(node in d for d in draws) for node in range(1, 41)]) / 400
+    assert np.all(abs(frequency - 0.25) < 0.1)  # 4.6 standard deviations
+    again = build_strategy(config(strategy="fedavg", dp="user", **values))
+    assert [again.sample_train_nodes(r, grid) for r in range(1, 401)] == draws  # seeded
+    plain = build_strategy(config(strategy="fedavg", **{"num-clients": 40, "fraction-train": 0.25}))
+    assert {len(plain.sample_train_nodes(r, grid)) for r in range(1, 51)} == {10}  # Flower's
+
+    # Three of 4 clients drawn at q = 0.5: the sum of their clipped updates is divided by
+    # q x 4 = 2, not by 3; no client drawn releases the noise alone.
+    strategy, updates = server_with_replies("fedavg", dp="user", **{
+        "num-clients": 4, "fraction-train": 0.5, "dp-noise": 0.0, "dp-clip": 0.3})
+    strategy.available, strategy.sampled = 4, 3
+    updates.append(random_update(3, 0.02, ["m.lora_A.weight", "m.lora_B.weight"]))
+    arrays, metrics = strategy.aggregate_train(1, [train_reply(i + 1, u, 10) for i, u in enumerate(updates)])
+    for key, value in strategy.global_state.items():
+        expected = value + sum(clip_update(u, 0.3)[key] for u in updates) / 2
+        torch.testing.assert_close(arrays.to_torch_state_dict()[key], expected.float())
+    strategy, _ = server_with_replies("fedavg", dp="user", **{
+        "num-clients": 4, "fraction-train": 0.5, "dp-noise": 1.0, "dp-clip": 0.3})
+    strategy.available, strategy.sampled = 4, 0
+    arrays, metrics = strategy.aggregate_train(1, [])
+    released = arrays.to_torch_state_dict()
+    for key, value in strategy.global_state.items():
+        noise = (released[key] - value) * 2 / 0.3  # N(0, 1) per coordinate
+        assert 0.5 < noise.std().item() < 1.5
+    assert metrics["epsilon"] == pytest.approx(independent_epsilon(1.0, 0.5, 1, default_delta(4)), rel=1e-9)
+
+
 def test_user_level_epsilon_matches_an_independent_computation():
-    strategy, updates = server_with_replies("fedavg", dp="user", **{"dp-noise": 1.1, "dp-delta": 1e-3})
-    strategy.available = 5  # 2 of 5 clients sampled: q = 0.4
+    strategy, updates = server_with_replies("fedavg", dp="user", **{
+        "dp-noise": 1.1, "dp-delta": 1e-3, "num-clients": 5, "fraction-train": 0.4})  # q = 0.4
     for server_round in (1, 2, 3):
         replies = [train_reply(1, updates[0], 10), train_reply(2, updates[1], 20)]
         _, metrics = strategy.aggregate_train(server_round, replies)
