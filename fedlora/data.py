@@ -171,15 +171,16 @@ def client_examples(task: Task, config, partition_id: int, num_partitions: int) 
     """The training examples of one client under the config's partitioning of ``task``."""
     if not 0 <= partition_id < num_partitions:
         raise FedLoraError(f"partition-id {partition_id} is outside [0, {num_partitions})")
-    parts = partition_indices(
+    (part,) = partition_indices(
         len(task.train),
         num_partitions,
         config.partitioning,
         task.train_labels,
         config.dirichlet_alpha,
         config.seed,
+        partition_ids=[partition_id],
     )
-    return [task.train[i] for i in parts[partition_id]]
+    return [task.train[i] for i in part]
 
 
 def hold_out(examples: list[Example], fraction: float, seed: int, source: str):
@@ -220,11 +221,15 @@ def partition_indices(
     labels: np.ndarray | None = None,
     dirichlet_alpha: float = 0.5,
     seed: int = 0,
+    partition_ids: list[int] | None = None,
 ) -> list[np.ndarray]:
-    """Split ``range(num_examples)`` into disjoint partitions, one per client.
+    """Split ``range(num_examples)`` into disjoint partitions, one per client, and return
+    those of ``partition_ids`` (default: all, in order).
 
     ``iid`` deals out a random permutation evenly; ``dirichlet`` draws each client's label
-    proportions from Dirichlet(alpha), using flwr-datasets' partitioners on local data.
+    proportions from Dirichlet(alpha), using flwr-datasets' partitioners on local data. A
+    client asks for its own partition only: cutting out all of them took 2 s per message
+    in a federation of 1,000 clients.
     """
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
@@ -255,7 +260,7 @@ def partition_indices(
     partitioner.dataset = Dataset.from_dict(columns)
     return [
         partitioner.load_partition(i).to_pandas()["index"].to_numpy(np.int64)
-        for i in range(num_partitions)
+        for i in (range(num_partitions) if partition_ids is None else partition_ids)
     ]
 
 

@@ -45,6 +45,9 @@ def test_partitions_cover_the_data_without_overlap(method):
     assert len(joined) == 1000 and len(np.unique(joined)) == 1000
     again = partition_indices(1000, 5, method, labels, dirichlet_alpha=0.5, seed=3)
     assert all(np.array_equal(p, q) for p, q in zip(parts, again))
+    # a client's own partition alone (what it asks for) is the same partition
+    (own,) = partition_indices(1000, 5, method, labels, dirichlet_alpha=0.5, seed=3, partition_ids=[3])
+    assert np.array_equal(own, parts[3])
 
 
 def test_dirichlet_skews_labels_and_iid_does_not():
