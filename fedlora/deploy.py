@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> tuple[list[StudyRun], Federation]:
     """The runs (as ``fedlora.simulate`` makes them) and the federation."""
     args = vars(build_parser().parse_args(argv))
+    if args.pop("summarise", False):
+        raise FedLoraError("--summarise runs nothing, so it needs no federation: give the same "
+                           "study flags to python -m fedlora.simulate --summarise")
     clients = args.pop("clients")
     tls = args.pop("tls")
     ranks = _ranks(args.pop("client_ranks"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fedlora.config import RunConfig, comma_list
 from fedlora.errors import FedLoraError
-from fedlora.study import GRID_FIELDS, StudyRun, expand, pending, pop_study_keys, run_dir
+from fedlora.study import GRID_FIELDS, StudyRun, expand, is_finished, pending, pop_study_keys, run_dir
 
 # Flower and Hugging Face: no telemetry, no update checks, no hub.
 for _name, _value in {
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--rank-grid", metavar="R,R,...", default=argparse.SUPPRESS,
                        help="run every LoRA rank, as --lr-grid (not --ranks, which gives each "
                             "client of flora, hetlora, flexlora its own rank)")
+    study.add_argument("--summarise", action="store_true", default=argparse.SUPPRESS,
+                       help="run nothing: write comparison.md and comparison.png of the "
+                            "command's runs that have finished so far")
     for field in dataclasses.fields(RunConfig):
         flag, help = "--" + field.name.replace("_", "-"), field.metadata["help"]
         if isinstance(field.default, bool):  # --check-exactness / --no-check-exactness
@@ -240,7 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").propagate = False  # Flower has its own console handler
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes of deps
     try:
-        runs = study_from_args(vars(build_parser().parse_args(argv)))
+        args = vars(build_parser().parse_args(argv))
+        summarise = args.pop("summarise", False)
+        runs = study_from_args(args)
+        if summarise:
+            finished = [run for run in runs if is_finished(run_dir(run.config))]
+            if not finished:
+                raise FedLoraError(f"--summarise: none of the {len(runs)} runs of this command "
+                                   f"has finished under {Path(runs[0].config.output) / runs[0].folder}")
+            print(f"{len(finished)} of {len(runs)} runs are finished", flush=True)
+            write_study_comparison(finished)
+            return 0
         configs = pending(runs)
         from server.run import check_unused, evaluation_for
         from strategies import build_strategy
@@ -266,15 +279,19 @@ def print_outputs(runs: list[StudyRun], seconds: float, files: str) -> None:
     """Say where the runs' outputs are; with several runs, write and print their comparison."""
     print(f"done in {seconds:.0f}s: {run_dir(runs[-1].config)}/ ({files})")
     if len(runs) > 1:
-        from server.report import write_comparison
+        write_study_comparison(runs)
 
-        groups: dict[str, dict[str, list[Path]]] = {}
-        for run in runs:
-            groups.setdefault(run.label, {}).setdefault(run.tuned, []).append(
-                run_dir(run.config))
-        folder = Path(runs[0].config.output) / runs[0].folder
-        print("\n" + write_comparison(groups, folder))
-        print(f"comparison: {folder}/comparison.md, {folder}/comparison.png")
+
+def write_study_comparison(runs: list[StudyRun]) -> None:
+    """Write and print the comparison of ``runs`` (their rows, grid values and seeds)."""
+    from server.report import write_comparison
+
+    groups: dict[str, dict[str, list[Path]]] = {}
+    for run in runs:
+        groups.setdefault(run.label, {}).setdefault(run.tuned, []).append(run_dir(run.config))
+    folder = Path(runs[0].config.output) / runs[0].folder
+    print("\n" + write_comparison(groups, folder))
+    print(f"comparison: {folder}/comparison.md, {folder}/comparison.png")
 
 
 if __name__ == "__main__":

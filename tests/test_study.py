@@ -137,6 +137,30 @@ def test_the_summary_names_the_runs_that_lost_clients(tmp_path):
                          "missing, failed or refused; the 'dropped' of metrics.jsonl): fedavg (2 seeds).")
 
 
+def test_summarise_writes_the_comparison_of_the_finished_runs_and_runs_nothing(tmp_path, capsys):
+    from fedlora import deploy
+    from fedlora.simulate import main
+
+    flags = ["--model", "tiny-llama", "--seeds", "0,1,2", "--output", str(tmp_path), "--name", "s"]
+    assert main([*flags, "--summarise"]) == 2
+    assert "--summarise: none of the 3 runs of this command has finished" in capsys.readouterr().err
+    for seed, accuracy in ((0, 0.6), (2, 0.8)):  # seed 1 has not finished
+        folder = tmp_path / "s" / "fedavg" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        rows = [{"round": r, "eval_accuracy": a, "eval_loss": 1.0, "seconds": 1.0,
+                 "cumulative_bytes_up": 10 * r, "cumulative_bytes_down": 20 * r}
+                for r, a in ((0, 0.5), (1, accuracy))]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "summary.json").write_text("{}")
+    assert main([*flags, "--summarise"]) == 0
+    assert "2 of 3 runs are finished" in capsys.readouterr().out
+    table = (tmp_path / "s" / "comparison.md").read_text().splitlines()
+    assert table[2].startswith("| fedavg | 2 | 1 | 0.700 ± 0.141 |")
+    assert not (tmp_path / "s" / "fedavg" / "seed1").exists()  # nothing ran
+    assert deploy.main([*flags, "--summarise"]) == 2
+    assert "python -m fedlora.simulate --summarise" in capsys.readouterr().err
+
+
 def test_a_finished_run_is_skipped_and_a_changed_one_refused(tmp_path):
     runs = study("--seeds", "0,1", "--output", str(tmp_path), "--name", "s")
     done, cut = (tmp_path / r.config.name for r in runs)
