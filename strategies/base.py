@@ -145,7 +145,7 @@ class LoraStrategy(FedAvg):
     heterogeneous_ranks = False  # whether clients may use different ranks
     personal: tuple[str, ...] = ()  # trained tensors each client keeps, never uploaded
     # What --lr, --rank and --target-modules are when not given (docs/strategies.md says
-    # where each built-in's come from; fedavg's lr from simulations/tune-lr.toml).
+    # where each built-in's come from; the learning rates from simulations/tune-lr.toml).
     default_lr = 3e-3
     default_rank = 8
     default_target_modules = "q_proj,v_proj"

@@ -55,6 +55,8 @@ class FedSB(LoraStrategy):
     name = "fedsb"
     adapter = "lorasb"
     trainable = ("lora_R",)
+    default_lr = 1e-3  # simulations/tune-lr.toml, at r = 32
+    default_rank = 32  # r^2 per module: the rank the comparisons and tune-lr.toml use
 
     def __init__(
         self,

@@ -19,6 +19,7 @@ class FFALoRA(LoraStrategy):
 
     name = "ffa"
     trainable = ("lora_B",)
+    default_lr = 1e-2  # simulations/tune-lr.toml: B alone takes a larger step than A and B
 
     def initialize(self, model) -> ArrayRecord:
         state = super().initialize(model).to_torch_state_dict()

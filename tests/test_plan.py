@@ -7,6 +7,7 @@ import pytest
 
 from fedlora.plan import main, meta_model, plan_traffic
 from fedlora.simulate import parse_configs
+from strategies.fedsb import FedSB
 
 LLAMA_7B = str(Path(__file__).resolve().parents[1] / "benchmarks" / "models" / "llama-2-7b" / "config.json")
 
@@ -39,7 +40,7 @@ def test_the_plan_is_printed_per_strategy_and_round(tmp_path, capsys):
                  "--rounds", "2", "--eval-size", "16", "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.count("| round | upload per client | download per client |") == 2
-    fedsb = out[out.index("fedsb: rank 8"):].splitlines()
+    fedsb = out[out.index(f"fedsb: rank {FedSB.default_rank}"):].splitlines()
     assert fedsb[4].startswith("| init | ") and not fedsb[4].startswith("| init | - |")  # gradients
     assert fedsb[7].startswith("| total | | | ")
 
