@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -56,13 +55,13 @@ def flower_processes(folder: Path) -> list[psutil.Process]:
     return found
 
 
-def run_deploy(tmp_path: Path, *flags: str, terminate_when: Callable[[], bool] | None = None,
+def run_deploy(tmp_path: Path, *flags: str, terminate_on: str | None = None,
                kill_on: tuple[str, str] | None = None, timeout: float = 300):
     """Run ``python -m fedlora.deploy`` with ``flags``; return (exit code, output, left).
 
     ``left`` lists the processes the deployment started that still run after it exited.
-    With ``terminate_when``, the deployment gets SIGTERM once it returns True (asked every
-    0.2 s). With ``kill_on = (trigger, victim)``,
+    With ``terminate_on``, the deployment gets SIGTERM once one of the processes it
+    started runs a command line that holds this text. With ``kill_on = (trigger, victim)``,
     once a process's command line holds ``trigger``, the one whose command line holds
     ``victim`` is killed (SIGKILL).
     """
@@ -83,14 +82,14 @@ def run_deploy(tmp_path: Path, *flags: str, terminate_when: Callable[[], bool] |
                 children = []
             for child in children:
                 seen.setdefault(child.pid, child)
+                if terminate_on and terminate_on in " ".join(_command(child)):
+                    process.send_signal(signal.SIGTERM)
+                    terminate_on = None
                 if kill_on and kill_on[0] in " ".join(_command(child)):
                     victims = [c for c in children if kill_on[1] in " ".join(_command(c))]
                     assert len(victims) == 1, [_command(c) for c in victims]
                     victims[0].kill()
                     kill_on = None
-            if terminate_when and terminate_when():
-                process.send_signal(signal.SIGTERM)
-                terminate_when = None
             time.sleep(0.2)
         if process.poll() is None:
             process.kill()
@@ -157,30 +156,23 @@ def test_supernodes_with_their_own_files_and_a_server_without_data_over_tls(tmp_
     assert not list(tmp_path.glob("fedlora-deploy-*")), "the temporary folder (keys) is gone"
 
 
-def test_a_supernode_killed_mid_round_does_not_kill_the_run_and_sigterm_stops_it(tmp_path):
-    # SuperNode 1 dies once the clients train: its reply never comes, round 1 times out on
-    # it and goes on with SuperNode 0's (--min-clients 1). Round 2 trains without it, and
-    # the deployment gets SIGTERM then: every process stops.
-    metrics = tmp_path / "runs" / "killed" / "metrics.jsonl"
-
-    def round_1_written() -> bool:
-        return metrics.is_file() and '"round": 1' in metrics.read_text()
-
+def test_a_supernode_killed_mid_round_does_not_kill_the_run(tmp_path):
+    # SuperNode 1 dies once the clients train: its reply never comes, the round times out
+    # on it and goes on with SuperNode 0's (--min-clients 1).
     code, output, left = run_deploy(
-        tmp_path, "--clients", "2", "--rounds", "3", "--min-clients", "1", "--round-timeout", "20",
+        tmp_path, "--clients", "2", "--rounds", "1", "--min-clients", "1", "--round-timeout", "20",
         "--name", "killed", *FAST, *SHARE, kill_on=("flwr-clientapp", "partition-id=1 "),
-        terminate_when=round_1_written,
     )
-    assert code == 130, output[-3000:]
+    assert code == 0, output[-3000:]
     assert left == []
-    assert "stopped the" in output and output.strip().endswith("interrupted")
     assert "(no TLS)" in output
     run_dir = tmp_path / "runs" / "killed"
     assert "Uvicorn running on http://127.0.0.1" in (run_dir / "logs" / "superlink.log").read_text()
-    rows = [json.loads(line) for line in metrics.open()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     assert [r["round"] for r in rows] == [0, 1] and (rows[1]["clients"], rows[1]["dropped"]) == (1, 1)
     assert "deploy: supernode-1 exited with code -9; the run goes on without it" in output
-    assert "round 1: 1 of 2 clients did not reply within 20s" in (run_dir / "logs" / "server.log").read_text()
+    assert "round 1: 1 of 2 clients did not reply within 20s" in (
+        tmp_path / "runs" / "killed" / "logs" / "server.log").read_text()
 
 
 def test_failed_run_stops_every_process_and_says_why(tmp_path):
@@ -192,6 +184,14 @@ def test_failed_run_stops_every_process_and_says_why(tmp_path):
     last = output.strip().splitlines()[-1]
     assert last.startswith("error: run ") and "finished:failed" in last
     assert "round 1 failed: 0 of 2 clients" in last
+
+
+def test_sigterm_while_clients_train_stops_every_process(tmp_path):
+    code, output, left = run_deploy(tmp_path, "--clients", "2", "--rounds", "2",
+                                    "--name", "stopped", *FAST, *SHARE, terminate_on="flwr-clientapp")
+    assert code == 130, output[-3000:]
+    assert left == []
+    assert "stopped the" in output and output.strip().endswith("interrupted")
 
 
 @pytest.mark.parametrize("flags, message", [
