@@ -165,10 +165,13 @@ def score(
 ) -> Scores:
     """The counts of ``examples``: labels scored by log-likelihood, or answer loss and,
     with ``max_new_tokens``, greedy generations matched against the responses. Logits
-    are computed in fp32 whatever the model's dtype."""
+    are computed in fp32 whatever the model's dtype. Examples are batched in order of
+    length, so that a batch pads little: the counts do not depend on the order."""
     model.eval()
     total = Scores()
     label_ids = label_answer_ids(tokenizer, label_words) if label_words else None
+    lengths = [len(ids) for ids in tokenizer([e.prompt for e in examples]).input_ids]
+    examples = [examples[i] for i in sorted(range(len(examples)), key=lengths.__getitem__)]
     for begin in range(0, len(examples), batch_size):
         chunk = examples[begin : begin + batch_size]
         if label_ids:

@@ -1,10 +1,15 @@
 """Batches and local training (AdamW on the trainable adapter tensors); evaluation is in
 fedlora.evaluate.
 
-Sequences are left-padded so that every answer ends at the last position: the model then
-computes vocabulary logits only for the last ``max answer length + 1`` positions
-(``logits_to_keep``), which is where the loss and the label-word choice live. That keeps a
-135M-parameter model with a 49k vocabulary cheap on a CPU.
+A batch has one of two layouts. Padded: one row per example, padded on the left so that
+every answer ends at the last position; the model then computes vocabulary logits only
+for the last ``max answer length + 1`` positions (``logits_to_keep``), which is where the
+loss and the label-word choice live. That keeps a 135M-parameter model with a 49k
+vocabulary cheap on a CPU. Packed: the examples one after another in a single row, with
+no padding; training uses it wherever the model keeps packed sequences apart (see
+:func:`packs_sequences`), because padding is a third of a padded batch's tokens on short
+reviews. DP-SGD (one row per example, for per-example gradients) and generation need the
+padded layout.
 """
 
 from __future__ import annotations
@@ -24,22 +29,30 @@ from fedlora.privacy import DPSGD, make_private
 
 @dataclass
 class Batch:
-    """Left-padded token ids; ``labels`` is -100 except on answer tokens."""
+    """Token ids, and ``labels`` that are -100 except on answer tokens.
+
+    Padded (``packed`` false): one row per example, left-padded; ``keep`` (an int) is how
+    many final positions need logits. Packed: all examples in one row, no attention mask;
+    each example's ``position_ids`` restart at 0, from which transformers builds a
+    block-diagonal causal mask, so that no example sees another; ``keep`` (a tensor) holds
+    the positions whose logits predict an answer token.
+    """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     position_ids: torch.Tensor
     labels: torch.Tensor
     answer_lengths: torch.Tensor
-    keep: int  # how many final positions need logits
+    keep: int | torch.Tensor
+    packed: bool = False
 
     def to(self, device: torch.device) -> Batch:
-        tensors = {k: v.to(device) for k, v in vars(self).items() if torch.is_tensor(v)}
-        return Batch(**tensors, keep=self.keep)
+        return Batch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in vars(self).items()})
 
 
-def make_batch(examples: list[Example], tokenizer, max_length: int) -> Batch:
-    """Tokenize prompt + answer, cut the prompt from the left to fit, pad on the left.
+def make_batch(examples: list[Example], tokenizer, max_length: int, packed: bool = False) -> Batch:
+    """Tokenize prompt + answer, cut the prompt from the left to fit, and lay the examples
+    out padded on the left (or ``packed``, see :class:`Batch`).
 
     A non-empty answer ends with the end-of-sequence token (see :func:`answer_ids`)."""
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=True).input_ids
@@ -48,6 +61,9 @@ def make_batch(examples: list[Example], tokenizer, max_length: int) -> Batch:
         answer = answer_ids(tokenizer, example.answer)[: max_length // 2]
         prompt = prompt[-(max_length - len(answer)) :]  # keep the question at the prompt's end
         rows.append((prompt + answer, len(answer)))
+    answer_lengths = torch.tensor([a for _, a in rows])
+    if packed:
+        return _packed_batch(rows, answer_lengths)
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -58,11 +74,58 @@ def make_batch(examples: list[Example], tokenizer, max_length: int) -> Batch:
         attention_mask[i, width - len(ids) :] = 1
         labels[i, width - answer_length :] = torch.tensor(ids[len(ids) - answer_length :])
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    answer_lengths = torch.tensor([a for _, a in rows])
     return Batch(
         input_ids, attention_mask, position_ids, labels, answer_lengths,
         keep=int(answer_lengths.max()) + 1,
     )
+
+
+def _packed_batch(rows: list[tuple[list[int], int]], answer_lengths: torch.Tensor) -> Batch:
+    ids, positions, labels = [], [], []
+    for row, answer_length in rows:
+        ids += row
+        positions += range(len(row))
+        labels += [-100] * (len(row) - answer_length) + row[len(row) - answer_length :]
+    labels, positions = torch.tensor([labels]), torch.tensor([positions])
+    # Position i predicts token i + 1, so the logits needed are those just before each
+    # answer token, within the same example.
+    keep = torch.nonzero((labels[0, 1:] != -100) & (positions[0, 1:] != 0)).flatten()
+    return Batch(torch.tensor([ids]), None, positions, labels, answer_lengths,
+                 keep=keep, packed=True)
+
+
+def packs_sequences(model) -> bool:
+    """Whether ``model`` keeps the examples of a packed batch apart.
+
+    transformers' models that build their masks with ``masking_utils`` read packed
+    sequences from position ids that restart; a model that does not would let each example
+    attend to the ones before it, silently. Checked once per model class and attention
+    implementation: the logits of a 4-token sequence after a 3-token one, packed, must be
+    those of the sequence alone, far closer to them than the same 7 tokens run as one
+    sequence are (which is what a model blind to packing computes).
+    """
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's
+    key = (type(model), getattr(model.config, "_attn_implementation", None))
+    if key not in _PACKING:
+        vocab = model.config.vocab_size
+        device = next(model.parameters()).device
+        ids = torch.tensor([[11, 12, 13, 14, 15, 16, 17]], device=device) % vocab
+        def logits(input_ids, positions):  # noqa: E306
+            out = model(input_ids=input_ids, position_ids=torch.tensor([positions], device=device),
+                        attention_mask=None, use_cache=False)
+            return out.logits[0, -4:].float()
+        training = model.training
+        model.eval()  # no dropout
+        with torch.no_grad():
+            alone = logits(ids[:, 3:], [0, 1, 2, 3])
+            packed = (logits(ids, [0, 1, 2, 0, 1, 2, 3]) - alone).abs().max()
+            joined = (logits(ids, [0, 1, 2, 3, 4, 5, 6]) - alone).abs().max()
+        model.train(training)
+        _PACKING[key] = bool(packed <= 0.01 * joined)
+    return _PACKING[key]
+
+
+_PACKING: dict[tuple, bool] = {}  # packs_sequences' answers, a cache
 
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
@@ -101,8 +164,9 @@ def forward_logits(model, fp32_head: bool = False, **inputs):
 
 
 def answer_logits(model, batch: Batch, fp32_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits that predict each answer token, and those tokens (shape: batch x keep-1);
-    ``fp32_head`` as in :func:`forward_logits`."""
+    """Logits that predict answer tokens, and those tokens (-100 where a padded batch's
+    shorter answers leave a kept position unused); ``fp32_head`` as in
+    :func:`forward_logits`."""
     out = forward_logits(
         model, fp32_head,
         input_ids=batch.input_ids,
@@ -111,6 +175,8 @@ def answer_logits(model, batch: Batch, fp32_head: bool = False) -> tuple[torch.T
         logits_to_keep=batch.keep,
         use_cache=False,  # one pass over whole sequences: nothing to reuse
     )
+    if batch.packed:
+        return out.logits, batch.labels[:, batch.keep + 1]
     # Position i predicts token i + 1: the kept logits but the last predict the kept
     # tokens but the first.
     return out.logits[:, :-1], batch.labels[:, -batch.keep + 1 :]
@@ -119,7 +185,9 @@ def answer_logits(model, batch: Batch, fp32_head: bool = False) -> tuple[torch.T
 def answer_loss(model, batch: Batch, per_example: bool = False) -> torch.Tensor:
     """Mean cross-entropy over the batch's answer tokens; with ``per_example``, the mean
     over examples of each example's mean, so that the batch loss is a mean of per-example
-    losses, as per-example gradient clipping (DP-SGD) needs."""
+    losses, as per-example gradient clipping (DP-SGD) needs (and a padded batch)."""
+    if per_example and batch.packed:
+        raise ValueError("per-example losses need a padded batch (one row per example)")
     logits, targets = answer_logits(model, batch)
     if not per_example:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -144,7 +212,8 @@ def train_local(
 ) -> dict[str, float]:
     """Train the model's trainable tensors for ``steps`` AdamW steps on ``examples``.
 
-    Batches are drawn from seeded reshuffles of ``examples``. With ``dpsgd``, each step is
+    Batches are drawn from seeded reshuffles of ``examples``, packed where the model allows
+    (:func:`packs_sequences`; the same loss, without padding). With ``dpsgd``, each step is
     DP-SGD through Opacus instead: each example joins the batch with probability
     ``dpsgd.sample_rate`` (Poisson sampling, which the accountant assumes), per-example
     gradients are clipped to ``dpsgd.clip`` and their sum gets N(0, (noise * clip)^2)
@@ -167,6 +236,7 @@ def train_local(
     losses = []
     start = time.perf_counter()
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's
+    packed = dpsgd is None and packs_sequences(model)
     if gradient_checkpointing:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -185,7 +255,8 @@ def train_local(
                     parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
                 optimizer.step()
                 continue
-            batch = make_batch([examples[i] for i in chosen], tokenizer, max_length).to(device)
+            batch = make_batch([examples[i] for i in chosen], tokenizer, max_length, packed)
+            batch = batch.to(device)
             with warnings.catch_warnings():  # Opacus' hooks on layers whose inputs need no grad
                 warnings.filterwarnings("ignore", "Full backward hook is firing")
                 loss = answer_loss(model, batch, per_example=dpsgd is not None)
@@ -219,15 +290,17 @@ def weight_gradients(
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """sum over batches of d(mean batch loss)/dW for each linear layer W in ``linears``
-    (by path): the full-weight gradient LoRA-SB's initialisation starts from."""
+    (by path): the full-weight gradient LoRA-SB's initialisation starts from. Batches are
+    packed where the model allows (:func:`packs_sequences`)."""
     if not examples:
         raise FedLoraError("this client has no training examples")
     weights = {path: linear.weight for path, linear in linears.items()}
     for weight in weights.values():
         weight.requires_grad_(True)
+    packed = packs_sequences(model)
     try:
         for begin in range(0, len(examples), batch_size):
-            batch = make_batch(examples[begin : begin + batch_size], tokenizer, max_length)
+            batch = make_batch(examples[begin : begin + batch_size], tokenizer, max_length, packed)
             answer_loss(model, batch.to(device)).backward()
         return {f"{path}.weight": w.grad.detach().to("cpu", torch.float32) for path, w in weights.items()}
     finally:

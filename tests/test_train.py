@@ -5,8 +5,8 @@ import torch
 from fedlora.adapters import attach_lora
 from fedlora.data import Example
 from fedlora.models import load_model
-from fedlora.evaluate import evaluate
-from fedlora.train import make_batch, train_local
+from fedlora.evaluate import evaluate, score
+from fedlora.train import answer_loss, make_batch, packs_sequences, train_local
 
 CPU = torch.device("cpu")
 LABELS = ["negative", "positive"]
@@ -36,6 +36,76 @@ def test_batches_are_left_padded_with_labels_only_on_answers(tiny_model_dir):
     assert batch.keep == 4
     cut = make_batch([Example("a b c d e f g h i j", " good")], tokenizer, 8)
     assert cut.input_ids.shape[1] == 8 and cut.input_ids[0, -2] == tokenizer(" good").input_ids[-1]
+
+
+def test_packed_batches_hold_the_examples_in_one_row_with_positions_restarting(tiny_model_dir):
+    _, tokenizer = load_model(str(tiny_model_dir), CPU)
+    batch = make_batch([Example("a b c", " good"), Example("a", " bad awful")], tokenizer, 64,
+                       packed=True)
+    ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    eos = tokenizer.eos_token_id
+    assert batch.input_ids.tolist() == [[*ids("a b c good"), eos, *ids("a bad awful"), eos]]
+    assert batch.attention_mask is None
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    assert batch.labels.tolist() == [[-100, -100, -100, *ids(" good"), eos,
+                                      -100, *ids(" bad awful"), eos]]
+    # the logits just before each answer token, none across the examples' border
+    assert batch.keep.tolist() == [2, 3, 5, 6, 7]
+
+
+def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir), CPU)
+    adapted = attach_lora(model.double(), 4, 8, ["q_proj", "v_proj", "down_proj"], seed=0)
+    torch.manual_seed(1)
+    for name, parameter in adapted.named_parameters():
+        if "lora_B" in name:  # nonzero, so that A gets gradients too
+            parameter.data.normal_(0, 0.1)
+    assert packs_sequences(adapted)
+    data = examples(6)
+    data[1] = Example("the movie was fun . fun fun fun . Answer:", " positive", 1)  # longer
+    results = []
+    for packed in (False, True):
+        adapted.zero_grad()
+        loss = answer_loss(adapted, make_batch(data, tokenizer, 64, packed=packed))
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in adapted.named_parameters()
+                                      if p.requires_grad}))
+    (padded_loss, padded), (packed_loss, packed) = results
+    assert abs(padded_loss - packed_loss) < 1e-12
+    for name, grad in padded.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(packed[name], grad, rtol=1e-10, atol=1e-12)
+
+
+def test_a_model_blind_to_packed_positions_is_not_packed(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir), CPU)
+
+    class IgnoresPositions(torch.nn.Module):  # one sequence whatever the position ids say
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, position_ids=None, **inputs):
+            return self.inner(**inputs)
+
+    assert packs_sequences(model) and not packs_sequences(IgnoresPositions(model))
+
+
+def test_evaluation_batches_by_length_and_its_counts_do_not_depend_on_order(tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir), CPU)
+    data = [Example("the movie was good . " * (1 + i % 5) + "Answer:", " " + LABELS[i % 2], i % 2)
+            for i in range(20)]
+    widths = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda _, args, __: widths.append(args[0].shape[1]))
+    forward = score(model, tokenizer, data, LABELS, batch_size=4, max_length=64, device=CPU)
+    hook.remove()
+    backward = score(model, tokenizer, data[::-1], LABELS, batch_size=4, max_length=64, device=CPU)
+    prompt_widths = [w for w in widths if w > 2]  # label continuations are 1 or 2 tokens
+    assert len(prompt_widths) == 5 and prompt_widths == sorted(prompt_widths)
+    assert forward.predicted_counts == backward.predicted_counts
+    assert forward.correct_counts == backward.correct_counts
+    assert abs(forward.loss_sum - backward.loss_sum) < 1e-4
 
 
 def test_local_training_learns_a_learnable_task(tiny_model_dir):
