@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             finished = [run for run in runs if is_finished(run_dir(run.config))]
             if not finished:
                 raise FedLoraError(f"--summarise: none of the {len(runs)} runs of this command "
-                                   f"has finished under {Path(runs[0].config.output) / runs[0].folder}")
+                                   f"has finished under {runs[0].study_dir}")
             print(f"{len(finished)} of {len(runs)} runs are finished", flush=True)
             write_study_comparison(finished)
             return 0
@@ -289,7 +289,7 @@ def write_study_comparison(runs: list[StudyRun]) -> None:
     groups: dict[str, dict[str, list[Path]]] = {}
     for run in runs:
         groups.setdefault(run.label, {}).setdefault(run.tuned, []).append(run_dir(run.config))
-    folder = Path(runs[0].config.output) / runs[0].folder
+    folder = runs[0].study_dir
     print("\n" + write_comparison(groups, folder))
     print(f"comparison: {folder}/comparison.md, {folder}/comparison.png")
 

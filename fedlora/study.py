@@ -50,6 +50,11 @@ class StudyRun:
     folder: str  # the study's folder under --output (the run's is config.name)
 
     @property
+    def study_dir(self) -> Path:
+        """The study's folder: ``--output``/``folder``."""
+        return Path(self.config.output) / self.folder
+
+    @property
     def value(self) -> str:
         """Its grid value as its folder names it: ``lr0.001-rank16``, or ""."""
         return value_name(self.settings)

@@ -197,7 +197,7 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
             "clients": replies.replies - len(strategy.dropped),
             # sampled, but no usable reply: missing, failed or refused
             "dropped": len(messages) - replies.replies + len(strategy.dropped),
-            "train_loss": float(train_metrics["train-loss"]),
+            **({"train_loss": float(train_metrics["train-loss"])} if "train-loss" in train_metrics else {}),
             **(evaluation(arrays, server_round) if evaluated else {}),
             "bytes_up": replies.bytes,
             "bytes_down": traffic(messages),

@@ -295,17 +295,14 @@ class LoraStrategy(FedAvg):
         amplification by subsampling is proved for this Poisson sampling, not for a fixed
         number, so the round's count varies (and may be 0: the release is then noise alone).
         """
+        _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits for them
+        self.available = len(connected)
         if self.privacy and self.privacy.mode == "user":
-            _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits for them
-            nodes = sorted(connected)
-            self.available = len(nodes)
             rng = np.random.default_rng(self.privacy.seed(server_round, "client-sampling"))
-            return [node for node, draw in zip(nodes, rng.random(len(nodes)))
+            return [node for node, draw in zip(sorted(connected), rng.random(len(connected)))
                     if draw < self.privacy.sample_rate]
-        self.available = len(list(grid.get_node_ids()))
-        num_nodes = int(self.available * self.fraction_train)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
-        return node_ids
+        num_nodes = max(int(self.available * self.fraction_train), self.min_train_nodes)
+        return sample_nodes(grid, self.min_available_nodes, num_nodes)[0]
 
     def arrays_to_send(self, arrays: ArrayRecord) -> ArrayRecord:
         """What of the global state goes to the clients each round: by default all of it."""
@@ -420,10 +417,10 @@ class LoraStrategy(FedAvg):
             self.aggregated_rounds[node] = round_.server_round
         weights = [self.client_weight(m) for m in metrics]
         weights = [w / sum(weights) for w in weights]
-        aggregated = MetricRecord({
-            "train-loss": sum(w * float(m.get("train-loss", 0.0)) for m, w in zip(metrics, weights)),
-            "train-seconds": sum(float(m.get("train-seconds", 0.0)) for m in metrics),
-        })
+        aggregated = MetricRecord({"train-seconds": sum(float(m.get("train-seconds", 0.0)) for m in metrics)})
+        if metrics:  # a user-level DP round may have drawn no client: no loss to report
+            aggregated["train-loss"] = sum(w * float(m.get("train-loss", 0.0))
+                                           for m, w in zip(metrics, weights))
         if self.privacy:
             self.account(round_)
             aggregated["epsilon"], aggregated["delta"] = self.accountant.spent()

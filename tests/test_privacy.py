@@ -112,6 +112,15 @@ def test_user_level_dp_draws_each_client_independently_and_divides_by_the_expect
     plain = build_strategy(config(strategy="fedavg", **{"num-clients": 40, "fraction-train": 0.25}))
     assert {len(plain.sample_train_nodes(r, grid)) for r in range(1, 51)} == {10}  # Flower's
 
+    class Connecting(FakeGrid):  # 20 of the 40 nodes connected at first, all after a wait
+        def get_node_ids(self):
+            self.calls = getattr(self, "calls", 0) + 1
+            return self.nodes[: 20 if self.calls == 1 else 40]
+
+    # both count the connected nodes once the 40 are there: 10 drawn, not a quarter of 20
+    assert len(plain.sample_train_nodes(1, Connecting(range(1, 41)))) == 10
+    assert plain.available == 40
+
     # Three of 4 clients drawn at q = 0.5: the sum of their clipped updates is divided by
     # q x 4 = 2, not by 3; no client drawn releases the noise alone.
     strategy, updates = server_with_replies("fedavg", dp="user", **{
@@ -126,6 +135,7 @@ def test_user_level_dp_draws_each_client_independently_and_divides_by_the_expect
         "num-clients": 4, "fraction-train": 0.5, "dp-noise": 1.0, "dp-clip": 0.3})
     strategy.available, strategy.sampled = 4, 0
     arrays, metrics = strategy.aggregate_train(1, [])
+    assert "train-loss" not in metrics  # no client trained
     released = arrays.to_torch_state_dict()
     for key, value in strategy.global_state.items():
         noise = (released[key] - value) * 2 / 0.3  # N(0, 1) per coordinate
