@@ -3,8 +3,11 @@ round, and the share of each round's wall time spent outside local training.
 
     python benchmarks/measure_run.py [simulate flags...]
 
-Peak memory is the largest sum of resident memory over the whole process tree (the
-simulate process, Ray's daemons and the client actors), sampled every 0.2 s. The
+Peak memory is the largest sum of resident memory (RSS) over the whole process tree (the
+simulate process, Ray's daemons and the client actors), sampled every 0.2 s. RSS counts a
+page shared by several processes (torch's libraries, mostly) once in each; the
+proportional set size (PSS) splits it among them, so its sum is what the tree takes from
+the machine. Both are printed. The
 framework overhead of a round is the round's wall time minus central evaluation minus the
 clients' training time divided by the number of clients that train in parallel (the CPU
 cores over ``--client-cpus`` in simulation), as a share of the round's wall time: what Flower, Ray, model
@@ -25,15 +28,16 @@ import psutil
 from fedlora.study import read_rows
 
 
-def tree_rss(process: psutil.Process) -> int:
-    """Resident bytes of a process and all its descendants."""
-    total = 0
+def tree_memory(process: psutil.Process) -> tuple[int, int]:
+    """Resident bytes (RSS, PSS) of a process and all its descendants, summed."""
+    rss = pss = 0
     for p in [process, *process.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            memory = p.memory_full_info()
         except psutil.Error:
-            pass
-    return total
+            continue
+        rss, pss = rss + memory.rss, pss + memory.pss
+    return rss, pss
 
 
 def main(flags: list[str]) -> None:
@@ -44,9 +48,10 @@ def main(flags: list[str]) -> None:
     start = time.perf_counter()
     child = subprocess.Popen(command)
     watched = psutil.Process(child.pid)
-    peak = 0
+    peak = peak_pss = 0
     while child.poll() is None:
-        peak = max(peak, tree_rss(watched))
+        rss, pss = tree_memory(watched)
+        peak, peak_pss = max(peak, rss), max(peak_pss, pss)
         time.sleep(0.2)
     wall = time.perf_counter() - start
     if child.returncode != 0:
@@ -55,8 +60,8 @@ def main(flags: list[str]) -> None:
     rows = read_rows(Path("runs") / name)
     client_cpus = tomllib.loads((Path("runs") / name / "config.toml").read_text())["client-cpus"]
     parallel = max(1, min((os.cpu_count() or 1) // client_cpus, rows[1]["clients"]))
-    print(f"\nwall time {wall:.0f} s, peak memory {peak / 2**30:.2f} GiB "
-          f"(process tree), {parallel} clients train in parallel")
+    print(f"\nwall time {wall:.0f} s, peak memory {peak / 2**30:.2f} GiB RSS, "
+          f"{peak_pss / 2**30:.2f} GiB PSS (process tree), {parallel} clients train in parallel")
     print("round  accuracy  eval_loss  round_s  eval_s  train_s(sum)  overhead")
     overheads = []
     for r in rows:
