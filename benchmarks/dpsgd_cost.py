@@ -38,7 +38,7 @@ def main() -> None:
     seconds: dict[str, list[float]] = {"no DP": [], "DP-SGD": []}
     for repeat in range(args.repeats + 1):  # the first round warms up, uncounted
         for label, private in (("no DP", None), ("DP-SGD", dpsgd)):
-            model, tokenizer = load_model(config.model, device)
+            model, tokenizer = load_model(config.model, device, config.dtype)
             adapted = attach_lora(model, config.rank, config.alpha, config.target_module_list, seed=0)
             stats = train_local(adapted, tokenizer, examples, steps=args.steps,
                                 batch_size=config.batch_size, lr=config.lr,

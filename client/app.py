@@ -172,7 +172,7 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config["partition-id"])
     faults.inject(partition_id, int(plan["server-round"]), str(plan.get("name", "")))  # tests only
     join_run(context, plan)
-    with borrowed_model(config.model, device) as (model, tokenizer):
+    with borrowed_model(config.model, device, config.dtype) as (model, tokenizer):
         return run_plan(msg, context, config, model, tokenizer, device)
 
 
@@ -272,7 +272,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             raise FedLoraError("federated evaluation asked, but this client holds no examples out")
         base_delta = held_base_delta(context, msg.content, plan)
     state = {k: torch.from_numpy(a.numpy().copy()) for k, a in msg.content["arrays"].items()}
-    with borrowed_model(config.model, device) as (model, tokenizer):
+    with borrowed_model(config.model, device, config.dtype) as (model, tokenizer):
         add_to_weights(model, base_delta)
         with lora_applied(model, state, int(plan["eval-rank"]), float(plan["eval-alpha"]),
                           config.target_module_list) if state else nullcontext(model) as evaluated:

@@ -60,9 +60,13 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def model_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU, fp32 on the CPU (where bf16 matmuls are slow)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def model_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
+    """The base weights' dtype: ``dtype`` (``float32`` or ``bfloat16``), or for ``auto``
+    bf16 on a GPU and fp32 on the CPU (where bf16 is fast only on CPUs with AVX-512 BF16
+    or AMX, and every figure of docs/results.md is fp32)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
 def resolve_model(name: str) -> Path:
@@ -79,8 +83,9 @@ def resolve_model(name: str) -> Path:
     return path
 
 
-def load_model(name: str, device: torch.device):
-    """Load (model, tokenizer) for ``name`` on ``device``, in eval mode, weights frozen."""
+def load_model(name: str, device: torch.device, dtype: str = "auto"):
+    """Load (model, tokenizer) for ``name`` on ``device`` in ``dtype`` (see
+    :func:`model_dtype`), in eval mode, weights frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -89,7 +94,7 @@ def load_model(name: str, device: torch.device):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=model_dtype(device))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=model_dtype(device, dtype))
     model.to(device).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -98,12 +103,12 @@ def load_model(name: str, device: torch.device):
 
 # The base models this process has loaded, by (name, device): a cache, never state (in
 # deployment every message is a fresh process and finds it empty).
-_LOADED: dict[tuple[str, str], tuple] = {}
+_LOADED: dict[tuple[str, str, str], tuple] = {}
 
 
 @contextmanager
-def borrowed_model(name: str, device: torch.device) -> Iterator[tuple]:
-    """(model, tokenizer) for ``name`` on ``device``, loaded once per process and, after
+def borrowed_model(name: str, device: torch.device, dtype: str = "auto") -> Iterator[tuple]:
+    """(model, tokenizer) for ``name`` on ``device`` in ``dtype``, loaded once per process and, after
     each ``with``, restored to exactly what was loaded.
 
     A simulation's client actor serves many messages, for many virtual clients: loading
@@ -115,9 +120,9 @@ def borrowed_model(name: str, device: torch.device) -> Iterator[tuple]:
     borrower must not write into the base weights themselves (FLoRA merges into copies);
     tests/test_model_cache.py holds every kind of message to bit-identical results.
     """
-    key = (name, str(device))
+    key = (name, str(device), dtype)
     if key not in _LOADED:
-        _LOADED[key] = load_model(name, device)
+        _LOADED[key] = load_model(name, device, dtype)
     model, tokenizer = _LOADED[key]
     with restored(model):
         yield model, tokenizer

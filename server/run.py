@@ -102,7 +102,7 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
     device = pick_device(config.device)
     if (central_examples is None and not validation) or central_on_clients:
         device = torch.device("cpu")
-    model, tokenizer = load_model(config.model, device)
+    model, tokenizer = load_model(config.model, device, config.dtype)
     plan = plan_record(config, label_words)
     federated = config.evaluation_mode in ("federated", "both")
     if federated and strategy.privacy:

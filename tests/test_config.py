@@ -71,6 +71,7 @@ def test_a_comparison_gives_one_config_per_strategy_with_its_table(tmp_path):
         ({"client-data": "a.csv", "evaluation": "both"}, "--evaluation both evaluates at the server, which holds no data"),
         ({"client-data": "a.csv", "partitioning": "dirichlet"}, "--partitioning dirichlet splits --dataset over the clients; with --client-data"),
         ({"evaluation": "local"}, "unknown evaluation 'local'; valid choices: auto, central, federated, both"),
+        ({"dtype": "float16"}, "unknown dtype 'float16'; valid choices: auto, float32, bfloat16"),
         ({"label-names": "0=negative,1"}, "--label-names: '1' is not RAW=WORD (e.g. 0=negative)"),
         ({"labels": "spam,spam"}, "the label set needs at least 2 labels, got ['spam', 'spam']"),
         ({"client-eval-fraction": 0.95}, "--client-eval-fraction must be in (0, 0.9], got 0.95"),

@@ -125,6 +125,25 @@ def test_local_training_learns_a_learnable_task(tiny_model_dir):
     assert set(before) == {"eval_loss", "eval_accuracy", "eval_macro_f1", "eval_majority_accuracy"}
 
 
+def test_a_bf16_base_model_trains_fp32_adapters_on_the_cpu(tiny_model_dir):
+    """--dtype bfloat16: the base weights in bf16, the adapters in fp32, and the adapters'
+    gradient the fp32 model's up to bf16 rounding."""
+    data = examples(12)
+    gradients = {}
+    for dtype in ("float32", "bfloat16"):
+        model, tokenizer = load_model(str(tiny_model_dir), CPU, dtype)
+        assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
+        adapted = attach_lora(model, 8, 16, ["q_proj", "v_proj", "o_proj", "down_proj"], seed=0)
+        answer_loss(adapted, make_batch(data, tokenizer, 64, packed=True)).backward()
+        gradients[dtype] = {n: p.grad for n, p in adapted.named_parameters() if p.requires_grad}
+    for name, exact in gradients["float32"].items():
+        rounded = gradients["bfloat16"][name]
+        assert rounded.dtype == torch.float32, name
+        if "lora_B" in name:  # A's gradient is 0 while B = 0
+            cosine = torch.nn.functional.cosine_similarity(rounded.flatten(), exact.flatten(), dim=0)
+            assert cosine > 0.99, (name, cosine)
+
+
 def test_label_scores_are_compared_in_fp32_on_a_bf16_model(tiny_model_dir):
     """Two label rows of the output head that differ by 2^-7 in one entry: their bf16
     logits (8 bits of mantissa, at magnitude ~3) mostly tie, and argmax would pick label 0;
