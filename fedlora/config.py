@@ -274,8 +274,9 @@ class RunConfig:
         default="auto",
         metadata={"help": "the base model's weights: auto (bfloat16 on a GPU, float32 on the "
                           "CPU), float32 or bfloat16. Adapters and the label scores stay in "
-                          "fp32. On a CPU with AVX-512 BF16 or AMX, bfloat16 trains about a "
-                          "third faster in half the weight memory (docs/results.md)"},
+                          "fp32. On this project's CPU (AVX-512 BF16) bfloat16 trains faster "
+                          "but evaluates slower and peaks higher than float32 "
+                          "(docs/results.md, 'Simulation layout')"},
     )
     client_cpus: int = field(
         default=1,
