@@ -19,8 +19,8 @@ pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: messages need
 
 
 @contextmanager
-def fresh_model(name, device):
-    yield load_model(name, device)
+def fresh_model(name, device, dtype):
+    yield load_model(name, device, dtype)
 
 
 def run_rounds(config: RunConfig, rounds: int = 2) -> dict[tuple[int, int], dict[str, np.ndarray]]:
