@@ -44,7 +44,10 @@ class Batch:
     labels: torch.Tensor
     answer_lengths: torch.Tensor
     keep: int | torch.Tensor
-    packed: bool = False
+
+    @property
+    def packed(self) -> bool:
+        return self.attention_mask is None
 
     def to(self, device: torch.device) -> Batch:
         return Batch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in vars(self).items()})
@@ -90,8 +93,7 @@ def _packed_batch(rows: list[tuple[list[int], int]], answer_lengths: torch.Tenso
     # Position i predicts token i + 1, so the logits needed are those just before each
     # answer token, within the same example.
     keep = torch.nonzero((labels[0, 1:] != -100) & (positions[0, 1:] != 0)).flatten()
-    return Batch(torch.tensor([ids]), None, positions, labels, answer_lengths,
-                 keep=keep, packed=True)
+    return Batch(torch.tensor([ids]), None, positions, labels, answer_lengths, keep=keep)
 
 
 def packs_sequences(model) -> bool:
@@ -104,7 +106,7 @@ def packs_sequences(model) -> bool:
     those of the sequence alone, far closer to them than the same 7 tokens run as one
     sequence are (which is what a model blind to packing computes).
     """
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's
+    model = transformers_model(model)
     key = (type(model), getattr(model.config, "_attn_implementation", None))
     if key not in _PACKING:
         vocab = model.config.vocab_size
@@ -126,6 +128,11 @@ def packs_sequences(model) -> bool:
 
 
 _PACKING: dict[tuple, bool] = {}  # packs_sequences' answers, a cache
+
+
+def transformers_model(model):
+    """The transformers model inside peft's wrapper (or ``model`` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
@@ -235,7 +242,7 @@ def train_local(
     order = torch.empty(0, dtype=torch.long)
     losses = []
     start = time.perf_counter()
-    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's
+    hf_model = transformers_model(model)
     packed = dpsgd is None and packs_sequences(model)
     if gradient_checkpointing:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
