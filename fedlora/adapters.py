@@ -26,15 +26,17 @@ def attach_lora(
 
     Only the LoRA tensors are trainable. Raises FedLoraError if no module matches.
     """
+    # peft is given the names found, so that it adapts exactly what target_linears reports
+    # (and a clear error is raised when nothing matches).
+    names = sorted({path.rsplit(".", 1)[-1] for path in target_linears(model, target_modules)})
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
-        target_modules=target_modules,
+        target_modules=names,
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
     )
-    target_linears(model, target_modules)  # a clear error when nothing matches
     torch.manual_seed(seed)
     with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
         warnings.simplefilter("ignore", FutureWarning)
@@ -193,13 +195,22 @@ class LoraSBLinear(torch.nn.Module):
         return self.base(x) + update.to(x.dtype)
 
 
+ALL_LINEAR = "all-linear"
+
+
 def target_linears(model, target_modules: list[str]) -> dict[str, torch.nn.Linear]:
-    """The model's linear layers whose last name part is in ``target_modules``, by path."""
-    found = {
-        path: module
-        for path, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and path.rsplit(".", 1)[-1] in target_modules
-    }
+    """The base model's linear layers whose last name part is in ``target_modules``, by
+    path; ``["all-linear"]`` is every linear layer but the output head (peft's meaning)."""
+    if target_modules == [ALL_LINEAR]:
+        head = model.get_output_embeddings()
+        found = {path: module for path, module in model.named_modules()
+                 if isinstance(module, torch.nn.Linear) and module is not head}
+    else:
+        found = {
+            path: module
+            for path, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and path.rsplit(".", 1)[-1] in target_modules
+        }
     if not found:
         names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear)})

@@ -125,7 +125,8 @@ class RunConfig:
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     target_modules: str = field(
         default="",
-        metadata={"help": "comma-separated module names to adapt; empty: the strategy's own"},
+        metadata={"help": "comma-separated module names to adapt, or all-linear (every linear "
+                          "layer but the output head); empty: the strategy's own"},
     )
     local_steps: int = field(default=10, metadata={"help": "optimizer steps per client per round"})
     batch_size: int = field(default=8, metadata={"help": "local batch size"})
@@ -395,6 +396,9 @@ class RunConfig:
                                "which Opacus' per-example gradient hooks would record twice: "
                                "drop it, or use --dp user")
         _ = self.rank_list  # raises on a malformed --ranks
+        if "all-linear" in self.target_module_list and len(self.target_module_list) > 1:
+            raise FedLoraError(f"--target-modules {self.target_modules}: all-linear already "
+                               "names every linear layer; give it alone or list names")
         from fedlora.codec import Codec
 
         for flag, value in (("--upload-codec", self.upload_codec),

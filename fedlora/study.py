@@ -220,6 +220,12 @@ class Summary:
 
         return float(t.ppf(0.975, self.n - 1) * self.std / math.sqrt(self.n))
 
+    def interval(self, low: float = -math.inf, high: float = math.inf) -> tuple[float, float]:
+        """The 95 % confidence interval of the mean, cut to [low, high], the figure's own
+        range (accuracy's [0, 1]): the mean lies there, so the cut interval covers it as
+        often as the whole one."""
+        return max(low, self.mean - self.half_width), min(high, self.mean + self.half_width)
+
 
 def read_rows(folder: Path) -> list[dict]:
     """The rows of a run folder's metrics.jsonl, round 0 first."""

@@ -3,6 +3,7 @@ and a comparison's or a study's comparison.md and comparison.png."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +24,11 @@ def quality_key(rows: list[dict]) -> str:
     """The headline metric of a run: accuracy (central, else federated), else exact match,
     else the evaluation loss."""
     return next((k for k in QUALITY_KEYS if latest(rows, k) is not None), "eval_loss")
+
+
+def bounds(quality: str) -> tuple[float, float]:
+    """The range a headline figure can take: a loss has no upper bound."""
+    return (0.0, math.inf) if "loss" in quality else (0.0, 1.0)
 
 
 def loss_key(rows: list[dict]) -> str:
@@ -110,7 +116,8 @@ def write_comparison(groups: dict[str, dict[str, list[Path]]], folder: Path) -> 
     def interval(figure: Summary | None) -> str:
         if figure is None or figure.n < 2:
             return "-"
-        return f"[{figure.mean - figure.half_width:.3f}, {figure.mean + figure.half_width:.3f}]"
+        low, high = figure.interval(*bounds(quality))
+        return f"[{low:.3f}, {high:.3f}]"
 
     lines = [
         "| strategy |" + (" value |" if gridded else "") + f" seeds | rounds | final {quality} "
@@ -142,8 +149,10 @@ def write_comparison(groups: dict[str, dict[str, list[Path]]], folder: Path) -> 
                 for rows in seed_rows for r in rows)
     notes = ["", f"Final: the last evaluated round. With several seeds (up to {seeds} here), "
              "mean ± standard deviation over the seeds, and the 95 % confidence interval of the "
-             "mean (Student's t); bytes are all clients' totals, the initialisation included. "
-             f"The {sum(len(s) for v in runs.values() for s in v.values())} runs took "             + (f"{total / 3600:.1f} hours" if total >= 3600 else f"{total / 60:.1f} minutes")
+             "mean (Student's t, cut to the figure's range); bytes are all clients' totals, "
+             "the initialisation included. "
+             f"The {sum(len(s) for v in runs.values() for s in v.values())} runs took "
+             + (f"{total / 3600:.1f} hours" if total >= 3600 else f"{total / 60:.1f} minutes")
              + " in all (the sum of their seconds)."]
     if gridded:
         notes[-1] += (" Each strategy's value was chosen on the validation split (--val-size), "
@@ -185,14 +194,14 @@ def plot_comparison(runs: dict[str, list[list[dict]]], quality: str, line: float
         upload = [float(np.mean([next(r["cumulative_bytes_up"] for r in rows if r["round"] == t)
                                  for rows in seed_rows])) for t in rounds]
         mean = np.array([f.mean for f in figures])
-        width = np.array([f.half_width for f in figures])
+        low, high = np.array([f.interval(*bounds(quality)) for f in figures]).T
         name = label if len(seed_rows) == 1 else f"{label} ({len(seed_rows)} seeds)"
         for axis, x in ((by_round, rounds), (by_upload, upload)):
             keep = [i for i, v in enumerate(x) if axis is by_round or v > 0]  # log axis
             xs = [x[i] for i in keep]
             drawn, = axis.plot(xs, mean[keep], marker="o", label=name)
             if len(seed_rows) > 1:
-                axis.fill_between(xs, (mean - width)[keep], (mean + width)[keep],
+                axis.fill_between(xs, low[keep], high[keep],
                                   color=drawn.get_color(), alpha=0.2)
     ylabel = quality.replace("_", " ")
     for axis in (by_round, by_upload):

@@ -60,6 +60,18 @@ def test_unknown_target_module_lists_the_model_linear_layers(model_and_tokenizer
         attach_lora(model, 4, 8, ["query"], seed=0)
 
 
+def test_all_linear_adapts_what_peft_does_every_linear_layer_but_the_head(model_and_tokenizer,
+                                                                          tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = model_and_tokenizer
+    ours = {key.rsplit(".lora_", 1)[0] for key in adapter_state(attach_lora(model, 4, 8, ["all-linear"], seed=0))}
+    assert len(ours) == 2 * 7 and not any("lm_head" in path for path in ours)  # layers x q k v o gate up down
+    other, _ = load_model(str(tiny_model_dir), CPU)
+    peft_own = get_peft_model(other, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert ours == {key.rsplit(".lora_", 1)[0] for key in adapter_state(peft_own)}
+
+
 def test_saved_adapter_loads_with_peft_and_changes_the_output(model_and_tokenizer, tmp_path, tiny_model_dir):
     model, tokenizer = model_and_tokenizer
     adapted = attach_lora(model, 4, 8, ["q_proj", "v_proj"], seed=0)

@@ -56,6 +56,8 @@ def test_a_comparison_gives_one_config_per_strategy_with_its_table(tmp_path):
          "--eval-size 50 sets how many examples of --dataset the server holds out; with "
          "--client-data it holds none: drop --eval-size"),
         ({"lr": 5}, "--lr must be in (0, 1], got 5"),
+        ({"target-modules": "all-linear,q_proj"}, "--target-modules all-linear,q_proj: all-linear "
+         "already names every linear layer; give it alone or list names"),
         ({"lr": "fast"}, "--lr must be a float, got 'fast'"),
         ({"rank": "2.5"}, "--rank must be a int, got '2.5'"),
         ({"fraction-train": 0}, "--fraction-train must be in (0, 1], got 0"),

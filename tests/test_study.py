@@ -80,6 +80,11 @@ def test_summary_matches_an_independent_computation():
     assert figure.std == pytest.approx(std, abs=1e-12)
     assert figure.half_width == pytest.approx(T_975[2] * std / math.sqrt(3), rel=1e-4)
     assert math.isnan(Summary([0.5]).std) and math.isnan(Summary([0.5]).half_width)
+    # Near a bound the interval is cut to the figure's range, and only there.
+    high = Summary([0.95, 1.0, 1.0])
+    assert high.interval(0.0, 1.0) == (pytest.approx(high.mean - high.half_width), 1.0)
+    assert high.mean + high.half_width > 1.0
+    assert figure.interval(0.0, 1.0) == pytest.approx((mean - figure.half_width, mean + figure.half_width))
 
 
 def test_a_grid_value_is_chosen_on_validation_not_on_the_reported_evaluation():
