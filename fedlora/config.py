@@ -165,10 +165,11 @@ class RunConfig:
         default=64, metadata={"method": "fedsb", "help": "examples per client for Fed-SB's gradient estimate"}
     )
     fedsb_init_codec: str = field(
-        default="fp32",
+        default="",
         metadata={"method": "fedsb", "help": "how Fed-SB's gradient round uploads each client's gradient: fp32 "
                           "(exact), fp16, bf16, or sign (1 bit per value: the server's rule then "
-                          "takes the majority vote of the clients' signs)"},
+                          "takes the majority vote of the clients' signs); empty: sign "
+                          "(docs/results.md, 'Fed-SB's gradient initialisation by codec')"},
     )
     upload_codec: str = field(
         default="fp32",
@@ -407,7 +408,8 @@ class RunConfig:
                 raise FedLoraError(f"{flag} sign keeps no magnitudes; it serves only "
                                    "--fedsb-init-codec; valid choices: fp32, fp16, bf16, int8, "
                                    "topk:DENSITY[,fp16|fp32][,per-tensor]")
-        if Codec.parse(self.fedsb_init_codec).kind not in ("fp32", "fp16", "bf16", "sign"):
+        if self.fedsb_init_codec and Codec.parse(self.fedsb_init_codec).kind not in (
+                "fp32", "fp16", "bf16", "sign"):
             raise FedLoraError(f"--fedsb-init-codec {self.fedsb_init_codec}: valid choices: "
                                "fp32, fp16, bf16, sign")
         from fedlora.privacy import check_settings

@@ -164,6 +164,8 @@ def to_do(runs: list[StudyRun]) -> list[RunConfig]:
     from its checkpoint, one that completed no round starts again. A run folder whose
     saved settings differ from the command's is refused (its figures would be mixed up
     with another study's)."""
+    from strategies import unread_settings
+
     pending = []
     for run in runs:
         folder = run_dir(run.config)
@@ -171,10 +173,12 @@ def to_do(runs: list[StudyRun]) -> list[RunConfig]:
         if not saved.is_file():
             pending.append(run.config)
             continue
-        # A setting newer than the saved run was at its default there.
+        # A setting newer than the saved run was at its default there; another method's
+        # settings cannot change this run.
         before = {**RunConfig().to_dict(), **tomllib.loads(saved.read_text())}
         now = run.config.to_dict()
-        changed = [k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k]]
+        unread = {f.name.replace("_", "-") for f in unread_settings(run.config)}
+        changed = [k for k in now if k not in RESUMABLE_CHANGES | unread and before.get(k) != now[k]]
         if changed:
             key = changed[0]
             raise FedLoraError(f"{folder} was run with {key} = {before.get(key)!r}, this "

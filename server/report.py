@@ -194,7 +194,7 @@ def plot_comparison(runs: dict[str, list[list[dict]]], quality: str, line: float
         upload = [float(np.mean([next(r["cumulative_bytes_up"] for r in rows if r["round"] == t)
                                  for rows in seed_rows])) for t in rounds]
         mean = np.array([f.mean for f in figures])
-        low, high = np.array([f.interval(*bounds(quality)) for f in figures]).T
+        low, high = np.array([f.interval(*bounds(quality)) for f in figures]).reshape(-1, 2).T
         name = label if len(seed_rows) == 1 else f"{label} ({len(seed_rows)} seeds)"
         for axis, x in ((by_round, rounds), (by_upload, upload)):
             keep = [i for i, v in enumerate(x) if axis is by_round or v > 0]  # log axis

@@ -94,14 +94,19 @@ def folder_name(strategy: str) -> str:
     return re.sub(r"[^\w.-]", "-", strategy)
 
 
-def ignored_settings(config) -> list[str]:
-    """The settings of another built-in method (a RunConfig field's ``method``) that
-    ``config`` moves from their default, which its strategy does not read, as flags."""
+def unread_settings(config) -> list[dataclasses.Field]:
+    """The RunConfig fields of another built-in method (a field's ``method``), which
+    ``config``'s strategy does not read."""
     cls = strategy_class(config.strategy)
+    return [f for f in dataclasses.fields(config)
+            if "method" in f.metadata and not issubclass(cls, STRATEGIES[f.metadata["method"]])]
+
+
+def ignored_settings(config) -> list[str]:
+    """The settings of another built-in method that ``config`` moves from their default,
+    as flags."""
     return [f"--{f.name.replace('_', '-')} {getattr(config, f.name)} ({f.metadata['method']}'s)"
-            for f in dataclasses.fields(config)
-            if "method" in f.metadata and getattr(config, f.name) != f.default
-            and not issubclass(cls, STRATEGIES[f.metadata["method"]])]
+            for f in unread_settings(config) if getattr(config, f.name) != f.default]
 
 
 def build_strategy(config) -> LoraStrategy:
@@ -111,5 +116,5 @@ def build_strategy(config) -> LoraStrategy:
 
 __all__ = [
     "ENTRY_POINT_GROUP", "STRATEGIES", "LoraStrategy", "build_strategy", "folder_name",
-    "ignored_settings", "strategy_class",
+    "ignored_settings", "strategy_class", "unread_settings",
 ]

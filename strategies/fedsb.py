@@ -41,11 +41,12 @@ class FedSB(LoraStrategy):
         choice); both are exact.
     init_examples : int (default: 64)
         Examples per client for the gradient estimate.
-    init_codec : str (default: "fp32")
+    init_codec : str (default: "", which is "sign")
         How clients upload their gradient: fp32 (exact), fp16, bf16, or sign (1 bit per
         value). The rule keeps only sign(G) of the sum, so with ``sign`` the server's sum
         of the clients' +-1 makes sign(G) the clients' majority vote, entry by entry (a
-        tie gives 0), at 1/32 of fp32's upload.
+        tie gives 0), at 1/32 of fp32's upload; it cost no accuracy visible in
+        docs/results.md ("Fed-SB's gradient initialisation by codec"), so it is the default.
     init_eta : float (default: 1e-3)
         eta of G_hat = -eta * sign(G): the size of Adam's first step (the learning rate).
     **kwargs
@@ -55,15 +56,18 @@ class FedSB(LoraStrategy):
     name = "fedsb"
     adapter = "lorasb"
     trainable = ("lora_R",)
-    default_lr = 1e-3  # simulations/tune-lr.toml, at r = 32
-    default_rank = 32  # r^2 per module: the rank the comparisons and tune-lr.toml use
+    default_lr = 1e-3  # simulations/tune-lr.toml, at r = 32 on q and v
+    # simulations/frontier.toml: r = 32 on every linear layer, as accurate as FedAvg at a
+    # tenth of its upload per round; r = 64 no better, r = 16 still learning at round 3
+    default_rank = 32
+    default_target_modules = "all-linear"
 
     def __init__(
         self,
         init: str = "auto",
         weighting: str = "examples",
         init_examples: int = 64,
-        init_codec: str = "fp32",
+        init_codec: str = "",
         init_eta: float = 1e-3,
         **kwargs,
     ) -> None:
@@ -81,8 +85,8 @@ class FedSB(LoraStrategy):
             raise FedLoraError(f"unknown Fed-SB weighting '{weighting}'; valid choices: examples, uniform")
         self.init, self.weighting = init, weighting
         self.init_examples, self.init_eta = init_examples, init_eta
-        self.init_codec = Codec.parse(init_codec)
-        if self.init_codec.kind != "fp32" and init != "gradient":
+        self.init_codec = Codec.parse(init_codec or "sign")
+        if init_codec and self.init_codec.kind != "fp32" and init != "gradient":
             raise FedLoraError(f"--fedsb-init-codec {init_codec} applies to the gradient "
                                f"initialisation, and --fedsb-init is {init}: drop one of them")
         self.module_shapes: dict[str, tuple[int, int]] = {}

@@ -28,6 +28,7 @@ def comparison(tmp_path_factory):
     config.write_text(
         f'strategy = "{",".join(STRATEGIES)}"\nmodel = "tiny-llama"\nnum-clients = 3\n'
         'rounds = 2\nlocal-steps = 4\nlr = 0.01\nrank = 4\neval-size = 32\nmax-length = 48\n'
+        'target-modules = "q_proj,v_proj"\n'  # the same layers for all (Fed-SB's own: all linear)
         'partitioning = "dirichlet"\nfedsb-init-examples = 16\ncheck-exactness = true\n'
         '[flora]\nranks = "8,4,2"\n[hetlora]\nranks = "8,4,2"\n[flexlora]\nranks = "8,4,2"\n'
         '[fedsa]\ncheck-exactness = false\n'

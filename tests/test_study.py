@@ -182,6 +182,10 @@ def test_a_finished_run_is_skipped_and_a_changed_one_refused(tmp_path):
     (cut / "config.toml").write_text("\n".join(line for line in saved.splitlines()
                                                if not line.startswith("val-size")))
     assert to_do(runs) == [pending]
+    # Another method's setting cannot change a FedAvg run (a default that moved, say).
+    (cut / "config.toml").write_text(saved.replace('fedsb-init-codec = ""', 'fedsb-init-codec = "bf16"'))
+    assert 'fedsb-init-codec = "bf16"' in (cut / "config.toml").read_text()
+    assert to_do(runs) == [pending]
     changed = study("--seeds", "0,1", "--output", str(tmp_path), "--name", "s", "--rounds", "5")
     with pytest.raises(FedLoraError, match=f"^{done} was run with rounds = 3, this command gives 5: "
                                            "choose another --name$"):
