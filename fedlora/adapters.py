@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fedlora.aggregate import module_path
+from fedlora.config import ALL_LINEAR
 from fedlora.errors import FedLoraError
 
 
@@ -195,22 +196,17 @@ class LoraSBLinear(torch.nn.Module):
         return self.base(x) + update.to(x.dtype)
 
 
-ALL_LINEAR = "all-linear"
-
-
 def target_linears(model, target_modules: list[str]) -> dict[str, torch.nn.Linear]:
     """The base model's linear layers whose last name part is in ``target_modules``, by
     path; ``["all-linear"]`` is every linear layer but the output head (peft's meaning)."""
-    if target_modules == [ALL_LINEAR]:
-        head = model.get_output_embeddings()
-        found = {path: module for path, module in model.named_modules()
-                 if isinstance(module, torch.nn.Linear) and module is not head}
-    else:
-        found = {
-            path: module
-            for path, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and path.rsplit(".", 1)[-1] in target_modules
-        }
+    every = target_modules == [ALL_LINEAR]
+    head = model.get_output_embeddings() if every else None
+    found = {
+        path: module
+        for path, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and (module is not head if every else path.rsplit(".", 1)[-1] in target_modules)
+    }
     if not found:
         names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear)})

@@ -16,6 +16,8 @@ from typing import Any
 
 from fedlora.errors import FedLoraError
 
+ALL_LINEAR = "all-linear"  # --target-modules' name for every linear layer but the output head
+
 # Bounds of numeric fields: (lowest, highest, whether the lowest is allowed).
 _BOUNDS: dict[str, tuple[float, float, bool]] = {
     "num_clients": (1, 10_000, True),
@@ -125,8 +127,8 @@ class RunConfig:
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     target_modules: str = field(
         default="",
-        metadata={"help": "comma-separated module names to adapt, or all-linear (every linear "
-                          "layer but the output head); empty: the strategy's own"},
+        metadata={"help": f"comma-separated module names to adapt, or {ALL_LINEAR} (every "
+                          "linear layer but the output head); empty: the strategy's own"},
     )
     local_steps: int = field(default=10, metadata={"help": "optimizer steps per client per round"})
     batch_size: int = field(default=8, metadata={"help": "local batch size"})
@@ -397,8 +399,8 @@ class RunConfig:
                                "which Opacus' per-example gradient hooks would record twice: "
                                "drop it, or use --dp user")
         _ = self.rank_list  # raises on a malformed --ranks
-        if "all-linear" in self.target_module_list and len(self.target_module_list) > 1:
-            raise FedLoraError(f"--target-modules {self.target_modules}: all-linear already "
+        if ALL_LINEAR in self.target_module_list and len(self.target_module_list) > 1:
+            raise FedLoraError(f"--target-modules {self.target_modules}: {ALL_LINEAR} already "
                                "names every linear layer; give it alone or list names")
         from fedlora.codec import Codec
 

@@ -177,8 +177,8 @@ def to_do(runs: list[StudyRun]) -> list[RunConfig]:
         # settings cannot change this run.
         before = {**RunConfig().to_dict(), **tomllib.loads(saved.read_text())}
         now = run.config.to_dict()
-        unread = {f.name.replace("_", "-") for f in unread_settings(run.config)}
-        changed = [k for k in now if k not in RESUMABLE_CHANGES | unread and before.get(k) != now[k]]
+        ignored = RESUMABLE_CHANGES | {f.name.replace("_", "-") for f in unread_settings(run.config)}
+        changed = [k for k in now if k not in ignored and before.get(k) != now[k]]
         if changed:
             key = changed[0]
             raise FedLoraError(f"{folder} was run with {key} = {before.get(key)!r}, this "

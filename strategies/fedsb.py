@@ -12,6 +12,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fedlora.adapters import lora_sb_to_peft
 from fedlora.aggregate import State, lora_sb_from_gradient, random_lora_sb
 from fedlora.codec import Codec
+from fedlora.config import ALL_LINEAR
 from fedlora.errors import FedLoraError
 from strategies.base import LoraStrategy
 
@@ -60,7 +61,7 @@ class FedSB(LoraStrategy):
     # simulations/frontier.toml: r = 32 on every linear layer, as accurate as FedAvg at a
     # tenth of its upload per round; r = 64 no better, r = 16 still learning at round 3
     default_rank = 32
-    default_target_modules = "all-linear"
+    default_target_modules = ALL_LINEAR
 
     def __init__(
         self,
