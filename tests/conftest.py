@@ -15,9 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
-# The longest modules start first (seconds on one idle 2-core worker: 200, 130, 100, 60, 30,
-# 35), so that the two xdist workers (pyproject) finish together instead of one of them running
-# a long module alone at the end. xdist keeps this order with --no-loadscope-reorder.
+# The longest modules start first (30 s to 200 s each in one process on an idle 2-core
+# machine; the others take seconds), so that the two xdist workers (pyproject) finish together
+# instead of one of them running a long module alone at the end. xdist keeps this order with
+# --no-loadscope-reorder.
 LONGEST_FIRST = ("test_deploy.py", "test_study.py", "test_comparison.py", "test_simulation.py",
                  "test_faults.py", "test_flower_app.py")
 
