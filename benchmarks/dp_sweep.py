@@ -1,7 +1,7 @@
 """Accuracy against epsilon, with user-level DP or DP-SGD, against the same runs without DP.
 
     python benchmarks/dp_sweep.py [--level user|sample] [--epsilons 1,3,8]
-                                  [--strategies fedavg,fedsb] [--config simulations/dp.toml]
+                                  [--strategies fedavg,ffa,fedsb] [--config simulations/dp.toml]
                                   [--seeds 0,1,2] [--name dp-sweep] [--output runs]
                                   [simulate's flags]
 
@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--level", choices=tuple(MECHANISM), default="user")
     parser.add_argument("--epsilons", default="1,3,8")
-    parser.add_argument("--strategies", default="fedavg,fedsb")
+    parser.add_argument("--strategies", default="fedavg,ffa,fedsb")  # the Fed-SB paper's private comparison
     parser.add_argument("--config", default="simulations/dp.toml")
     parser.add_argument("--name", default="dp-sweep")
     parser.add_argument("--output", default="runs")
