@@ -300,12 +300,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         """A learning rate or rank of 0, or no target modules, means the strategy's own
-        (``default_lr``, ``default_rank``, ``default_target_modules``: docs/strategies.md)."""
+        (``default_lr_for(config)``, ``default_rank``, ``default_target_modules``:
+        docs/strategies.md)."""
         if not (self.lr and self.rank and self.target_modules):
             from strategies import strategy_class
 
             method = strategy_class(self.strategy)
-            self.lr = self.lr or method.default_lr
+            self.lr = self.lr or method.default_lr_for(self)
             self.rank = self.rank or method.default_rank
             self.target_modules = self.target_modules or method.default_target_modules
 

@@ -150,6 +150,12 @@ class LoraStrategy(FedAvg):
     default_rank = 8
     default_target_modules = "q_proj,v_proj"
 
+    @classmethod
+    def default_lr_for(cls, config) -> float:
+        """What ``--lr`` is when not given, for this run's other settings (Fed-SB's depends on
+        its initialisation); ``default_lr`` unless a method overrides it."""
+        return cls.default_lr
+
     def __init__(
         self,
         rank: int = 8,

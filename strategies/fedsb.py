@@ -17,6 +17,14 @@ from fedlora.errors import FedLoraError
 from strategies.base import LoraStrategy
 
 
+def resolved_init(init: str, private: bool) -> str:
+    """What ``--fedsb-init auto`` means: random under DP (the gradient round would release
+    each client's gradient unaccounted), else LoRA-SB's gradient initialisation."""
+    if init != "auto":
+        return init
+    return "random" if private else "gradient"
+
+
 class FedSB(LoraStrategy):
     """Train and average only R of h = W x + B R A x, with B and A frozen and shared.
 
@@ -57,7 +65,9 @@ class FedSB(LoraStrategy):
     name = "fedsb"
     adapter = "lorasb"
     trainable = ("lora_R",)
-    default_lr = 1e-3  # simulations/tune-lr.toml, at r = 32 on q and v
+    default_lr = 1e-3  # simulations/tune-lr.toml, at r = 32 on q and v, gradient initialisation
+    # simulations/tune-lr-fedsb-random.toml: from R = 0 and random B, A, R needs 10x the step
+    default_lr_random_init = 1e-2
     # simulations/frontier.toml: r = 32 on every linear layer, as accurate as FedAvg at a
     # tenth of its upload per round; r = 64 no better, r = 16 still learning at round 3
     default_rank = 32
@@ -75,13 +85,12 @@ class FedSB(LoraStrategy):
         super().__init__(**kwargs)
         if init not in ("auto", "gradient", "random"):
             raise FedLoraError(f"unknown Fed-SB init '{init}'; valid choices: auto, gradient, random")
-        if init == "auto":
-            init = "random" if self.privacy else "gradient"
-        elif init == "gradient" and self.privacy:
+        if init == "gradient" and self.privacy:
             raise FedLoraError(
                 "--fedsb-init gradient sends each client's full-weight gradient, which --dp "
                 "does not protect; use --fedsb-init random (what auto picks under --dp)"
             )
+        init = resolved_init(init, private=self.privacy is not None)
         if weighting not in ("examples", "uniform"):
             raise FedLoraError(f"unknown Fed-SB weighting '{weighting}'; valid choices: examples, uniform")
         self.init, self.weighting = init, weighting
@@ -92,6 +101,13 @@ class FedSB(LoraStrategy):
                                f"initialisation, and --fedsb-init is {init}: drop one of them")
         self.module_shapes: dict[str, tuple[int, int]] = {}
         self.frozen: State = {}
+
+    @classmethod
+    def default_lr_for(cls, config) -> float:
+        private = config.dp != "off"
+        if resolved_init(config.fedsb_init, private) == "random":
+            return cls.default_lr_random_init
+        return cls.default_lr
 
     @classmethod
     def config_arguments(cls, config) -> dict:

@@ -26,6 +26,24 @@ def test_flags_override_the_config_file(tmp_path):
     assert (config.rounds, config.rank, config.lr) == (7, 16, 0.01)
 
 
+def test_fedsb_default_learning_rate_follows_its_initialisation():
+    # Random B, A and R = 0 (what --dp needs) take 10x the step of LoRA-SB's gradient start
+    # (simulations/tune-lr-fedsb-random.toml against tune-lr.toml).
+    from strategies.fedsb import FedSB
+
+    def lr(**values):
+        return RunConfig.from_dict({"strategy": "fedsb", **values}).lr
+
+    assert FedSB.default_lr_random_init != FedSB.default_lr
+    assert lr() == FedSB.default_lr  # auto: the gradient initialisation
+    assert lr(**{"fedsb-init": "random"}) == FedSB.default_lr_random_init
+    assert lr(dp="sample") == FedSB.default_lr_random_init  # auto picks random under DP
+    assert lr(dp="user", **{"fedsb-init": "random"}) == FedSB.default_lr_random_init
+    assert lr(dp="sample", lr=0.002) == 0.002  # a given --lr always wins
+    fedavg = RunConfig.from_dict({"strategy": "fedavg"}).lr
+    assert RunConfig.from_dict({"strategy": "fedavg", "dp": "sample"}).lr == fedavg  # one lr
+
+
 def test_a_comparison_gives_one_config_per_strategy_with_its_table(tmp_path):
     file = tmp_path / "compare.toml"
     file.write_text('strategy = "fedavg,flora,fedsb"\nrank = 8\nname = "cmp"\n'
