@@ -39,7 +39,7 @@ from fedlora.evaluate import Scores, score
 from fedlora.models import load_model, pick_device, restored
 from fedlora.study import METRICS, SUMMARY, read_rows
 from strategies import build_strategy, folder_name, ignored_settings
-from strategies.base import example_shards
+from strategies.evaluation import example_shards
 from strategies.replies import check_no_error, reply_metrics
 
 log = logging.getLogger("fedlora")
@@ -306,7 +306,7 @@ def over_budget(strategy, config: RunConfig, server_round: int) -> bool:
     projected = projected_over_budget(strategy, config)
     if projected is None:
         return False
-    delta = strategy.accountant.spent()[1] or strategy.privacy.delta_for(config.num_clients)
+    delta = strategy.dp.accountant.spent()[1] or strategy.privacy.delta_for(config.num_clients)
     message = (f"round {server_round} would raise epsilon to {projected:.3g} (delta {delta:.3g}), "
                f"over --dp-max-epsilon {config.dp_max_epsilon:g}")
     if server_round == 1:

@@ -1,7 +1,9 @@
 """What every fedlora strategy shares: Flower's FedAvg node sampling, the plan sent to
-clients, per-reply validation (one bad client is dropped, not the round; the single checks
-are in strategies/replies.py), the tensors a client keeps for the whole run, the
-exactness check and federated evaluation.
+clients, the tensors a client keeps for the whole run, the round's fold of valid replies
+(one bad client is dropped, not the round), the exactness check and checkpoints. Its
+neighbours hold the rest: strategies/replies.py what a usable reply is,
+strategies/server_privacy.py the server's side of DP, strategies/evaluation.py federated
+evaluation.
 
 A method is a subclass that sets what the client attaches and trains and overrides a few
 small steps: :meth:`initialize`, :meth:`aggregate_means` (or :meth:`aggregate_states`),
@@ -11,41 +13,31 @@ and where needed :meth:`client_terms`, :meth:`expected_shapes`, :meth:`complete`
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedlora.adapters import check_adapter_state, fresh_lora_state, target_linears
+from fedlora.adapters import fresh_lora_state, target_linears
 from fedlora.aggregate import RunningMean, State, aggregation_error, delta_weights
-from fedlora.codec import Codec, decode_payload, encode_payload
+from fedlora.codec import Codec, encode_payload
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import Scores
-from fedlora.privacy import Privacy, PrivacyAccountant, clip_update, noised_mean
+from fedlora.privacy import Privacy, clip_update
+from strategies.evaluation import evaluation_messages, pool_evaluations
 from strategies.kept import KeptTensors
-from strategies.replies import check_dpsgd_metrics, check_no_error, client_identity, reply_metrics
+from strategies.replies import client_identity, decode_reply
+from strategies.server_privacy import ServerPrivacy
 
 if TYPE_CHECKING:
     from fedlora.data import Example
 
 log = logging.getLogger("fedlora")
-
-
-def example_shards(examples: list, count: int) -> list[list]:
-    """``examples`` in at most ``count`` contiguous, non-empty shares of near-equal size."""
-    count = max(1, min(count, len(examples)))
-    size, extra = divmod(len(examples), count)
-    bounds = [i * size + min(i, extra) for i in range(count + 1)]
-    return [examples[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 @dataclass
@@ -192,8 +184,7 @@ class LoraStrategy(FedAvg):
         self.aggregated_rounds: dict[int, int] = {}  # node id -> last round its reply counted
         self.evaluated_clients: dict[str, Scores] = {}  # client-id -> counts, last evaluation
         self.privacy = privacy
-        self.accountant = PrivacyAccountant(privacy.delta) if privacy else None
-        self.noise_generator = torch.Generator().manual_seed(privacy.seed("server-noise") if privacy else 0)
+        self.dp = ServerPrivacy(privacy) if privacy else None  # its sampling, noise, accountant
         self.sampled = self.available = 0  # clients sampled and connected, last round
         if privacy and privacy.mode == "user" and self.upload != "delta":
             raise FedLoraError(
@@ -297,16 +288,12 @@ class LoraStrategy(FedAvg):
 
         Flower's sampling draws a fixed number of them (``fraction_train`` of the
         connected ones, at least ``min_train_nodes``). Under user-level DP each node joins
-        independently with probability q (``privacy.sample_rate``): the RDP accountant's
-        amplification by subsampling is proved for this Poisson sampling, not for a fixed
-        number, so the round's count varies (and may be 0: the release is then noise alone).
+        independently with probability q (Poisson sampling, ``ServerPrivacy.draw_clients``).
         """
         _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits for them
         self.available = len(connected)
-        if self.privacy and self.privacy.mode == "user":
-            rng = np.random.default_rng(self.privacy.seed(server_round, "client-sampling"))
-            return [node for node, draw in zip(sorted(connected), rng.random(len(connected)))
-                    if draw < self.privacy.sample_rate]
+        if self.dp and self.dp.user_level:
+            return self.dp.draw_clients(server_round, connected)
         num_nodes = max(int(self.available * self.fraction_train), self.min_train_nodes)
         return sample_nodes(grid, self.min_available_nodes, num_nodes)[0]
 
@@ -427,14 +414,11 @@ class LoraStrategy(FedAvg):
         if metrics:  # a user-level DP round may have drawn no client: no loss to report
             aggregated["train-loss"] = sum(w * float(m.get("train-loss", 0.0))
                                            for m, w in zip(metrics, weights))
-        if self.privacy:
-            self.account(round_)
-            aggregated["epsilon"], aggregated["delta"] = self.accountant.spent()
+        if self.dp:
+            self.dp.record_round(round_.clients, metrics, self.weighted_by_key)
+            aggregated["epsilon"], aggregated["delta"] = self.dp.accountant.spent()
         if user_dp:  # one noised mean stands for all
-            total = round_.clipped.sums or {k: torch.zeros(v.shape, dtype=torch.float64)
-                                            for k, v in self.global_state.items()}
-            update = noised_mean(total, self.privacy.clip, self.privacy.noise,
-                                 self.privacy.sample_rate * self.available, self.noise_generator)
+            update = self.dp.noised_update(round_.clipped, self.global_state, self.available)
             examples = sum(int(m[self.weighted_by_key]) for m in metrics)
             new_state = self.aggregate_states(
                 [{k: self.global_state[k] + u for k, u in update.items()}], [1.0],
@@ -449,37 +433,17 @@ class LoraStrategy(FedAvg):
                                                                 round_.deltas.mean())
         return ArrayRecord(new_state), aggregated
 
-    def account(self, round_: RoundSums) -> None:
-        """Record what this round released: one Gaussian event for the federation (user
-        level), or each client's DP-SGD steps (sample level)."""
-        if self.privacy.mode == "user":
-            self.accountant.record("clients", self.privacy.noise, self.privacy.sample_rate,
-                                   1, self.privacy.clients)
-            return
-        # By the client's identity: Flower's node ids change on restarts.
-        for client, m in zip(round_.clients, round_.metrics):
-            self.accountant.record(client, m["dp-noise"], m["dp-sample-rate"], m["dp-steps"],
-                                   m[self.weighted_by_key])
-
     def epsilon_after_next_round(self) -> float | None:
-        """The epsilon the next round would bring the run to, or None where unknown: for
-        sample-level DP, clients are assumed to repeat their last round (unknown before
-        the first)."""
-        if not self.privacy:
-            return None
-        if self.privacy.mode == "user":
-            return self.accountant.epsilon_after(
-                [("clients", self.privacy.noise, self.privacy.sample_rate, 1, self.privacy.clients)]
-            )
-        if not self.accountant.last_round:
-            return None
-        return self.accountant.epsilon_after(list(self.accountant.last_round.values()))
+        """The epsilon the next round would bring the run to; None without DP or where
+        unknown (sample level, before the first round)."""
+        return self.dp.epsilon_after_next_round() if self.dp else None
 
     def accept(self, server_round: int, reply: Message, expected_shapes) -> State | None:
         """The reply's decoded tensors, or None if it is unusable: then the reason is
         logged and kept in ``dropped``, and the node is sent its kept tensors again."""
         try:
-            return self.check_reply(reply, expected_shapes)
+            return decode_reply(reply, expected_shapes, self.weighted_by_key,
+                                dpsgd=bool(self.privacy and self.privacy.mode == "sample"))
         except FedLoraError as err:
             node = reply.metadata.src_node_id
             self.dropped.append((node, str(err)))
@@ -490,37 +454,6 @@ class LoraStrategy(FedAvg):
     def client_weight(self, metrics: MetricRecord) -> float:
         """A client's weight before normalisation (p_k = w_k / sum w): its examples."""
         return float(metrics[self.weighted_by_key])
-
-    def check_reply(self, reply: Message, expected_shapes) -> dict[str, torch.Tensor]:
-        """The reply's decoded tensors, or FedLoraError saying why the reply is unusable."""
-        check_no_error(reply)
-        content = reply.content
-        if not isinstance(content.get("arrays"), ArrayRecord):
-            raise FedLoraError("the reply has no ArrayRecord 'arrays'")
-        metrics = reply_metrics(reply)
-        num_examples = metrics.get(self.weighted_by_key)
-        if not isinstance(num_examples, int) or num_examples <= 0:
-            raise FedLoraError(f"'{self.weighted_by_key}' must be a positive int, got {num_examples!r}")
-        for key in ("train-loss", "train-seconds"):
-            value = metrics.get(key, 0.0)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise FedLoraError(f"'{key}' must be a finite number, got {value!r}")
-        if self.privacy and self.privacy.mode == "sample":
-            check_dpsgd_metrics(metrics)
-            client_identity(reply)
-        if not isinstance(content.get("codec"), ConfigRecord):
-            raise FedLoraError("the reply has no ConfigRecord 'codec'")
-        try:
-            arrays = {k: a.numpy() for k, a in content["arrays"].items()}
-        except Exception as err:  # a hostile payload can fail in many ways inside Flower
-            raise FedLoraError(f"the arrays do not decode: {err}") from None
-        expected = expected_shapes(metrics)
-        try:
-            state = decode_payload(arrays, dict(content["codec"]), expected)
-        except (ValueError, TypeError, IndexError, RuntimeError) as err:  # hostile, not a bug
-            raise FedLoraError(f"the payload does not decode: {err}") from None
-        check_adapter_state(state, expected)
-        return state
 
     def expected_shapes(self, metrics: MetricRecord) -> dict[str, tuple[int, ...]]:
         """Keys and shapes a client's reply must have: by default, those sent."""
@@ -546,70 +479,29 @@ class LoraStrategy(FedAvg):
                              "eval-rank": int(rank), "eval-alpha": float(alpha)})
         sample_nodes(grid, self.min_available_nodes, 0)  # waits for the federation to connect
         adapter = ArrayRecord({k: Array(v.float().numpy()) for k, v in state.items()})
-        nodes = sorted(grid.get_node_ids())
-        if examples is None:
-            return [Message(content=RecordDict({"config": plan, "arrays": adapter,
-                                                **self.kept.base_delta_for(node)}),
-                            message_type=MessageType.EVALUATE, dst_node_id=node)
-                    for node in nodes]
-        base_delta = self.kept.whole_base_delta()
-        messages = []
-        for shard, (node, part) in enumerate(zip(nodes, example_shards(examples, len(nodes)))):
-            shard_plan = ConfigRecord({**plan, "eval-shard": shard, "eval-examples": json.dumps(
-                [[e.prompt, e.answer, e.label] for e in part])})
-            messages.append(Message(content=RecordDict({"config": shard_plan, "arrays": adapter,
-                                                        **base_delta}),
-                                    message_type=MessageType.EVALUATE, dst_node_id=node))
-        return messages
+        return evaluation_messages(plan, adapter, sorted(grid.get_node_ids()), self.kept, examples)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
                            num_labels: int = 0) -> MetricRecord | None:
-        """Pool the clients' counts (bad replies are logged and left out): ``fed_eval_*``
-        metrics of the pooled held-out data, ``fed_eval_accuracy_min`` (or
-        ``..._exact_match_min``) of the worst client and ``fed_eval_clients``; None when
-        no reply is usable. Each client's counts stay in ``evaluated_clients``, by
+        """Pool the clients' counts (strategies.evaluation.pool_evaluations; bad replies are
+        logged and left out); each client's counts stay in ``evaluated_clients``, by
         client-id."""
-        self.evaluated_clients = {}
-        for reply in replies:
-            try:
-                check_no_error(reply)
-                metrics = reply_metrics(reply)
-                client = client_identity(reply)
-                if client in self.evaluated_clients:
-                    raise FedLoraError(f"a second reply names itself client '{client}'")
-                self.evaluated_clients[client] = Scores.from_record(metrics, num_labels)
-            except FedLoraError as err:
-                self.kept.forget(reply.metadata.src_node_id)  # it may have lost its base delta
-                log.warning("round %d evaluation: left out node %d: %s", server_round,
-                            reply.metadata.src_node_id, err)
-        reports = list(self.evaluated_clients.values())
-        if not reports:
-            return None
-        pooled = sum(reports[1:], reports[0])
-        metrics = pooled.metrics("fed_eval_")
-        for key in ("accuracy", "exact_match"):
-            if f"fed_eval_{key}" in metrics:
-                metrics[f"fed_eval_{key}_min"] = min(r.metrics("")[key] for r in reports)
-        return MetricRecord({**metrics, "fed_eval_clients": len(reports)})
+        metrics, self.evaluated_clients = pool_evaluations(server_round, replies, num_labels, self.kept)
+        return metrics
 
     # ---- checkpoints ----------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """What the strategy holds beyond the global arrays, as tensors and plain values:
         saved after every round, so that a run can resume. Subclasses add their own."""
-        return {
-            "kept": self.kept.state_dict(),
-            "noise_generator": self.noise_generator.get_state(),
-            "accountant": self.accountant.state_dict() if self.accountant else None,
-        }
+        return {"kept": self.kept.state_dict(), "dp": self.dp.state_dict() if self.dp else None}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (after :meth:`initialize`)."""
         self.kept.load_state_dict(state["kept"])  # the clients of a resumed run hold nothing yet
         self.aggregated_rounds = {}
-        self.noise_generator.set_state(state["noise_generator"])
-        if self.accountant:
-            self.accountant.load_state_dict(state["accountant"])
+        if self.dp:
+            self.dp.load_state_dict(state["dp"])
 
     # ---- the method -----------------------------------------------------------------
 

@@ -1,13 +1,19 @@
-"""What a usable client reply is: no error, a client identity, usable DP-SGD settings, the
-LoRA shapes of the rank it announces. Each check raises FedLoraError with the reason the
+"""What a usable client reply is: no error, usable metrics, a client identity, usable DP-SGD
+settings, tensors that decode to the shapes expected (the LoRA shapes of the rank it
+announces, for a method of mixed ranks). Each check raises FedLoraError with the reason the
 server logs when it drops the reply."""
 
 from __future__ import annotations
 
 import math
 
-from flwr.app import ConfigRecord, Message, MetricRecord
+from collections.abc import Callable
 
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from fedlora.adapters import check_adapter_state
+from fedlora.codec import decode_payload
 from fedlora.errors import FedLoraError
 
 
@@ -62,3 +68,41 @@ def check_dpsgd_metrics(metrics: MetricRecord) -> None:
         raise FedLoraError(f"'dp-sample-rate' must be a float in (0, 1], got {rate!r}")
     if not isinstance(steps, int) or steps < 0:
         raise FedLoraError(f"'dp-steps' must be an int >= 0, got {steps!r}")
+
+
+def decode_reply(reply: Message, expected_shapes: Callable[[MetricRecord], dict],
+                 weighted_by_key: str = "num-examples", dpsgd: bool = False) -> dict[str, torch.Tensor]:
+    """A training reply's decoded tensors, or FedLoraError saying why it is unusable.
+
+    ``expected_shapes(metrics)`` gives the keys and shapes the tensors must have;
+    ``weighted_by_key`` names the metric holding the client's examples; with ``dpsgd`` the
+    reply must also carry its DP-SGD settings and a client identity (for the accountant).
+    """
+    check_no_error(reply)
+    content = reply.content
+    if not isinstance(content.get("arrays"), ArrayRecord):
+        raise FedLoraError("the reply has no ArrayRecord 'arrays'")
+    metrics = reply_metrics(reply)
+    num_examples = metrics.get(weighted_by_key)
+    if not isinstance(num_examples, int) or num_examples <= 0:
+        raise FedLoraError(f"'{weighted_by_key}' must be a positive int, got {num_examples!r}")
+    for key in ("train-loss", "train-seconds"):
+        value = metrics.get(key, 0.0)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise FedLoraError(f"'{key}' must be a finite number, got {value!r}")
+    if dpsgd:
+        check_dpsgd_metrics(metrics)
+        client_identity(reply)
+    if not isinstance(content.get("codec"), ConfigRecord):
+        raise FedLoraError("the reply has no ConfigRecord 'codec'")
+    try:
+        arrays = {k: a.numpy() for k, a in content["arrays"].items()}
+    except Exception as err:  # a hostile payload can fail in many ways inside Flower
+        raise FedLoraError(f"the arrays do not decode: {err}") from None
+    expected = expected_shapes(metrics)
+    try:
+        state = decode_payload(arrays, dict(content["codec"]), expected)
+    except (ValueError, TypeError, IndexError, RuntimeError) as err:  # hostile, not a bug
+        raise FedLoraError(f"the payload does not decode: {err}") from None
+    check_adapter_state(state, expected)
+    return state

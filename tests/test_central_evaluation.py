@@ -16,7 +16,7 @@ from fedlora.evaluate import score
 from fedlora.models import load_model
 from server.run import central_evaluation_on_clients
 from strategies import build_strategy
-from strategies.base import example_shards
+from strategies.evaluation import example_shards
 
 CPU = torch.device("cpu")
 LABELS = ["negative", "positive"]

@@ -286,8 +286,8 @@ def test_noise_is_fresh_from_the_os_unless_a_noise_seed_is_given():
     fresh = Privacy.from_config(config(dp="user"))
     assert fresh.seed() != fresh.seed()
     one, two = (build_strategy(config(dp="user")) for _ in range(2))
-    assert not torch.equal(torch.randn(8, generator=one.noise_generator),
-                           torch.randn(8, generator=two.noise_generator))
+    assert not torch.equal(torch.randn(8, generator=one.dp.noise_generator),
+                           torch.randn(8, generator=two.dp.noise_generator))
     seeded = Privacy.from_config(config(dp="sample", **{"dp-noise-seed": 3}))
     dpsgd = seeded.client_dpsgd(config(), 100, server_round=2, partition=5)
     assert dpsgd.sampling_seed == stream_seed(3, 2, 5, "dp-sgd-sampling") == seeded.seed(2, 5, "dp-sgd-sampling")

@@ -1,0 +1,84 @@
+"""Federated evaluation: the messages that ask clients to score the global adapter, and
+the pooling of their counts (a bad reply is logged and left out)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from fedlora.errors import FedLoraError
+from fedlora.evaluate import Scores
+from strategies.kept import KeptTensors
+from strategies.replies import check_no_error, client_identity, reply_metrics
+
+if TYPE_CHECKING:
+    from fedlora.data import Example
+
+log = logging.getLogger("fedlora")
+
+
+def example_shards(examples: list, count: int) -> list[list]:
+    """``examples`` in at most ``count`` contiguous, non-empty shares of near-equal size."""
+    count = max(1, min(count, len(examples)))
+    size, extra = divmod(len(examples), count)
+    bounds = [i * size + min(i, extra) for i in range(count + 1)]
+    return [examples[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def evaluation_messages(plan: ConfigRecord, adapter: ArrayRecord, nodes: list[int],
+                        kept: KeptTensors, examples: list[Example] | None = None) -> list[Message]:
+    """One EVALUATE message per node: the plan and the PEFT ``adapter``, with the base
+    delta where the node's own is behind, to score on its held-out slice.
+
+    With ``examples`` (central evaluation in the clients' processes) the nodes are sent
+    shares of those instead (plan ``eval-examples``, ``eval-shard``), with the whole base
+    delta, which they use for this evaluation only.
+    """
+    if examples is None:
+        return [Message(content=RecordDict({"config": plan, "arrays": adapter,
+                                            **kept.base_delta_for(node)}),
+                        message_type=MessageType.EVALUATE, dst_node_id=node)
+                for node in nodes]
+    base_delta = kept.whole_base_delta()
+    messages = []
+    for shard, (node, part) in enumerate(zip(nodes, example_shards(examples, len(nodes)))):
+        shard_plan = ConfigRecord({**plan, "eval-shard": shard, "eval-examples": json.dumps(
+            [[e.prompt, e.answer, e.label] for e in part])})
+        messages.append(Message(content=RecordDict({"config": shard_plan, "arrays": adapter,
+                                                    **base_delta}),
+                                message_type=MessageType.EVALUATE, dst_node_id=node))
+    return messages
+
+
+def pool_evaluations(server_round: int, replies: Iterable[Message], num_labels: int,
+                     kept: KeptTensors) -> tuple[MetricRecord | None, dict[str, Scores]]:
+    """The clients' counts pooled: (``fed_eval_*`` metrics of the pooled held-out data,
+    ``fed_eval_accuracy_min`` (or ``..._exact_match_min``) of the worst client and
+    ``fed_eval_clients``, or None when no reply is usable; each client's counts by
+    client-id). A node whose reply is left out is sent its base delta again next time."""
+    by_client: dict[str, Scores] = {}
+    for reply in replies:
+        try:
+            check_no_error(reply)
+            metrics = reply_metrics(reply)
+            client = client_identity(reply)
+            if client in by_client:
+                raise FedLoraError(f"a second reply names itself client '{client}'")
+            by_client[client] = Scores.from_record(metrics, num_labels)
+        except FedLoraError as err:
+            kept.forget(reply.metadata.src_node_id)  # it may have lost its base delta
+            log.warning("round %d evaluation: left out node %d: %s", server_round,
+                        reply.metadata.src_node_id, err)
+    reports = list(by_client.values())
+    if not reports:
+        return None, by_client
+    pooled = sum(reports[1:], reports[0])
+    metrics = pooled.metrics("fed_eval_")
+    for key in ("accuracy", "exact_match"):
+        if f"fed_eval_{key}" in metrics:
+            metrics[f"fed_eval_{key}_min"] = min(r.metrics("")[key] for r in reports)
+    return MetricRecord({**metrics, "fed_eval_clients": len(reports)}), by_client
