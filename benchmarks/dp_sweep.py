@@ -10,8 +10,8 @@ Runs ``--config`` for each strategy without DP and at each epsilon E: with ``--l
 ``--dp sample --dp-clip 1 --dp-target-epsilon E``. Into <output>/<name>/<variant>/;
 writes <output>/<name>/comparison.md, with each run's final epsilon and delta. Any other
 flag is simulate's and applies to every variant. (What DP-SGD costs per step:
-benchmarks/dpsgd_cost.py.) Issue 14's DP-SGD study (docs/results.md): 12 runs a seed of
-4.5-7 minutes on 2 cores, about 75 minutes a seed; the same command resumes, and
+benchmarks/dpsgd_cost.py.) Issue 14's DP-SGD study (docs/results.md): 36 runs of 2-7
+minutes on 2 cores (by machine), 2.1 hours in all; the same command resumes, and
 ``--seeds 0``, then ``0,1``, then ``0,1,2`` finishes one seed before the next starts:
 
     python benchmarks/dp_sweep.py --level sample --seeds 0,1,2 --name dp-sgd --output docs/results
