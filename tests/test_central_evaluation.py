@@ -2,10 +2,12 @@
 server's examples on the model it holds; the pooled counts equal the server's own
 evaluation, a lost share is scored at the server, and no client's kept state changes."""
 
+import json
 import math
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord
 from conftest import FakeGrid, client_plan, make_reply, node_context, train_reply
 
 import client.app
@@ -16,7 +18,9 @@ from fedlora.evaluate import score
 from fedlora.models import load_model
 from server.run import central_evaluation_on_clients
 from strategies import build_strategy
-from strategies.evaluation import example_shards
+from fedlora.codec import Codec
+from strategies.evaluation import MAX_EVAL_SHARES, evaluation_messages, example_shards
+from strategies.kept import KeptTensors
 
 CPU = torch.device("cpu")
 LABELS = ["negative", "positive"]
@@ -29,6 +33,17 @@ def test_shares_are_contiguous_near_equal_and_cover_every_example():
         assert [x for share in shares for x in share] == list(range(count))
         assert len(shares) == min(count, nodes) and all(shares)
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_a_large_federation_scores_a_few_shares_not_one_per_node():
+    examples = [Example(f"review {i}", LABELS[i % 2], i % 2) for i in range(200)]
+    messages = evaluation_messages(ConfigRecord({"round": 1}), ArrayRecord(), list(range(1, 1001)),
+                                   KeptTensors(Codec("fp32")), examples)
+    assert len(messages) == MAX_EVAL_SHARES < 200
+    assert [m.metadata.dst_node_id for m in messages] == list(range(1, MAX_EVAL_SHARES + 1))
+    sent = [json.loads(m.content["config"]["eval-examples"]) for m in messages]
+    assert [prompt for share in sent for prompt, _, _ in share] == [e.prompt for e in examples]
+    assert [m.content["config"]["eval-shard"] for m in messages] == list(range(MAX_EVAL_SHARES))
 
 
 class ClientsInThisProcess(FakeGrid):
