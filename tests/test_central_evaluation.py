@@ -7,18 +7,18 @@ import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
 from conftest import FakeGrid, client_plan, make_reply, node_context, train_reply
+from flwr.app import ArrayRecord, ConfigRecord
 
 import client.app
 from fedlora.adapters import add_to_weights, lora_applied
+from fedlora.codec import Codec
 from fedlora.config import RunConfig
 from fedlora.data import Example
 from fedlora.evaluate import score
 from fedlora.models import load_model
 from server.run import central_evaluation_on_clients
 from strategies import build_strategy
-from fedlora.codec import Codec
 from strategies.evaluation import MAX_EVAL_SHARES, evaluation_messages, example_shards
 from strategies.kept import KeptTensors
 
