@@ -30,7 +30,6 @@ class FedExLoRA(LoraStrategy):
     """
 
     name = "fedex"
-    default_lr = 3e-3  # simulations/tune-lr.toml (4 clients of rank 8): 1e-3 and 1e-2 validate lower
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

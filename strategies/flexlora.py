@@ -24,7 +24,6 @@ class FlexLoRA(TruncatedRankLoRA):
     """
 
     name = "flexlora"
-    default_lr = 3e-3  # simulations/tune-lr.toml (4 clients of rank 8): 1e-3 and 1e-2 validate lower
 
     def client_terms(self, state, metrics) -> State:
         return delta_weights(state, self.scale)  # s B_k A_k by module: dense, out x in

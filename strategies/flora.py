@@ -40,7 +40,6 @@ class FLoRA(LoraStrategy):
     name = "flora"
     heterogeneous_ranks = True
     upload = "weights"  # each client's fresh LoRA, whose initial state the server never saw
-    default_lr = 3e-3  # simulations/tune-lr.toml (4 clients of rank 8): 1e-3 and 1e-2 validate lower
 
     def __init__(self, ranks: tuple[int, ...] = (8,), scale: str = "per-rank", **kwargs) -> None:
         super().__init__(**kwargs)

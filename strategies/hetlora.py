@@ -21,7 +21,6 @@ class HetLoRA(TruncatedRankLoRA):
     """
 
     name = "hetlora"
-    default_lr = 3e-3  # simulations/tune-lr.toml (4 clients of rank 8): 1e-3 and 1e-2 validate lower
 
     def client_terms(self, state, metrics) -> State:
         return pad_lora(state, self.rank)

@@ -49,7 +49,6 @@ class SparseLoRA(LoraStrategy):
     """
 
     name = "sparse"
-    default_lr = 3e-3  # simulations/tune-lr.toml (upload density 0.1): 1e-3 and 1e-2 validate lower
 
     def __init__(
         self,
