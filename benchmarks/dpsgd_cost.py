@@ -21,6 +21,7 @@ from fedlora.data import client_examples, load_task
 from fedlora.models import load_model
 from fedlora.privacy import DPSGD
 from fedlora.train import train_local
+from strategies import resolved
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args()
 
-    config = RunConfig(model=args.model)
+    config = resolved(RunConfig(model=args.model))
     examples = client_examples(load_task(config), config, 0, config.num_clients)
     device = torch.device("cpu")
     dpsgd = DPSGD(noise=1.0, clip=1.0, sample_rate=config.batch_size / len(examples),

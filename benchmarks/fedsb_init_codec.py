@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedlora.study import METRICS, read_rows
+from server.outputs import METRICS, read_rows
 
 SETTINGS = ["--strategy", "fedsb", "--fedsb-init", "gradient", "--rank", "32",
             "--num-clients", "4", "--rounds", "3", "--local-steps", "10", "--eval-size", "200",

@@ -34,6 +34,7 @@ from fedlora.models import load_model
 from fedlora.privacy import DPSGD
 from fedlora.evaluate import evaluate
 from fedlora.train import train_local
+from strategies import resolved
 
 GiB = 2**30
 
@@ -190,7 +191,7 @@ def main() -> int:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"gpu_check on {name} (torch {torch.__version__}, CUDA {torch.version.cuda}), "
           f"model {args.model}", flush=True)
-    config = RunConfig(model=args.model, device=args.device)
+    config = resolved(RunConfig(model=args.model, device=args.device))
     task = load_task(config)
     examples = client_examples(task, config, 0, config.num_clients)
     adapted, tokenizer = check_training(config, examples, device, args)

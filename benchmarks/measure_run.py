@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from fedlora.study import read_rows
+from server.outputs import read_rows
 
 
 def tree_memory(process: psutil.Process) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedlora.study import read_rows
+from server.outputs import read_rows
 
 
 def newsgroups(split: str) -> pd.DataFrame:

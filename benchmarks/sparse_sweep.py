@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from server.report import write_comparison
+from fedlora.comparison import write_comparison
 from variants import run_variants
 
 

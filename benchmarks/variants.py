@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedlora.simulate import build_parser, study_from_args
+from fedlora.cli import build_parser, study_from_args
 from fedlora.simulate import main as simulate_main
-from fedlora.study import is_finished, run_dir
+from server.outputs import is_finished, run_dir
 
 
 def run_variants(config: str, variants: list[tuple[str, list[str]]], name: str, output: str,

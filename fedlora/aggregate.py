@@ -38,20 +38,6 @@ class RunningMean:
                 for key, value in self.sums.items()}
 
 
-def weighted_average(states: list[State], weights: list[float]) -> State:
-    """sum_k p_k * state_k / sum_k p_k, key by key: FedAvg of A and B separately (FedIT).
-
-    Inexact for LoRA: (sum p_k B_k)(sum p_k A_k) != sum p_k B_k A_k, which is why the
-    exact methods exist. Tensors are summed in fp64 and returned as fp32.
-    """
-    if len(states) != len(weights) or not states:
-        raise FedLoraError(f"{len(states)} states but {len(weights)} weights")
-    mean = RunningMean()
-    for state, weight in zip(states, weights):
-        mean.add(state, weight)
-    return mean.mean()
-
-
 def stack_lora(states: list[State], weights: list[float], scales: list[float]) -> State:
     """FLoRA's stacking: per module, A = [p_1 s_1 A_1; ...; p_K s_K A_K] (rows) and
     B = [B_1, ..., B_K] (columns), so that B A = sum_k p_k s_k B_k A_k exactly, for any

@@ -4,6 +4,15 @@ Every field has the same name in three places, with dashes: a CLI flag (``--num-
 a key of a ``simulations/*.toml`` file (``num-clients = 4``) and a key of Flower's run
 config (``[tool.flwr.app.config]`` in pyproject.toml). Values there are plain bool, int,
 float or str, so a config travels unchanged through ``flwr run``.
+
+A field's facts live in its ``metadata``, in one place: ``help``, ``bounds`` (lowest,
+highest, whether the lowest is allowed), ``choices``, ``method`` (the built-in strategy
+that alone reads it) and ``strategy_default`` (0 or empty means the strategy's own value,
+which the strategy registry fills in: ``strategies.resolved``).
+
+The config is plain data: building one checks only the values themselves
+(:meth:`RunConfig.validate`). What needs files, models or the strategy registry is
+checked once, before a run, by ``server.preflight``.
 """
 
 from __future__ import annotations
@@ -14,60 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora.codec import Codec
 from fedlora.errors import FedLoraError
+from fedlora.privacy import check_settings
 
 ALL_LINEAR = "all-linear"  # --target-modules' name for every linear layer but the output head
 
-# Bounds of numeric fields: (lowest, highest, whether the lowest is allowed).
-_BOUNDS: dict[str, tuple[float, float, bool]] = {
-    "num_clients": (1, 10_000, True),
-    "rounds": (1, 100_000, True),
-    "fraction_train": (0.0, 1.0, False),
-    "min_clients": (1, 10_000, True),
-    "rank": (1, 4096, True),
-    "alpha": (0.0, 1e6, False),
-    "local_steps": (1, 1_000_000, True),
-    "batch_size": (1, 65_536, True),
-    "lr": (0.0, 1.0, False),  # 0 (and rank 0) means the strategy's own, set on construction
-    "max_length": (8, 32_768, True),
-    "dirichlet_alpha": (0.0, 1e6, False),
-    "eval_size": (1, 1_000_000, True),
-    "val_size": (0, 1_000_000, True),
-    "fedsb_init_examples": (1, 1_000_000, True),
-    "upload_density": (0.0, 1.0, False),
-    "download_density": (0.0, 1.0, False),
-    "density_decay": (0.0, 1.0, False),
-    "density_decay_every": (1, 1_000_000, True),
-    "server_lr": (0.0, 10.0, False),
-    "eval_batch_size": (1, 65_536, True),
-    "eval_every": (1, 100_000, True),
-    "eval_max_new_tokens": (1, 4096, True),
-    "client_eval_fraction": (0.0, 0.9, False),
-    "seed": (0, 2**31 - 1, True),
-    "client_cpus": (1, 1024, True),
-    "round_timeout": (0.0, 1e7, False),
-    "dp_clip": (0.0, 1e6, False),
-    "dp_noise": (0.0, 1e6, True),
-    "dp_target_epsilon": (0.0, 1e6, True),
-    "dp_max_epsilon": (0.0, 1e6, True),
-    "dp_noise_seed": (-1, 2**31 - 1, True),
-}
-
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "partitioning": ("iid", "dirichlet"),
-    "device": ("auto", "cpu", "cuda"),
-    "dtype": ("auto", "float32", "bfloat16"),
-    "fedsb_init": ("auto", "gradient", "random"),
-    "fedsb_weighting": ("examples", "uniform"),
-    "flora_scale": ("per-rank", "uniform"),
-    "server_optimizer": ("avg", "adam"),
-    "dp": ("off", "user", "sample"),
-    "evaluation": ("auto", "central", "federated", "both"),
-    "central_eval_on": ("auto", "server", "clients"),
-}
-
 
 @dataclass
 class RunConfig:
@@ -111,33 +73,33 @@ class RunConfig:
     response_column: str = field(
         default="", metadata={"help": "response column of a user file (with --prompt-column)"}
     )
-    num_clients: int = field(default=4, metadata={"help": "number of clients (data partitions)"})
-    rounds: int = field(default=3, metadata={"help": "federated rounds"})
+    num_clients: int = field(default=4, metadata={"bounds": (1, 10_000, True), "help": "number of clients (data partitions)"})
+    rounds: int = field(default=3, metadata={"bounds": (1, 100_000, True), "help": "federated rounds"})
     fraction_train: float = field(
-        default=1.0, metadata={"help": "fraction of clients that train each round"}
+        default=1.0, metadata={"bounds": (0.0, 1.0, False), "help": "fraction of clients that train each round"}
     )
     min_clients: int = field(
-        default=1, metadata={"help": "a round fails unless at least this many clients reply"}
+        default=1, metadata={"bounds": (1, 10_000, True), "help": "a round fails unless at least this many clients reply"}
     )
-    rank: int = field(default=0, metadata={"help": "LoRA rank r; 0: the strategy's own"})
+    rank: int = field(default=0, metadata={"bounds": (1, 4096, True), "strategy_default": True, "help": "LoRA rank r; 0: the strategy's own"})
     ranks: str = field(
         default="",
         metadata={"help": "per-client ranks for flora, hetlora, flexlora, e.g. 16,8,4 (cycled over clients)"},
     )
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    alpha: float = field(default=16.0, metadata={"bounds": (0.0, 1e6, False), "help": "LoRA alpha (scale = alpha / r)"})
     target_modules: str = field(
         default="",
-        metadata={"help": f"comma-separated module names to adapt, or {ALL_LINEAR} (every "
+        metadata={"strategy_default": True, "help": f"comma-separated module names to adapt, or {ALL_LINEAR} (every "
                           "linear layer but the output head); empty: the strategy's own"},
     )
-    local_steps: int = field(default=10, metadata={"help": "optimizer steps per client per round"})
-    batch_size: int = field(default=8, metadata={"help": "local batch size"})
+    local_steps: int = field(default=10, metadata={"bounds": (1, 1_000_000, True), "help": "optimizer steps per client per round"})
+    batch_size: int = field(default=8, metadata={"bounds": (1, 65_536, True), "help": "local batch size"})
     lr: float = field(
         default=0.0,
-        metadata={"help": "local AdamW learning rate; 0: the strategy's own (docs/strategies.md, "
+        metadata={"bounds": (0.0, 1.0, False), "strategy_default": True, "help": "local AdamW learning rate; 0: the strategy's own (docs/strategies.md, "
                           "'Learning rates', says where each comes from)"},
     )
-    max_length: int = field(default=96, metadata={"help": "max tokens of a prompt and answer"})
+    max_length: int = field(default=96, metadata={"bounds": (8, 32_768, True), "help": "max tokens of a prompt and answer"})
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "recompute each layer's activations in the backward pass instead of "
@@ -145,26 +107,26 @@ class RunConfig:
                           "SmolLM2 at the defaults), a third more training time; not with --dp "
                           "sample"},
     )
-    partitioning: str = field(default="iid", metadata={"help": "iid or dirichlet (label skew)"})
+    partitioning: str = field(default="iid", metadata={"choices": ("iid", "dirichlet"), "help": "iid or dirichlet (label skew)"})
     dirichlet_alpha: float = field(
-        default=0.5, metadata={"help": "Dirichlet concentration; smaller is more skewed"}
+        default=0.5, metadata={"bounds": (0.0, 1e6, False), "help": "Dirichlet concentration; smaller is more skewed"}
     )
     flora_scale: str = field(
         default="per-rank",
-        metadata={"method": "flora", "help": "FLoRA's LoRA scale: per-rank (alpha / r_k, each client "
+        metadata={"choices": ("per-rank", "uniform"), "method": "flora", "help": "FLoRA's LoRA scale: per-rank (alpha / r_k, each client "
                           "its own) or uniform (alpha / --rank for every client; at alpha 16 and "
                           "rank 8 that is 2, the FLoRA reference's alpha = 2 r_k)"},
     )
     fedsb_init: str = field(
         default="auto",
-        metadata={"method": "fedsb", "help": "Fed-SB init: gradient (a federated round), random, or auto "
+        metadata={"choices": ("auto", "gradient", "random"), "method": "fedsb", "help": "Fed-SB init: gradient (a federated round), random, or auto "
                           "(gradient; random under --dp)"},
     )
     fedsb_weighting: str = field(
-        default="examples", metadata={"method": "fedsb", "help": "Fed-SB R average: examples (weighted) or uniform"}
+        default="examples", metadata={"choices": ("examples", "uniform"), "method": "fedsb", "help": "Fed-SB R average: examples (weighted) or uniform"}
     )
     fedsb_init_examples: int = field(
-        default=64, metadata={"method": "fedsb", "help": "examples per client for Fed-SB's gradient estimate"}
+        default=64, metadata={"bounds": (1, 1_000_000, True), "method": "fedsb", "help": "examples per client for Fed-SB's gradient estimate"}
     )
     fedsb_init_codec: str = field(
         default="",
@@ -181,36 +143,36 @@ class RunConfig:
         default="fp32", metadata={"help": "how the global adapter travels (same choices)"}
     )
     upload_density: float = field(
-        default=0.1, metadata={"method": "sparse", "help": "sparse: fraction of the update each client uploads"}
+        default=0.1, metadata={"bounds": (0.0, 1.0, False), "method": "sparse", "help": "sparse: fraction of the update each client uploads"}
     )
     download_density: float = field(
-        default=1.0, metadata={"method": "sparse", "help": "sparse: fraction of the global adapter sent down"}
+        default=1.0, metadata={"bounds": (0.0, 1.0, False), "method": "sparse", "help": "sparse: fraction of the global adapter sent down"}
     )
     density_decay: float = field(
-        default=1.0, metadata={"method": "sparse", "help": "sparse: densities shrink by this factor every ..."}
+        default=1.0, metadata={"bounds": (0.0, 1.0, False), "method": "sparse", "help": "sparse: densities shrink by this factor every ..."}
     )
     density_decay_every: int = field(
-        default=1, metadata={"method": "sparse", "help": "sparse: ... this many rounds: d_t = d_0 * decay^((t - 1) // every)"}
+        default=1, metadata={"bounds": (1, 1_000_000, True), "method": "sparse", "help": "sparse: ... this many rounds: d_t = d_0 * decay^((t - 1) // every)"}
     )
     server_optimizer: str = field(
-        default="avg", metadata={"method": "sparse", "help": "sparse: avg (FedAvg) or adam (FedOpt) on the global adapter"}
+        default="avg", metadata={"choices": ("avg", "adam"), "method": "sparse", "help": "sparse: avg (FedAvg) or adam (FedOpt) on the global adapter"}
     )
-    server_lr: float = field(default=1e-3, metadata={"method": "sparse", "help": "sparse: the server Adam's learning rate"})
+    server_lr: float = field(default=1e-3, metadata={"bounds": (0.0, 10.0, False), "method": "sparse", "help": "sparse: the server Adam's learning rate"})
     error_feedback: bool = field(
         default=False,
         metadata={"method": "sparse", "help": "sparse: clients keep what they did not send and add it next round"},
     )
     dp: str = field(
         default="off",
-        metadata={"help": "differential privacy: off, user (clip and noise client updates at "
+        metadata={"choices": ("off", "user", "sample"), "help": "differential privacy: off, user (clip and noise client updates at "
                           "the server) or sample (DP-SGD on each client)"},
     )
     dp_clip: float = field(
         default=1.0,
-        metadata={"help": "DP: L2 bound C of a client's update (user) or of an example's gradient (sample)"},
+        metadata={"bounds": (0.0, 1e6, False), "help": "DP: L2 bound C of a client's update (user) or of an example's gradient (sample)"},
     )
     dp_noise: float = field(
-        default=1.0, metadata={"help": "DP: noise multiplier z (noise std = z * C)"}
+        default=1.0, metadata={"bounds": (0.0, 1e6, True), "help": "DP: noise multiplier z (noise std = z * C)"}
     )
     dp_delta: float = field(
         default=0.0,
@@ -218,14 +180,14 @@ class RunConfig:
     )
     dp_target_epsilon: float = field(
         default=0.0,
-        metadata={"help": "DP: choose z so that the whole run ends at this epsilon (0: use --dp-noise)"},
+        metadata={"bounds": (0.0, 1e6, True), "help": "DP: choose z so that the whole run ends at this epsilon (0: use --dp-noise)"},
     )
     dp_max_epsilon: float = field(
-        default=0.0, metadata={"help": "DP: stop before a round that would exceed this epsilon (0: no limit)"}
+        default=0.0, metadata={"bounds": (0.0, 1e6, True), "help": "DP: stop before a round that would exceed this epsilon (0: no limit)"}
     )
     dp_noise_seed: int = field(
         default=-1,
-        metadata={"help": "DP: seed of the noise and of DP-SGD's sampling, for reproducible "
+        metadata={"bounds": (-1, 2**31 - 1, True), "help": "DP: seed of the noise and of DP-SGD's sampling, for reproducible "
                           "experiments; -1: fresh from the OS, which privacy needs"},
     )
     check_exactness: bool = field(
@@ -234,13 +196,13 @@ class RunConfig:
     )
     evaluation: str = field(
         default="auto",
-        metadata={"help": "central (the server's data), federated (each client's held-out "
+        metadata={"choices": ("auto", "central", "federated", "both"), "help": "central (the server's data), federated (each client's held-out "
                           "slice), both, or auto: federated with --client-data and no "
                           "--eval-dataset, else central"},
     )
     central_eval_on: str = field(
         default="auto",
-        metadata={"help": "where central evaluation runs: server (its own copy of the model) "
+        metadata={"choices": ("auto", "server", "clients"), "help": "where central evaluation runs: server (its own copy of the model) "
                           "or clients (the clients' processes score shares of the server's "
                           "examples, sent to them, on the model they hold: one copy of the "
                           "weights); auto: clients under python -m fedlora.simulate, else server "
@@ -248,35 +210,35 @@ class RunConfig:
     )
     client_eval_fraction: float = field(
         default=0.1,
-        metadata={"help": "federated evaluation: seeded fraction of each client's data held "
+        metadata={"bounds": (0.0, 0.9, False), "help": "federated evaluation: seeded fraction of each client's data held "
                           "out (never trained on)"},
     )
     eval_every: int = field(
-        default=1, metadata={"help": "evaluate every K rounds (and always round 0 and the last)"}
+        default=1, metadata={"bounds": (1, 100_000, True), "help": "evaluate every K rounds (and always round 0 and the last)"}
     )
     eval_size: int = field(
-        default=200, metadata={"help": "held-out examples of --dataset for central evaluation"}
+        default=200, metadata={"bounds": (1, 1_000_000, True), "help": "held-out examples of --dataset for central evaluation"}
     )
     val_size: int = field(
         default=0,
-        metadata={"help": "validation examples the server holds apart from the evaluation ones "
+        metadata={"bounds": (0, 1_000_000, True), "help": "validation examples the server holds apart from the evaluation ones "
                           "(from --dataset, else from --eval-dataset) and scores as val_* "
                           "metrics: a grid's values are chosen on them, never on the reported "
                           "evaluation"},
     )
-    eval_batch_size: int = field(default=32, metadata={"help": "batch size of evaluation"})
+    eval_batch_size: int = field(default=32, metadata={"bounds": (1, 65_536, True), "help": "batch size of evaluation"})
     eval_max_new_tokens: int = field(
         default=64,
-        metadata={"help": "prompt/response data: tokens greedy decoding may generate for exact match"},
+        metadata={"bounds": (1, 4096, True), "help": "prompt/response data: tokens greedy decoding may generate for exact match"},
     )
-    seed: int = field(default=0, metadata={"help": "seed of data split, init and training"})
+    seed: int = field(default=0, metadata={"bounds": (0, 2**31 - 1, True), "help": "seed of data split, init and training"})
     round_timeout: float = field(
-        default=3600.0, metadata={"help": "seconds to wait for client replies in a round"}
+        default=3600.0, metadata={"bounds": (0.0, 1e7, False), "help": "seconds to wait for client replies in a round"}
     )
-    device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cpu or cuda"})
+    device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda"), "help": "auto (CUDA if present), cpu or cuda"})
     dtype: str = field(
         default="auto",
-        metadata={"help": "the base model's weights: auto (bfloat16 on a GPU, float32 on the "
+        metadata={"choices": ("auto", "float32", "bfloat16"), "help": "the base model's weights: auto (bfloat16 on a GPU, float32 on the "
                           "CPU), float32 or bfloat16. Adapters and the label scores stay in "
                           "fp32. On this project's CPU (AVX-512 BF16) bfloat16 trains faster "
                           "but evaluates slower and peaks higher than float32 "
@@ -284,7 +246,7 @@ class RunConfig:
     )
     client_cpus: int = field(
         default=1,
-        metadata={"help": "simulation: CPU cores (and torch threads) of each client actor; "
+        metadata={"bounds": (1, 1024, True), "help": "simulation: CPU cores (and torch threads) of each client actor; "
                           "cores / client-cpus clients train at once"},
     )
     output: str = field(default="runs", metadata={"help": "folder that holds run folders"})
@@ -297,18 +259,6 @@ class RunConfig:
     )
 
     # ---- construction -------------------------------------------------------------------
-
-    def __post_init__(self) -> None:
-        """A learning rate or rank of 0, or no target modules, means the strategy's own
-        (``default_lr_for(config)``, ``default_rank``, ``default_target_modules``:
-        docs/strategies.md)."""
-        if not (self.lr and self.rank and self.target_modules):
-            from strategies import strategy_class
-
-            method = strategy_class(self.strategy)
-            self.lr = self.lr or method.default_lr_for(self)
-            self.rank = self.rank or method.default_rank
-            self.target_modules = self.target_modules or method.default_target_modules
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -351,19 +301,25 @@ class RunConfig:
     # ---- validation ---------------------------------------------------------------------
 
     def validate(self) -> None:
-        """Raise FedLoraError naming the first bad value and what would be valid."""
-        for name, (low, high, low_ok) in _BOUNDS.items():
-            value = getattr(self, name)
+        """Raise FedLoraError naming the first bad value and what would be valid: the values
+        themselves and how they combine, nothing that needs a file, a model or a strategy."""
+        fields = dataclasses.fields(self)
+        for f in fields:
+            if "bounds" not in f.metadata:
+                continue
+            value, (low, high, low_ok) = getattr(self, f.name), f.metadata["bounds"]
+            if value == 0 and f.metadata.get("strategy_default"):
+                continue  # the strategy's own, filled in by strategies.resolved
             if value < low or (value == low and not low_ok) or value > high:
                 lower = "[" if low_ok else "("
                 raise FedLoraError(
-                    f"--{name.replace('_', '-')} must be in {lower}{low:g}, {high:g}], got {value:g}"
+                    f"--{f.name.replace('_', '-')} must be in {lower}{low:g}, {high:g}], got {value:g}"
                 )
-        for name, choices in _CHOICES.items():
-            value = getattr(self, name)
-            if value not in choices:
+        for f in fields:
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value not in choices:
                 raise FedLoraError(
-                    f"unknown {name} '{value}'; valid choices: {', '.join(choices)}"
+                    f"unknown {f.name} '{value}'; valid choices: {', '.join(choices)}"
                 )
         if self.client_data and len(self.client_data_list) != self.num_clients:
             raise FedLoraError(
@@ -393,7 +349,7 @@ class RunConfig:
             raise FedLoraError(
                 f"--min-clients {self.min_clients} exceeds --num-clients {self.num_clients}"
             )
-        if not self.target_module_list:
+        if self.target_modules.strip() and not self.target_module_list:
             raise FedLoraError("--target-modules is empty; give e.g. q_proj,v_proj")
         if self.gradient_checkpointing and self.dp == "sample":
             raise FedLoraError("--gradient-checkpointing runs each layer's forward pass twice, "
@@ -403,8 +359,6 @@ class RunConfig:
         if ALL_LINEAR in self.target_module_list and len(self.target_module_list) > 1:
             raise FedLoraError(f"--target-modules {self.target_modules}: {ALL_LINEAR} already "
                                "names every linear layer; give it alone or list names")
-        from fedlora.codec import Codec
-
         for flag, value in (("--upload-codec", self.upload_codec),
                             ("--download-codec", self.download_codec)):
             if Codec.parse(value).kind == "sign":
@@ -415,21 +369,9 @@ class RunConfig:
                 "fp32", "fp16", "bf16", "sign"):
             raise FedLoraError(f"--fedsb-init-codec {self.fedsb_init_codec}: valid choices: "
                                "fp32, fp16, bf16, sign")
-        from fedlora.privacy import check_settings
-
         check_settings(self)
         if bool(self.prompt_column) != bool(self.response_column):
             raise FedLoraError("--prompt-column and --response-column go together; give both")
-        # Model and dataset names are checked where they are resolved, against their registries.
-        from fedlora.data import check_data_file, check_dataset_name, declared_label_words
-        from fedlora.models import check_model_name
-
-        check_model_name(self.model)
-        if not self.client_data:  # clients read their own files: their errors are theirs
-            check_dataset_name(self.dataset)
-        if self.eval_dataset:
-            check_data_file(self.eval_dataset, "--eval-dataset")
-        declared_label_words(self)  # raises on a malformed --labels / --label-names
 
     @property
     def rank_list(self) -> list[int]:

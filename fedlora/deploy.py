@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,22 +30,20 @@ from pathlib import Path
 
 import tomli_w
 
+from fedlora.cli import build_parser as build_simulate_parser
+from fedlora.cli import preflight_runs, print_outputs, study_from_args
 from fedlora.config import RunConfig, comma_list
 from fedlora.errors import FedLoraError
-from fedlora.simulate import build_parser as build_simulate_parser
-from fedlora.simulate import print_outputs, study_from_args
+from fedlora.processes import (DeploymentFailed, Processes, flower_env, flower_tool, free_ports,
+                               listening, wait_until)
 from fedlora.study import StudyRun, pending
+from server.outputs import run_dir
 
 # The project folder: `flwr run` builds the Flower app from its pyproject.toml.
 ROOT = Path(__file__).resolve().parents[1]
 MAKE_CERTS = ROOT / "scripts" / "make_certs.sh"
 CONNECTION = "fedlora-deploy"  # the SuperLink connection's name in $FLWR_HOME/config.toml
-START_TIMEOUT = 120.0  # seconds for the SuperLink to listen and each SuperNode to connect
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class DeploymentFailed(FedLoraError):
-    """A Flower process or the run failed; the message names the log to read."""
 
 
 @dataclass
@@ -143,142 +140,6 @@ def _ranks(text: str) -> tuple[int, ...]:
     return tuple(ranks)
 
 
-class Processes:
-    """The processes a deployment starts; ``stop`` ends them and everything they started.
-
-    Each starts in a session of its own, so a Ctrl-C in the terminal reaches only this
-    program, which then stops them all. Flower's SuperLink and SuperNodes start helper
-    processes (SuperExec, ServerApp, ClientApps) in sessions of their own too: ``stop``
-    finds them by walking the process tree before it signals anything.
-    """
-
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env = env
-        self.log_dir = log_dir
-        self.started: dict[str, subprocess.Popen] = {}
-        self.log_offsets: dict[str, int] = {}  # where this deployment's part of a log starts
-
-    def start(self, name: str, command: list[str], pipe: bool = False) -> subprocess.Popen:
-        """Start ``command``; its output goes to ``logs/<name>.log``, or to a pipe."""
-        if pipe:
-            output = subprocess.PIPE
-        else:
-            output = (self.log_dir / f"{name}.log").open("ab")  # a resumed run adds to it
-            self.log_offsets[name] = output.tell()
-        process = subprocess.Popen(
-            command, env=self.env, stdin=subprocess.DEVNULL, stdout=output,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )
-        if not pipe:
-            output.close()  # the child holds its own copy
-        self.started[name] = process
-        return process
-
-    def log(self, name: str) -> str:
-        """What process ``name`` has written to its log so far."""
-        with (self.log_dir / f"{name}.log").open("rb") as log:
-            log.seek(self.log_offsets[name])
-            return log.read().decode(errors="replace")
-
-    def check(self, *names: str) -> None:
-        """Raise DeploymentFailed if one of the named processes has exited."""
-        for name in names:
-            code = self.started[name].poll()
-            if code is not None:
-                raise DeploymentFailed(
-                    f"{name} exited with code {code}; see {self.log_dir / (name + '.log')}"
-                )
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM to every process started and its descendants, SIGKILL after ``timeout``."""
-        import psutil  # a dependency of peft and accelerate
-
-        tree = []
-        for process in self.started.values():
-            try:
-                root = psutil.Process(process.pid)
-                tree += [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for process in self.started.values():
-                # Its group: the process and any child that stayed in it. Only while the
-                # process is not reaped, so that its id cannot name another group yet.
-                if process.poll() is None:
-                    try:
-                        os.killpg(process.pid, sig)
-                    except (ProcessLookupError, PermissionError):
-                        pass
-            for process in tree:  # psutil checks the pid still names the same process
-                try:
-                    process.send_signal(sig)
-                except psutil.Error:
-                    pass
-            deadline = time.monotonic() + timeout
-            while (tree := _running(tree)) and time.monotonic() < deadline:
-                for process in self.started.values():
-                    process.poll()  # reap our children as they exit
-                time.sleep(0.1)
-            if not tree:
-                break
-        for process in self.started.values():
-            try:
-                process.wait(timeout=1.0)  # reap our children: no zombies left behind
-            except subprocess.TimeoutExpired:
-                pass  # not even SIGKILL ended it (a process stuck in the kernel)
-
-
-def _running(processes: list) -> list:
-    """The psutil processes that still run. A zombie does not: it is dead, and a
-    container's init may never reap the helpers whose parent exited."""
-    import psutil
-
-    running = []
-    for process in processes:
-        try:
-            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                running.append(process)
-        except psutil.NoSuchProcess:
-            pass
-    return running
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports that are free on 127.0.0.1 right now."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def flower_env(home: Path) -> dict[str, str]:
-    """The environment of the Flower processes: their own FLWR_HOME, this Python's tools."""
-    tools = str(Path(sys.executable).parent)  # flower-superexec is started by name
-    return {
-        **os.environ,
-        "PATH": tools + os.pathsep + os.environ.get("PATH", ""),
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # use this environment
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PYTHONUNBUFFERED": "1",  # the run's log reaches the terminal as it is written
-    }
-
-
-def flower_tool(name: str) -> str:
-    """The path of a Flower command, next to this Python or on PATH."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.is_file() else shutil.which(name)
-    if found is None:
-        raise FedLoraError(f"'{name}' was not found next to {sys.executable} or on PATH; "
-                           "install flwr in this environment")
-    return found
-
-
 def make_certs(folder: Path) -> Path:
     """Trial certificates for 127.0.0.1 in ``folder``; return it."""
     if shutil.which("openssl") is None:
@@ -299,27 +160,6 @@ def write_connection(home: Path, port: int, certs: Path | None) -> None:
         connection["root-certificates"] = str(certs / "ca.crt")
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(tomli_w.dumps({"superlink": {CONNECTION: connection}}))
-
-
-def wait_until(ready, what: str, processes: Processes, watched: list[str],
-               timeout: float = START_TIMEOUT) -> float:
-    """Wait until ``ready()`` while the watched processes live; return the seconds waited."""
-    start = time.perf_counter()
-    while not ready():
-        processes.check(*watched)
-        if time.perf_counter() - start > timeout:
-            raise DeploymentFailed(f"{what} within {timeout:.0f}s; see the logs in "
-                                   f"{processes.log_dir}")
-        time.sleep(0.2)
-    return time.perf_counter() - start
-
-
-def listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
-        return True
-    except OSError:
-        return False
 
 
 def start_federation(federation: Federation, processes: Processes, certs: Path | None) -> int:
@@ -421,13 +261,7 @@ def run_once(config: RunConfig, federation: Federation, processes: Processes,
     print(f"deploy: run {run_id} completed: {float(runs[0].get('elapsed', 0)):.1f}s running "
           f"(ServerApp {float(compute.get('serverapp-seconds', 0)):.1f}s, ClientApps "
           f"{float(compute.get('clientapp-seconds', 0)):.1f}s in all)", flush=True)
-    return run_folder(config)
-
-
-def run_folder(config: RunConfig) -> Path:
-    """Where the server writes the run (server.run.make_run_dir): the ``--resume`` folder,
-    else ``<output>/<name>``."""
-    return Path(config.resume) if config.resume else Path(config.output) / config.name
+    return run_dir(config)
 
 
 def run_config_overrides(config: RunConfig) -> dict:
@@ -459,21 +293,14 @@ def _copy_lines(source, path: Path) -> None:
 
 def deploy(configs: list[RunConfig], federation: Federation) -> list[Path]:
     """Run ``configs`` one after another on one federation; return their run folders."""
-    from fedlora.models import resolve_model
-    from server.run import check_unused, evaluation_for
-    from strategies import build_strategy
-
     if not (ROOT / "pyproject.toml").is_file():
         raise FedLoraError(f"python -m fedlora.deploy runs the Flower app of the project "
                            f"folder, and {ROOT} has no pyproject.toml; install from a clone")
-    for config in configs:  # mistakes fail here, before a process starts
-        evaluation_for(build_strategy(config), config)  # an unknown strategy or a refused combination
-        resolve_model(config.model)  # convert a GGUF once, before the processes load it
+    preflight_runs(configs)  # mistakes fail here, before a process starts
+    for config in configs:
         run_config_overrides(config)  # a key that flwr run would refuse
-        if not config.resume:
-            check_unused(run_folder(config))
     # The folder that holds them all: a comparison's or a study's.
-    folder = Path(os.path.commonpath([run_folder(c) for c in configs]))
+    folder = Path(os.path.commonpath([run_dir(c) for c in configs]))
     log_dir = folder / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
 

@@ -25,16 +25,18 @@ import dataclasses
 import sys
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from fedlora.cli import build_parser as build_command_parser
+from fedlora.cli import study_from_args
 from fedlora.errors import FedLoraError
-from fedlora.simulate import build_parser as build_simulate_parser  # sets Flower's env vars
-from server.run import evaluation_for, plan_record, traffic  # noqa: E402
+from fedlora.wire import reply_content, run_record, train_metrics
+from server.dry_run import DryRunGrid, dry_run
+from server.preflight import preflight
+from server.transport import traffic
 
 
 @dataclass
@@ -72,53 +74,29 @@ def meta_model(name: str, target_modules: list[str]):
     return model
 
 
-class PlanGrid:
-    """What a strategy asks of Flower's Grid when it builds messages: the node ids."""
-
-    def __init__(self, clients: int) -> None:
-        self.nodes = list(range(1, clients + 1))  # node n serves partition n - 1
-
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
-
-
-@contextmanager
-def dry_run() -> Iterator[None]:
-    """Flower gives every message the run it belongs to; a dry run has none, so it
-    borrows a placeholder identity for as long as it builds messages."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    try:
-        yield
-    finally:
-        TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
-
-
 def stand_in_reply(message, strategy, examples: dict[int, int], generator):
     """The reply a real client would send to ``message``, with random tensors: it reads
     the plan as the ClientApp does (the strategy may set the rank and codec there)."""
     from flwr.app import Message, Metadata, MetricRecord
 
-    from client.app import client_rank, plan_to_config, reply_content, train_metrics
+    from client.app import client_rank
+    from fedlora import wire
     from fedlora.codec import Codec, encode_payload
     from fedlora.privacy import Privacy
 
     node = message.metadata.dst_node_id
     partition = node - 1
-    plan = message.content["config"]
-    # The model is not the stand-in's concern (and a config.json is no model a run loads).
-    config = plan_to_config({**plan, "model": "tiny-llama"})
-    if plan["task"] == "gradient":
-        metrics = {"num-examples": min(examples[partition], int(plan["gradient-examples"]))}
-        shapes, codec = strategy.init_reply_shapes(), Codec.parse(str(plan["gradient-codec"]))
+    plan = wire.Plan.from_record(message.content[wire.CONFIG])
+    config = plan.run
+    if plan.task == "gradient":
+        metrics = {wire.NUM_EXAMPLES: min(examples[partition], plan.gradient_examples)}
+        shapes, codec = strategy.init_reply_shapes(), Codec.parse(str(plan.gradient_codec))
     else:
         privacy = Privacy.from_config(config)
-        dpsgd = (privacy.client_dpsgd(config, examples[partition], int(plan["server-round"]),
-                                      partition)
+        dpsgd = (privacy.client_dpsgd(config, examples[partition], plan.server_round, partition)
                  if privacy and privacy.mode == "sample" else None)
         stats = {"train_loss": 1.0 + generator.random(), "train_seconds": 1.0 + generator.random()}
-        metrics = train_metrics(examples[partition], stats, client_rank(config, {}, partition),
+        metrics = train_metrics(examples[partition], stats, client_rank(plan, {}, partition),
                                 dpsgd, config.local_steps)
         shapes = strategy.expected_shapes(MetricRecord(metrics))
         codec = Codec.parse(config.upload_codec)
@@ -139,10 +117,9 @@ def plan_traffic(config, model=None) -> list[RoundBytes]:
     from flwr.app import ConfigRecord
 
     from fedlora.data import load_task, local_examples, server_data
-    from strategies import build_strategy
 
-    strategy = build_strategy(config)
-    config = evaluation_for(strategy, config)
+    # A config.json is checked by meta_model: no weights are read.
+    strategy, config = preflight(config, model=not config.model.endswith(".json"))
     model = model if model is not None else meta_model(config.model, config.target_module_list)
     words = server_data(config).label_words
     task = None if config.client_data else load_task(config, words)
@@ -152,8 +129,8 @@ def plan_traffic(config, model=None) -> list[RoundBytes]:
         train, _ = local_examples(config, data_file, partition, config.num_clients, words, task)
         examples[partition] = len(train)
     generator = np.random.default_rng(config.seed)
-    grid = PlanGrid(config.num_clients)
-    plan: ConfigRecord = plan_record(config, words)
+    grid = DryRunGrid(range(1, config.num_clients + 1))  # node n serves partition n - 1
+    plan: ConfigRecord = run_record(config, words)
     rounds = []
     with dry_run():
         arrays = strategy.initialize(model)
@@ -214,7 +191,7 @@ def table(config, rounds: list[RoundBytes]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """``python -m fedlora.simulate``'s flags; ``--model`` also takes a config.json."""
-    parser = build_simulate_parser()
+    parser = build_command_parser()
     parser.prog = "python -m fedlora.plan"
     parser.description = ("The exact bytes each client uploads and downloads per round and in "
                           "the initialisation, for every strategy of --strategy, without "
@@ -224,8 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedlora.simulate import study_from_args
-
     # peft looks for the model's files beside a config.json, and says it found none.
     warnings.filterwarnings("ignore", message="Could not find a config file")
 

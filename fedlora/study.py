@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import math
 import shutil
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from fedlora.config import RunConfig, comma_list
 from fedlora.errors import FedLoraError
@@ -108,7 +105,7 @@ def expand(base: dict, study: dict, strategy: str, name: str, multi: bool) -> li
     keys, ``name`` the folder under ``--output``; ``multi`` says whether the command runs
     more than one strategy (each then gets its own folder level).
     """
-    from strategies import folder_name
+    from strategies import folder_name, resolved
 
     seeds = parse_list("seeds", study["seeds"], int) if "seeds" in study else None
     grids = {GRID_FIELDS[key]: parse_list(key, study[key], float if key == "lr-grid" else int)
@@ -127,7 +124,7 @@ def expand(base: dict, study: dict, strategy: str, name: str, multi: bool) -> li
         merged = {**base, **settings, "strategy": strategy, "name": "/".join(parts)}
         if seed is not None:
             merged["seed"] = seed
-        config = RunConfig.from_dict(merged)
+        config = resolved(RunConfig.from_dict(merged))
         runs.append(StudyRun(config, strategy, settings, config.seed, name))
     tuned = len(grids.get("lr", []))
     if tuned > 1 and not runs[0].config.val_size:
@@ -135,21 +132,6 @@ def expand(base: dict, study: dict, strategy: str, name: str, multi: bool) -> li
                            "chosen on a validation split; give --val-size N (e.g. 200), which "
                            "the server holds apart from the reported evaluation")
     return runs
-
-
-def run_dir(config: RunConfig) -> Path:
-    """Where a run's outputs go: <output>/<name>."""
-    return Path(config.output) / config.name
-
-
-SUMMARY = "summary.json"  # in a run folder: how the run ended, written last
-METRICS = "metrics.jsonl"  # in a run folder: one JSON row per round
-
-
-def is_finished(folder: Path) -> bool:
-    """Whether the run in ``folder`` ended: SUMMARY is the last file a run writes (and
-    with config.toml and metrics.jsonl, all a committed study keeps of it)."""
-    return (folder / SUMMARY).is_file()
 
 
 def pending(runs: list[StudyRun]) -> list[RunConfig]:
@@ -164,6 +146,7 @@ def to_do(runs: list[StudyRun]) -> list[RunConfig]:
     from its checkpoint, one that completed no round starts again. A run folder whose
     saved settings differ from the command's is refused (its figures would be mixed up
     with another study's)."""
+    from server.outputs import CHECKPOINT, METRICS, is_finished, read_rows, run_dir
     from strategies import unread_settings
 
     pending = []
@@ -186,79 +169,9 @@ def to_do(runs: list[StudyRun]) -> list[RunConfig]:
         if is_finished(folder):
             continue
         rounds = [row["round"] for row in read_rows(folder)] if (folder / METRICS).is_file() else []
-        if (folder / "checkpoint.pt").is_file() and max(rounds, default=0) < run.config.rounds:
+        if (folder / CHECKPOINT).is_file() and max(rounds, default=0) < run.config.rounds:
             pending.append(dataclasses.replace(run.config, resume=str(folder)))
         else:  # no round completed (or all did, and it stopped before its outputs): again
             shutil.rmtree(folder)
             pending.append(run.config)
     return pending
-
-
-# ---- the summary ------------------------------------------------------------------------
-
-
-@dataclass
-class Summary:
-    """Mean, standard deviation (n - 1) and the half-width of the 95 % confidence interval
-    (Student's t) of one figure over seeds."""
-
-    values: list[float]
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.values))
-
-    @property
-    def std(self) -> float:
-        return float(np.std(self.values, ddof=1)) if self.n > 1 else math.nan
-
-    @property
-    def half_width(self) -> float:
-        if self.n < 2:
-            return math.nan
-        from scipy.stats import t
-
-        return float(t.ppf(0.975, self.n - 1) * self.std / math.sqrt(self.n))
-
-    def interval(self, low: float = -math.inf, high: float = math.inf) -> tuple[float, float]:
-        """The 95 % confidence interval of the mean, cut to [low, high], the figure's own
-        range (accuracy's [0, 1]): the mean lies there, so the cut interval covers it as
-        often as the whole one."""
-        return max(low, self.mean - self.half_width), min(high, self.mean + self.half_width)
-
-
-def read_rows(folder: Path) -> list[dict]:
-    """The rows of a run folder's metrics.jsonl, round 0 first."""
-    return [json.loads(line) for line in (folder / METRICS).open()]
-
-
-def latest(rows: list[dict], key: str):
-    """The value of ``key`` in the last row that has it (rows skipped by --eval-every, or
-    a federated evaluation no client answered, have none), else None."""
-    return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
-
-
-def selection_key(rows: list[dict]) -> tuple[str, bool] | None:
-    """The validation figure a grid value is chosen on, and whether higher is better."""
-    for key, higher in (("val_accuracy", True), ("val_exact_match", True), ("val_loss", False)):
-        if latest(rows, key) is not None:
-            return key, higher
-    return None
-
-
-def choose(groups: dict[str, list[list[dict]]]) -> tuple[str, str | None]:
-    """The grid value with the best mean final validation figure over its seeds (the first
-    in grid order on a tie), and that figure's name; with one value, that value."""
-    values = list(groups)
-    if len(values) == 1:
-        return values[0], None
-    key, higher = selection_key(groups[values[0]][0]) or (None, True)
-    if key is None:
-        raise FedLoraError(f"the runs of {values[0]} have no validation figures to choose on")
-    means = {v: Summary([latest(rows, key) for rows in groups[v]]).mean for v in values}
-    best = max(values, key=lambda v: means[v] if higher else -means[v])
-    return best, key

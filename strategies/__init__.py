@@ -109,12 +109,19 @@ def ignored_settings(config) -> list[str]:
             for f in unread_settings(config) if getattr(config, f.name) != f.default]
 
 
+def resolved(config):
+    """``config`` with its strategy's own values where it leaves them to the strategy (a
+    learning rate or rank of 0, empty target modules): ``LoraStrategy.resolve``."""
+    return strategy_class(config.strategy).resolve(config)
+
+
 def build_strategy(config) -> LoraStrategy:
-    """The strategy named by ``config.strategy``, built from the config."""
-    return strategy_class(config.strategy).from_config(config)
+    """The strategy named by ``config.strategy``, built from the config (its defaults
+    filled in: :func:`resolved`)."""
+    return strategy_class(config.strategy).from_config(resolved(config))
 
 
 __all__ = [
     "ENTRY_POINT_GROUP", "STRATEGIES", "LoraStrategy", "build_strategy", "folder_name",
-    "ignored_settings", "strategy_class", "unread_settings",
+    "ignored_settings", "resolved", "strategy_class", "unread_settings",
 ]

@@ -13,6 +13,7 @@ and where needed :meth:`client_terms`, :meth:`expected_shapes`, :meth:`complete`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,15 +24,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from fedlora import wire
 from fedlora.adapters import fresh_lora_state, target_linears
 from fedlora.aggregate import RunningMean, State, aggregation_error, delta_weights
 from fedlora.codec import Codec, encode_payload
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import Scores
 from fedlora.privacy import Privacy, clip_update
+from fedlora.wire import Plan, client_identity, run_from_record
 from strategies.evaluation import evaluation_messages, pool_evaluations
 from strategies.kept import KeptTensors
-from strategies.replies import client_identity, decode_reply
+from strategies.replies import decode_reply
 from strategies.server_privacy import ServerPrivacy
 
 if TYPE_CHECKING:
@@ -150,6 +153,21 @@ class LoraStrategy(FedAvg):
         its initialisation); ``default_lr`` unless a method overrides it."""
         return cls.default_lr
 
+    @classmethod
+    def resolve(cls, config):
+        """``config`` with this method's own values where it leaves them to the strategy: a
+        learning rate or rank of 0 and empty target modules (``default_lr_for(config)``,
+        ``default_rank``, ``default_target_modules``: docs/strategies.md)."""
+        if config.lr and config.rank and config.target_modules.strip():
+            return config
+        return dataclasses.replace(
+            config,
+            lr=config.lr or cls.default_lr_for(config),
+            rank=config.rank or cls.default_rank,
+            target_modules=config.target_modules if config.target_modules.strip()
+            else cls.default_target_modules,
+        )
+
     def __init__(
         self,
         rank: int = 8,
@@ -162,7 +180,7 @@ class LoraStrategy(FedAvg):
         check_exactness: bool = False,
         upload_codec: str = "fp32",
         download_codec: str = "fp32",
-        weighted_by_key: str = "num-examples",
+        weighted_by_key: str = wire.NUM_EXAMPLES,
         privacy: Privacy | None = None,
     ) -> None:
         super().__init__(
@@ -308,32 +326,27 @@ class LoraStrategy(FedAvg):
         parts of the global state, such as their own rank's, narrows it here)."""
         return sent
 
-    def plan(self, config: ConfigRecord, server_round: int, task: str) -> ConfigRecord:
-        """The run config plus what the client must do this round (the adapter settings
-        are the strategy's own, so a strategy built by hand need not match the config)."""
-        return ConfigRecord({
-            **config,
-            "rank": self.rank,
-            "alpha": float(self.alpha),
-            "target-modules": ",".join(self.target_modules),
-            "seed": self.seed,
-            "server-round": server_round,
-            "task": task,
-            "adapter": self.adapter,
-            "trainable": ",".join(self.trainable),
-            "personal": ",".join(self.personal),
-            "upload": self.upload,
-            "upload-codec": self.upload_codec.name,
-            **self.kept.plan(),
-        })
+    def plan(self, config: ConfigRecord, server_round: int, task: str) -> Plan:
+        """What the clients must do this round (fedlora.wire.Plan): the run config of
+        ``config`` (fedlora.wire.run_record) with the strategy's own adapter settings (so a
+        strategy built by hand need not match the config), and the round's task. A method
+        that tells its clients more sets the plan's other fields here."""
+        run, label_words = run_from_record(config)
+        run = dataclasses.replace(self.resolve(run), rank=self.rank, alpha=float(self.alpha),
+                                  target_modules=",".join(self.target_modules), seed=self.seed,
+                                  upload_codec=self.upload_codec.name)
+        return Plan(run, label_words, server_round, task, adapter=self.adapter,
+                    trainable=self.trainable, personal=self.personal, upload=self.upload,
+                    kept_batches=len(self.kept.batches), base_delta_version=self.kept.base_version)
 
-    def message(self, node_id: int, plan: ConfigRecord, payload: dict, header: dict) -> Message:
+    def message(self, node_id: int, plan: Plan, payload: dict, header: dict) -> Message:
         """One node's message: plan, encoded global tensors and the kept tensors it lacks."""
+        # The fate of its last reply: error feedback keeps what the server never used.
+        plan = dataclasses.replace(plan, aggregated_round=self.aggregated_rounds.get(node_id, 0))
         content = RecordDict({
-            # The fate of its last reply: error feedback keeps what the server never used.
-            "config": ConfigRecord({**plan, "aggregated-round": self.aggregated_rounds.get(node_id, 0)}),
-            "arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
-            "codec": ConfigRecord(header),
+            wire.CONFIG: plan.to_record(),
+            wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in payload.items()}),
+            wire.CODEC: ConfigRecord(header),
             **self.kept.batches_for(node_id),
             **self.kept.base_delta_for(node_id),
         })
@@ -379,7 +392,7 @@ class LoraStrategy(FedAvg):
         state = self.accept(round_.server_round, reply, self.expected_shapes)
         if state is None:
             return
-        metrics = reply.content["metrics"]
+        metrics = reply.content[wire.METRICS]
         round_.nodes.append(reply.metadata.src_node_id)
         round_.metrics.append(metrics)
         if self.privacy and self.privacy.mode == "sample":
@@ -412,9 +425,9 @@ class LoraStrategy(FedAvg):
             self.aggregated_rounds[node] = round_.server_round
         weights = [self.client_weight(m) for m in metrics]
         weights = [w / sum(weights) for w in weights]
-        aggregated = MetricRecord({"train-seconds": sum(float(m.get("train-seconds", 0.0)) for m in metrics)})
+        aggregated = MetricRecord({"train-seconds": sum(float(m.get(wire.TRAIN_SECONDS, 0.0)) for m in metrics)})
         if metrics:  # a user-level DP round may have drawn no client: no loss to report
-            aggregated["train-loss"] = sum(w * float(m.get("train-loss", 0.0))
+            aggregated["train-loss"] = sum(w * float(m.get(wire.TRAIN_LOSS, 0.0))
                                            for m, w in zip(metrics, weights))
         if self.dp:
             self.dp.record_round(round_.clients, metrics, self.weighted_by_key)
@@ -477,8 +490,8 @@ class LoraStrategy(FedAvg):
         left as it is.
         """
         state, rank, alpha = self.peft_adapter(arrays) if arrays else ({}, 0, 0.0)
-        plan = ConfigRecord({**self.plan(config, server_round, task="evaluate"),
-                             "eval-rank": int(rank), "eval-alpha": float(alpha)})
+        plan = self.plan(config, server_round, task="evaluate")
+        plan.eval_rank, plan.eval_alpha = int(rank), float(alpha)
         sample_nodes(grid, self.min_available_nodes, 0)  # waits for the federation to connect
         adapter = ArrayRecord({k: Array(v.float().numpy()) for k, v in state.items()})
         return evaluation_messages(plan, adapter, sorted(grid.get_node_ids()), self.kept, examples)

@@ -3,17 +3,18 @@ the pooling of their counts (a bad reply is logged and left out)."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
+from fedlora import wire
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import Scores
+from fedlora.wire import Plan, check_no_error, client_identity, reply_metrics
 from strategies.kept import KeptTensors
-from strategies.replies import check_no_error, client_identity, reply_metrics
 
 if TYPE_CHECKING:
     from fedlora.data import Example
@@ -35,7 +36,7 @@ def example_shards(examples: list, count: int) -> list[list]:
     return [examples[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def evaluation_messages(plan: ConfigRecord, adapter: ArrayRecord, nodes: list[int],
+def evaluation_messages(plan: Plan, adapter: ArrayRecord, nodes: list[int],
                         kept: KeptTensors, examples: list[Example] | None = None) -> list[Message]:
     """One EVALUATE message per node: the plan and the PEFT ``adapter``, with the base
     delta where the node's own is behind, to score on its held-out slice.
@@ -45,7 +46,8 @@ def evaluation_messages(plan: ConfigRecord, adapter: ArrayRecord, nodes: list[in
     ``eval-shard``), with the whole base delta, which they use for this evaluation only.
     """
     if examples is None:
-        return [Message(content=RecordDict({"config": plan, "arrays": adapter,
+        record = plan.to_record()
+        return [Message(content=RecordDict({wire.CONFIG: record, wire.ARRAYS: adapter,
                                             **kept.base_delta_for(node)}),
                         message_type=MessageType.EVALUATE, dst_node_id=node)
                 for node in nodes]
@@ -53,10 +55,9 @@ def evaluation_messages(plan: ConfigRecord, adapter: ArrayRecord, nodes: list[in
     messages = []
     shares = example_shards(examples, min(len(nodes), MAX_EVAL_SHARES))
     for shard, (node, part) in enumerate(zip(nodes, shares)):
-        shard_plan = ConfigRecord({**plan, "eval-shard": shard, "eval-examples": json.dumps(
-            [[e.prompt, e.answer, e.label] for e in part])})
-        messages.append(Message(content=RecordDict({"config": shard_plan, "arrays": adapter,
-                                                    **base_delta}),
+        shard_plan = dataclasses.replace(plan, eval_shard=shard, eval_examples=part)
+        messages.append(Message(content=RecordDict({wire.CONFIG: shard_plan.to_record(),
+                                                    wire.ARRAYS: adapter, **base_delta}),
                                 message_type=MessageType.EVALUATE, dst_node_id=node))
     return messages
 

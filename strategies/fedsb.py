@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from fedlora import wire
 from fedlora.adapters import lora_sb_to_peft
 from fedlora.aggregate import State, lora_sb_from_gradient, random_lora_sb
 from fedlora.codec import Codec
@@ -147,11 +148,10 @@ class FedSB(LoraStrategy):
             return []
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
         plan = self.plan(config, 0, task="gradient")
-        plan["gradient-examples"] = self.init_examples
-        plan["gradient-codec"] = self.init_codec.name
+        plan.gradient_examples, plan.gradient_codec = self.init_examples, self.init_codec.name
         return [
-            Message(content=RecordDict({"config": plan}), message_type=MessageType.TRAIN,
-                    dst_node_id=node)
+            Message(content=RecordDict({wire.CONFIG: plan.to_record()}),
+                    message_type=MessageType.TRAIN, dst_node_id=node)
             for node in node_ids
         ]
 

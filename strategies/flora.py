@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from fedlora.aggregate import State, concat_lora, delta_weights, stack_lora
 from fedlora.errors import FedLoraError
+from fedlora.wire import Plan
 from strategies.base import LoraStrategy
 from strategies.replies import announced_rank, lora_shapes
 
@@ -72,11 +75,11 @@ class FLoRA(LoraStrategy):
     def arrays_to_send(self, arrays: ArrayRecord) -> ArrayRecord:
         return ArrayRecord()  # clients start a fresh LoRA; the stacks travel as kept batches
 
-    def plan(self, config: ConfigRecord, server_round: int, task: str) -> ConfigRecord:
+    def plan(self, config: ConfigRecord, server_round: int, task: str) -> Plan:
         plan = super().plan(config, server_round, task)
-        plan["ranks"] = ",".join(map(str, self.ranks))
+        plan.run = dataclasses.replace(plan.run, ranks=",".join(map(str, self.ranks)))
         if self.uniform_scale:
-            plan["lora-scale"] = float(self.scale)  # the client's alpha = scale * r_k
+            plan.lora_scale = float(self.scale)  # the client's alpha = scale * r_k
         return plan
 
     def expected_shapes(self, metrics: MetricRecord) -> dict[str, tuple[int, ...]]:

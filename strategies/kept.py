@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from fedlora import wire
 from fedlora.aggregate import State
 from fedlora.codec import Codec, decode_payload, encode_payload
 
@@ -61,10 +62,6 @@ class KeptTensors:
         self.base_version += 1
         return sent
 
-    def plan(self) -> dict:
-        """The plan keys that say what the clients keep."""
-        return {"kept-batches": len(self.batches), "base-delta-version": self.base_version}
-
     def batches_for(self, node_id: int) -> dict:
         """The message part ``keep``: the batches ``node_id`` lacks (recorded as sent)."""
         first = self.node_batches.get(node_id, 0)
@@ -72,7 +69,7 @@ class KeptTensors:
                 for i, batch in enumerate(self.batches[first:], start=first)
                 for key, value in batch.items()}
         self.node_batches[node_id] = len(self.batches)
-        return {"keep": ArrayRecord(keep)}
+        return {wire.KEEP: ArrayRecord(keep)}
 
     def base_delta_for(self, node_id: int) -> dict:
         """The message parts that bring the base delta of ``node_id`` up to date (recorded
@@ -84,8 +81,8 @@ class KeptTensors:
         self.node_versions[node_id] = self.base_version
         if held == self.base_version - 1 and self.increment is not None:
             payload, header = self.increment
-            return {"base-delta": ArrayRecord({k: Array(v) for k, v in payload.items()}),
-                    "base-delta-codec": ConfigRecord({**header, "from": held})}
+            return {wire.BASE_DELTA: ArrayRecord({k: Array(v) for k, v in payload.items()}),
+                    wire.BASE_DELTA_CODEC: ConfigRecord({**header, wire.FROM: held})}
         return self.whole_base_delta()
 
     def whole_base_delta(self) -> dict:
@@ -94,8 +91,8 @@ class KeptTensors:
         if not self.base_version:
             return {}
         payload, header = encode_payload(self.base_delta, Codec("fp32"))
-        return {"base-delta": ArrayRecord({k: Array(v) for k, v in payload.items()}),
-                "base-delta-codec": ConfigRecord({**header, "from": 0})}
+        return {wire.BASE_DELTA: ArrayRecord({k: Array(v) for k, v in payload.items()}),
+                wire.BASE_DELTA_CODEC: ConfigRecord({**header, wire.FROM: 0})}
 
     def forget(self, node_id: int) -> None:
         """The node may have lost what it kept (a failed reply): send it everything again."""

@@ -12,9 +12,11 @@ from collections.abc import Callable
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
+from fedlora import wire
 from fedlora.adapters import check_adapter_state
 from fedlora.codec import decode_payload
 from fedlora.errors import FedLoraError
+from fedlora.wire import check_no_error, client_identity, reply_metrics
 
 
 def lora_shapes(module_shapes: dict[str, tuple[int, int]], rank: int) -> dict[str, tuple[int, int]]:
@@ -28,50 +30,25 @@ def lora_shapes(module_shapes: dict[str, tuple[int, int]], rank: int) -> dict[st
 
 def announced_rank(metrics: MetricRecord, highest: int = 4096) -> int:
     """The LoRA rank a reply announces, or FedLoraError unless it is in [1, highest]."""
-    rank = metrics.get("rank")
+    rank = metrics.get(wire.RANK)
     if not isinstance(rank, int) or not 1 <= rank <= highest:
-        raise FedLoraError(f"the reply announces no valid 'rank' in [1, {highest}] (got {rank!r})")
+        raise FedLoraError(f"the reply announces no valid '{wire.RANK}' in [1, {highest}] (got {rank!r})")
     return rank
-
-
-def check_no_error(reply: Message) -> None:
-    """Raise FedLoraError with the client's reason if the reply is an error."""
-    if reply.has_error():  # the reason's last line says what happened; above: a traceback
-        lines = str(reply.error.reason).strip().splitlines() or ["no reason given"]
-        raise FedLoraError(f"the client failed: {lines[-1][:300]}")
-
-
-def reply_metrics(reply: Message) -> MetricRecord:
-    """The reply's MetricRecord ``metrics``, or FedLoraError."""
-    metrics = reply.content.get("metrics")
-    if not isinstance(metrics, MetricRecord):
-        raise FedLoraError("the reply has no MetricRecord 'metrics'")
-    return metrics
-
-
-def client_identity(reply: Message) -> str:
-    """The ``client-id`` a reply names its sender by (its own word: the partition id in
-    simulation, a node-config value in deployment), or FedLoraError."""
-    record = reply.content.get("client")
-    client_id = record.get("client-id") if isinstance(record, ConfigRecord) else None
-    if not isinstance(client_id, str) or not 0 < len(client_id) <= 200:
-        raise FedLoraError(f"the reply names no 'client-id' of 1 to 200 characters (got {client_id!r})")
-    return client_id
 
 
 def check_dpsgd_metrics(metrics: MetricRecord) -> None:
     """Raise FedLoraError unless a DP-SGD client reported usable settings for accounting."""
-    noise, rate, steps = (metrics.get(k) for k in ("dp-noise", "dp-sample-rate", "dp-steps"))
+    noise, rate, steps = (metrics.get(k) for k in (wire.DP_NOISE, wire.DP_SAMPLE_RATE, wire.DP_STEPS))
     if not isinstance(noise, float) or not 0.0 <= noise < math.inf:
-        raise FedLoraError(f"'dp-noise' must be a finite float >= 0, got {noise!r}")
+        raise FedLoraError(f"'{wire.DP_NOISE}' must be a finite float >= 0, got {noise!r}")
     if not isinstance(rate, float) or not 0.0 < rate <= 1.0:
-        raise FedLoraError(f"'dp-sample-rate' must be a float in (0, 1], got {rate!r}")
+        raise FedLoraError(f"'{wire.DP_SAMPLE_RATE}' must be a float in (0, 1], got {rate!r}")
     if not isinstance(steps, int) or steps < 0:
-        raise FedLoraError(f"'dp-steps' must be an int >= 0, got {steps!r}")
+        raise FedLoraError(f"'{wire.DP_STEPS}' must be an int >= 0, got {steps!r}")
 
 
 def decode_reply(reply: Message, expected_shapes: Callable[[MetricRecord], dict],
-                 weighted_by_key: str = "num-examples", dpsgd: bool = False) -> dict[str, torch.Tensor]:
+                 weighted_by_key: str = wire.NUM_EXAMPLES, dpsgd: bool = False) -> dict[str, torch.Tensor]:
     """A training reply's decoded tensors, or FedLoraError saying why it is unusable.
 
     ``expected_shapes(metrics)`` gives the keys and shapes the tensors must have;
@@ -80,28 +57,28 @@ def decode_reply(reply: Message, expected_shapes: Callable[[MetricRecord], dict]
     """
     check_no_error(reply)
     content = reply.content
-    if not isinstance(content.get("arrays"), ArrayRecord):
-        raise FedLoraError("the reply has no ArrayRecord 'arrays'")
+    if not isinstance(content.get(wire.ARRAYS), ArrayRecord):
+        raise FedLoraError(f"the reply has no ArrayRecord '{wire.ARRAYS}'")
     metrics = reply_metrics(reply)
     num_examples = metrics.get(weighted_by_key)
     if not isinstance(num_examples, int) or num_examples <= 0:
         raise FedLoraError(f"'{weighted_by_key}' must be a positive int, got {num_examples!r}")
-    for key in ("train-loss", "train-seconds"):
+    for key in (wire.TRAIN_LOSS, wire.TRAIN_SECONDS):
         value = metrics.get(key, 0.0)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise FedLoraError(f"'{key}' must be a finite number, got {value!r}")
     if dpsgd:
         check_dpsgd_metrics(metrics)
         client_identity(reply)
-    if not isinstance(content.get("codec"), ConfigRecord):
-        raise FedLoraError("the reply has no ConfigRecord 'codec'")
+    if not isinstance(content.get(wire.CODEC), ConfigRecord):
+        raise FedLoraError(f"the reply has no ConfigRecord '{wire.CODEC}'")
     try:
-        arrays = {k: a.numpy() for k, a in content["arrays"].items()}
+        arrays = {k: a.numpy() for k, a in content[wire.ARRAYS].items()}
     except Exception as err:  # a hostile payload can fail in many ways inside Flower
         raise FedLoraError(f"the arrays do not decode: {err}") from None
     expected = expected_shapes(metrics)
     try:
-        state = decode_payload(arrays, dict(content["codec"]), expected)
+        state = decode_payload(arrays, dict(content[wire.CODEC]), expected)
     except (ValueError, TypeError, IndexError, RuntimeError) as err:  # hostile, not a bug
         raise FedLoraError(f"the payload does not decode: {err}") from None
     check_adapter_state(state, expected)

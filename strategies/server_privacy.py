@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from flwr.app import MetricRecord
 
+from fedlora import wire
 from fedlora.aggregate import RunningMean, State
 from fedlora.privacy import Privacy, PrivacyAccountant, noised_mean
 
@@ -61,7 +62,7 @@ class ServerPrivacy:
             self.accountant.record(*self.federation_event())
             return
         for client, m in zip(clients, metrics):
-            self.accountant.record(client, m["dp-noise"], m["dp-sample-rate"], m["dp-steps"],
+            self.accountant.record(client, m[wire.DP_NOISE], m[wire.DP_SAMPLE_RATE], m[wire.DP_STEPS],
                                    m[weighted_by_key])
 
     def federation_event(self) -> tuple:

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 from fedlora.aggregate import State
 from fedlora.codec import Codec
 from fedlora.errors import FedLoraError
+from fedlora.wire import Plan
 from strategies.base import LoraStrategy
 
 
@@ -95,9 +96,9 @@ class SparseLoRA(LoraStrategy):
         self.download_codec = at_density(self.download_form, self.density(self.download_density, server_round))
         return super().configure_train(server_round, arrays, config, grid)
 
-    def plan(self, config: ConfigRecord, server_round: int, task: str) -> ConfigRecord:
+    def plan(self, config: ConfigRecord, server_round: int, task: str) -> Plan:
         plan = super().plan(config, server_round, task)
-        plan["error-feedback"] = self.error_feedback
+        plan.run = dataclasses.replace(plan.run, error_feedback=self.error_feedback)
         return plan
 
     def state_dict(self) -> dict:

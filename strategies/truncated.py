@@ -3,9 +3,12 @@ each client trains the leading components its own rank holds."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from fedlora.aggregate import State, truncate_lora
+from fedlora.wire import Plan
 from strategies.base import LoraStrategy
 from strategies.replies import announced_rank, lora_shapes
 
@@ -47,10 +50,10 @@ class TruncatedRankLoRA(LoraStrategy):
         self.module_shapes = self.adapted_shapes(model)
         return super().initialize(model)  # a fresh LoRA of rank R
 
-    def plan(self, config: ConfigRecord, server_round: int, task: str) -> ConfigRecord:
+    def plan(self, config: ConfigRecord, server_round: int, task: str) -> Plan:
         plan = super().plan(config, server_round, task)
-        plan.update({"ranks": ",".join(map(str, self.ranks)), "lora-scale": float(self.scale),
-                     "truncate-to-rank": True})
+        plan.run = dataclasses.replace(plan.run, ranks=",".join(map(str, self.ranks)))
+        plan.lora_scale, plan.truncate_to_rank = float(self.scale), True
         return plan
 
     def node_arrays(self, node_id: int, sent: State) -> State:

@@ -59,16 +59,6 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
-class FakeGrid:
-    """The part of Flower's Grid that configure_train uses: the connected node ids."""
-
-    def __init__(self, nodes=(1, 2)):
-        self.nodes = list(nodes)
-
-    def get_node_ids(self):
-        return self.nodes
-
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -90,11 +80,10 @@ def example_strategy(monkeypatch):
 @pytest.fixture
 def task_identity():
     """Flower messages need a run to belong to; a unit test has none."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from server.dry_run import dry_run
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
+    with dry_run():
+        yield
 
 
 def make_reply(node_id: int, content=None, error: str | None = None):
@@ -133,10 +122,26 @@ def train_reply(node_id: int, tensors: dict, num_examples: int, loss: float = 1.
 def client_plan(config):
     """The plan the server sends with every message of a run of ``config`` (server/run.py)
     for a binary sentiment task."""
-    from flwr.app import ConfigRecord
+    from fedlora.wire import run_record
 
-    return ConfigRecord({**{k: v for k, v in config.to_dict().items() if k != "resume"},
-                         "label-words": '["negative", "positive"]'})
+    return run_record(config, ["negative", "positive"])
+
+
+def parse_configs(argv: list[str] | None = None):
+    """The configs of a command line as a run uses them: ``python -m fedlora.simulate``'s
+    flags, each run's config checked by the preflight (server.preflight)."""
+    from fedlora.cli import build_parser, study_from_args
+    from server.preflight import preflight
+
+    return [preflight(run.config)[1] for run in study_from_args(vars(build_parser().parse_args(argv)))]
+
+
+def weighted_average(states: list[dict], weights: list[float]) -> dict:
+    """sum_k w_k state_k / sum_k w_k, tensor by tensor: the reference the aggregations
+    are checked against (computed in fp64, returned in fp32)."""
+    total = sum(weights)
+    return {key: sum(w / total * s[key].double() for s, w in zip(states, weights)).float()
+            for key in states[0]}
 
 
 def node_context(node: int, num_partitions: int):

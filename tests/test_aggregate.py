@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import weighted_average
 
 from fedlora.aggregate import (
     aggregation_error,
@@ -10,7 +11,6 @@ from fedlora.aggregate import (
     lora_sb_from_gradient,
     random_lora_sb,
     stack_lora,
-    weighted_average,
 )
 from fedlora.errors import FedLoraError
 

@@ -7,20 +7,23 @@ import math
 
 import pytest
 import torch
-from conftest import FakeGrid, client_plan, make_reply, node_context, train_reply
+from conftest import client_plan, make_reply, node_context, train_reply
 from flwr.app import ArrayRecord, ConfigRecord
 
 import client.app
+import client.node_state
 from fedlora.adapters import add_to_weights, lora_applied
 from fedlora.codec import Codec
 from fedlora.config import RunConfig
 from fedlora.data import Example
 from fedlora.evaluate import score
 from fedlora.models import load_model
-from server.run import central_evaluation_on_clients
+from fedlora.wire import Plan
+from server.evaluation import central_evaluation_on_clients
 from strategies import build_strategy
 from strategies.evaluation import MAX_EVAL_SHARES, evaluation_messages, example_shards
 from strategies.kept import KeptTensors
+from server.dry_run import DryRunGrid
 
 CPU = torch.device("cpu")
 LABELS = ["negative", "positive"]
@@ -37,7 +40,8 @@ def test_shares_are_contiguous_near_equal_and_cover_every_example():
 
 def test_a_large_federation_scores_a_few_shares_not_one_per_node():
     examples = [Example(f"review {i}", LABELS[i % 2], i % 2) for i in range(200)]
-    messages = evaluation_messages(ConfigRecord({"round": 1}), ArrayRecord(), list(range(1, 1001)),
+    plan = Plan(RunConfig(), LABELS, server_round=1, task="evaluate")
+    messages = evaluation_messages(plan, ArrayRecord(), list(range(1, 1001)),
                                    KeptTensors(Codec("fp32")), examples)
     assert len(messages) == MAX_EVAL_SHARES < 200
     assert [m.metadata.dst_node_id for m in messages] == list(range(1, MAX_EVAL_SHARES + 1))
@@ -46,7 +50,7 @@ def test_a_large_federation_scores_a_few_shares_not_one_per_node():
     assert [m.content["config"]["eval-shard"] for m in messages] == list(range(MAX_EVAL_SHARES))
 
 
-class ClientsInThisProcess(FakeGrid):
+class ClientsInThisProcess(DryRunGrid):
     """A Grid whose nodes answer at once with the real ClientApp (``broken``: an error)."""
 
     def __init__(self, contexts, broken=()):
@@ -75,7 +79,7 @@ def test_pooled_shares_equal_the_servers_evaluation_and_a_lost_share_is_scored_t
     plan = client_plan(config)
     model, tokenizer = load_model(config.model, CPU)
     arrays = strategy.initialize(model)
-    strategy.configure_train(1, arrays, plan, FakeGrid([1, 2, 3]))
+    strategy.configure_train(1, arrays, plan, DryRunGrid([1, 2, 3]))
     received = arrays.to_torch_state_dict()
     replies = []
     for node in (1, 2, 3):  # one FedEx round, so that the global model has a base delta
@@ -105,4 +109,4 @@ def test_pooled_shares_equal_the_servers_evaluation_and_a_lost_share_is_scored_t
     assert pooled.correct_counts == expected.correct_counts
     assert math.isclose(pooled.loss_sum, expected.loss_sum, rel_tol=1e-5)
     for context in contexts.values():  # the whole base delta was for that evaluation only
-        assert client.app.BASE_DELTA not in context.state
+        assert client.node_state.BASE_DELTA not in context.state

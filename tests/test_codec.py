@@ -5,11 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import FakeGrid
+
 from flwr.app import ArrayRecord, RecordDict
 
 from fedlora.codec import Codec, decode, decode_payload, encode, encode_payload, index_dtype
 from fedlora.errors import FedLoraError
+from server.dry_run import DryRunGrid
 
 SHAPES = {"b.lora_B.weight": (64, 8), "a.lora_A.weight": (8, 96), "c.lora_R.weight": (8, 8)}
 
@@ -66,7 +67,7 @@ def test_sparse_payload_bytes_are_values_plus_indices_plus_fixed_overhead(state)
     an array's data passes 128, 16384, ... bytes)."""
     from flwr.app import Array
 
-    from server.run import serialized_bytes  # the count the run reports
+    from server.transport import serialized_bytes  # the count the run reports
 
     total = sum(v.numel() for v in state.values())  # 1352 entries: indices fit uint16
     assert index_dtype(total) == np.uint16
@@ -132,7 +133,7 @@ def test_reported_bytes_are_flowers_serialization_of_the_content(task_identity):
     message's own envelope (ids, timestamps), for a real round-1 message of each codec."""
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
     from fedlora.config import RunConfig
-    from server.run import payload_bytes
+    from server.transport import payload_bytes
     from strategies.fedavg import FedAvgLoRA
 
     g = torch.Generator().manual_seed(0)
@@ -141,7 +142,7 @@ def test_reported_bytes_are_flowers_serialization_of_the_content(task_identity):
     for codec in ("fp32", "fp16", "int8", "topk:0.1,fp16"):
         strategy = FedAvgLoRA(download_codec=codec)
         [message] = strategy.configure_train(1, ArrayRecord(global_state), RunConfig().to_dict(),
-                                             FakeGrid([7]))
+                                             DryRunGrid([7]))
         whole = sum(len(o.deflate()) for o in get_all_nested_objects(message).values())
         envelope = len(message.deflate())
         assert payload_bytes(message) == whole - envelope

@@ -48,7 +48,7 @@ def test_the_planner_predicts_every_strategys_bytes_to_the_byte(comparison, exam
     """python -m fedlora.plan, on the meta-device model, against what the run counted:
     the initialisation and both rounds, both ways, for every strategy."""
     from fedlora.plan import plan_traffic
-    from fedlora.simulate import parse_configs
+    from conftest import parse_configs
 
     folder, rows, _, config = comparison
     configs = parse_configs(["--config", str(config), "--output", str(folder.parent), "--name", "cmp"])

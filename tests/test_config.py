@@ -8,8 +8,9 @@ import pytest
 
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
-from fedlora.simulate import parse_configs
-from strategies import build_strategy
+from conftest import parse_configs
+from server.preflight import preflight
+from strategies import build_strategy, resolved
 
 
 def test_defaults_are_valid_and_round_trip_through_a_flat_dict():
@@ -32,7 +33,7 @@ def test_fedsb_default_learning_rate_follows_its_initialisation():
     from strategies.fedsb import FedSB
 
     def lr(**values):
-        return RunConfig.from_dict({"strategy": "fedsb", **values}).lr
+        return resolved(RunConfig.from_dict({"strategy": "fedsb", **values})).lr
 
     assert FedSB.default_lr_random_init != FedSB.default_lr
     assert lr() == FedSB.default_lr  # auto: the gradient initialisation
@@ -40,8 +41,8 @@ def test_fedsb_default_learning_rate_follows_its_initialisation():
     assert lr(dp="sample") == FedSB.default_lr_random_init  # auto picks random under DP
     assert lr(dp="user", **{"fedsb-init": "random"}) == FedSB.default_lr_random_init
     assert lr(dp="sample", lr=0.002) == 0.002  # a given --lr always wins
-    fedavg = RunConfig.from_dict({"strategy": "fedavg"}).lr
-    assert RunConfig.from_dict({"strategy": "fedavg", "dp": "sample"}).lr == fedavg  # one lr
+    fedavg = resolved(RunConfig.from_dict({"strategy": "fedavg"})).lr
+    assert resolved(RunConfig.from_dict({"strategy": "fedavg", "dp": "sample"})).lr == fedavg  # one lr
 
 
 def test_a_comparison_gives_one_config_per_strategy_with_its_table(tmp_path):
@@ -101,10 +102,23 @@ def test_a_comparison_gives_one_config_per_strategy_with_its_table(tmp_path):
     ],
 )
 def test_bad_values_name_the_value_and_the_choices(values, message):
-    with pytest.raises(FedLoraError) as err:
-        RunConfig.from_dict(values)
+    with pytest.raises(FedLoraError) as err:  # as a command checks a run before it starts
+        preflight(RunConfig.from_dict(values))
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("values", [
+    {"model": "gpt-17"}, {"dataset": "/nowhere/data.csv"}, {"eval-dataset": "/nowhere/e.parquet"},
+    {"labels": "spam,spam"}, {"strategy": "fedsgd"},
+])
+def test_a_config_is_plain_data_checked_by_its_values_alone(values):
+    # Files, models, label sets and strategies are the preflight's: a client that builds the
+    # server's config from its plan never looks for the server's files.
+    config = RunConfig.from_dict(values)
+    assert config.to_dict() == {**RunConfig().to_dict(), **values}
+    with pytest.raises(FedLoraError):
+        preflight(config)
 
 
 def test_unknown_strategy_lists_the_registered_ones():

@@ -10,8 +10,9 @@ import torch
 
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
-from fedlora.simulate import main, parse_configs
-from strategies import STRATEGIES, build_strategy, strategy_class
+from conftest import parse_configs
+from fedlora.simulate import main
+from strategies import STRATEGIES, build_strategy, resolved, strategy_class
 from strategies.fedavg import FedAvgLoRA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +63,12 @@ def test_a_strategys_own_settings_apply_where_they_are_not_given(tmp_path, monke
     assert (plain.lr, plain.rank, plain.target_modules) == (3e-3, 8, "q_proj,v_proj")
     flags = ["--strategy", "eager:Eager,fedavg", "--lr", "0.001", "--rank", "4", "--target-modules", "o_proj"]
     assert {(c.lr, c.rank, c.target_modules) for c in parse_configs(flags)} == {(0.001, 4, "o_proj")}
-    assert RunConfig.from_dict({"strategy": "eager:Eager", "lr": 0, "rank": 0}).lr == 0.02  # its own
+    assert resolved(RunConfig.from_dict({"strategy": "eager:Eager", "lr": 0, "rank": 0})).lr == 0.02  # its own
     assert build_strategy(eager).rank == 24
     # What the clients are sent, and what the run saves, is the learning rate used.
-    from server.run import plan_record
+    from fedlora.wire import run_record
 
-    assert plan_record(eager, None)["lr"] == 0.02 and eager.to_dict()["lr"] == 0.02
+    assert run_record(eager, None)["lr"] == 0.02 and eager.to_dict()["lr"] == 0.02
 
 
 def test_another_methods_settings_are_named_as_ignored(tmp_path, monkeypatch):

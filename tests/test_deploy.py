@@ -21,6 +21,7 @@ import pytest
 
 from fedlora import deploy
 from fedlora.config import RunConfig
+from strategies import resolved
 from strategies.fedavg import FedAvgLoRA
 
 # Seconds matter here: tiny model, tiny evaluation, Fed-SB without its gradient round.
@@ -225,7 +226,7 @@ def test_node_config_cycles_ranks_and_devices():
 
 
 def test_run_config_sends_what_differs_from_the_app_defaults():
-    config = RunConfig.from_dict({"model": "tiny-llama", "rounds": 2, "name": "x"})
+    config = resolved(RunConfig.from_dict({"model": "tiny-llama", "rounds": 2, "name": "x"}))
     # The strategy's own settings are sent as the values used (the app's 0 and "" would
     # mean the same).
     assert deploy.run_config_overrides(config) == {

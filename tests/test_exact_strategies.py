@@ -5,19 +5,20 @@ import math
 
 import pytest
 import torch
-from conftest import FakeGrid, train_reply
+from conftest import train_reply
 from flwr.app import ArrayRecord
 
 from fedlora.aggregate import delta_weights, lora_sb_from_gradient
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
 from fedlora.models import load_model
-from server.run import payload_bytes
+from server.transport import payload_bytes
 from strategies import build_strategy
 from strategies.fedavg import FedAvgLoRA
 from strategies.fedsb import FedSB
 from strategies.ffa import FFALoRA
 from strategies.flora import FLoRA
+from server.dry_run import DryRunGrid
 
 EXAMPLES = [120, 300, 580]  # three clients with different amounts of data
 TARGETS = ("q_proj", "v_proj")
@@ -57,7 +58,7 @@ def one_round(strategy, base_model, client_states, ranks=None):
     a client sends for ``client_states(arrays)``: the update (trained - received) or, for
     FLoRA, the trained tensors. Returns (messages, trained states, new arrays, metrics)."""
     arrays = strategy.initialize(base_model)
-    messages = list(strategy.configure_train(1, arrays, RunConfig().to_dict(), FakeGrid([1, 2, 3])))
+    messages = list(strategy.configure_train(1, arrays, RunConfig().to_dict(), DryRunGrid([1, 2, 3])))
     trained = client_states(arrays)
     received = arrays.to_torch_state_dict()
     replies = []
@@ -183,7 +184,7 @@ def test_flora_download_grows_with_the_sum_of_the_clients_ranks(base_model):
                      for x, shape in (("A", (r, n)), ("B", (m, r)))} for r in ranks]
 
         one_round(strategy, base_model, states, list(ranks))
-        messages = list(strategy.configure_train(2, None, RunConfig().to_dict(), FakeGrid([1, 2, 3])))
+        messages = list(strategy.configure_train(2, None, RunConfig().to_dict(), DryRunGrid([1, 2, 3])))
         downloads[sum(ranks)] = payload_bytes(messages[0])
     (r1, b1), (r2, b2), (r3, b3) = sorted(downloads.items())
     assert b1 < b2 < b3
@@ -230,7 +231,7 @@ def test_flora_client_that_missed_a_round_catches_up_exactly(tiny_model_dir):
     sent both stacks, so that its merged base equals the server's global base."""
     from flwr.app import Context, RecordDict
 
-    from client.app import keep_tensors
+    from client.node_state import keep_tensors
     from fedlora.adapters import merge_lora
 
     model = load_model(str(tiny_model_dir), torch.device("cpu"))[0]
@@ -245,7 +246,7 @@ def test_flora_client_that_missed_a_round_catches_up_exactly(tiny_model_dir):
 
     context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
     for server_round, nodes in ((1, [1, 2, 3]), (2, [1, 2]), (3, [3])):
-        messages = strategy.configure_train(server_round, arrays, RunConfig().to_dict(), FakeGrid(nodes))
+        messages = strategy.configure_train(server_round, arrays, RunConfig().to_dict(), DryRunGrid(nodes))
         for message in messages:
             if message.metadata.dst_node_id == 3:
                 plan = message.content["config"]
@@ -275,7 +276,7 @@ def test_fedsb_gradient_init_by_each_codec(base_model, codec):
     sum of bf16-rounded gradients; B R A is the rule's rank-r approximation of each."""
     strategy = FedSB(init="gradient", init_codec=codec, rank=4, target_modules=TARGETS)
     strategy.initialize(base_model)
-    messages = strategy.configure_init(ArrayRecord(), RunConfig().to_dict(), FakeGrid([1, 2, 3]))
+    messages = strategy.configure_init(ArrayRecord(), RunConfig().to_dict(), DryRunGrid([1, 2, 3]))
     assert {m.content["config"]["gradient-codec"] for m in messages} == {codec}
     shapes = {f"{path}.weight": shape for path, shape in strategy.module_shapes.items()}
     generator = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ from conftest import make_reply
 from flwr.app import RecordDict
 
 from fedlora.simulate import main
-from server.run import exchange
+from server.transport import exchange
 
 COMMON = [
     "--model", "tiny-llama", "--local-steps", "5", "--lr", "0.01", "--eval-size", "32",

@@ -7,18 +7,22 @@ import math
 
 import pytest
 import torch
-from conftest import FakeGrid, client_plan, node_context, train_reply
+from conftest import client_plan, node_context, train_reply
+from client.node_state import held_base_delta
+from fedlora.wire import Plan
 from flwr.app import RecordDict
 
 import client.app
 from fedlora.adapters import add_to_weights, apply_base_delta, lora_applied, save_base_delta
-from fedlora.aggregate import delta_weights, fedex_residual, weighted_average
+from conftest import weighted_average
+from fedlora.aggregate import delta_weights, fedex_residual
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import score
 from fedlora.models import load_model
 from strategies import build_strategy
 from strategies.fedex import FedExLoRA
+from server.dry_run import DryRunGrid
 
 CPU = torch.device("cpu")
 TARGETS = ("q_proj", "v_proj")
@@ -67,7 +71,7 @@ def test_every_client_holds_the_servers_base_delta_and_a_lagging_one_catches_up(
     contexts = {node: node_context(node, 3) for node in (1, 2, 3)}
     exact_sum = {}  # sum over rounds of the exact residuals, what base + carry must equal
     for server_round, nodes in ((1, [1, 2, 3]), (2, [1, 2]), (3, [1, 2, 3])):
-        messages = strategy.configure_train(server_round, arrays, RunConfig().to_dict(), FakeGrid(nodes))
+        messages = strategy.configure_train(server_round, arrays, RunConfig().to_dict(), DryRunGrid(nodes))
         for message in messages:
             node = message.metadata.dst_node_id
             content = message.content
@@ -83,7 +87,7 @@ def test_every_client_holds_the_servers_base_delta_and_a_lagging_one_catches_up(
                 bytes_per_value = 4 if whole or codec == "fp32" else 1
                 assert sum(a.nbytes for a in arrays_sent) == values * bytes_per_value + (
                     0 if whole or codec == "fp32" else 4 * len(shapes))  # int8: a scale each
-            held = client.app.held_base_delta(contexts[node], content, content["config"])
+            held = held_base_delta(contexts[node], content, int(content["config"]["base-delta-version"]))
             for path, value in strategy.kept.base_delta.items():
                 assert torch.equal(held[path], value), (server_round, node, path)
         received = arrays.to_torch_state_dict()
@@ -111,20 +115,20 @@ def test_a_client_that_lost_its_base_delta_or_a_resumed_run_sends_all_of_it(tiny
     arrays = strategy.initialize(model)
     config = RunConfig().to_dict()
     for server_round in (1, 2):
-        messages = strategy.configure_train(server_round, arrays, config, FakeGrid([1]))
+        messages = strategy.configure_train(server_round, arrays, config, DryRunGrid([1]))
         received = arrays.to_torch_state_dict()
         update = {k: v - received[k] for k, v in random_lora(shapes, 4, server_round).items()}
         update2 = {k: v - received[k] for k, v in random_lora(shapes, 4, 9 + server_round).items()}
         arrays, _ = strategy.aggregate_train(server_round, [train_reply(1, update, 50),
                                                             train_reply(2, update2, 70)])
-    message = strategy.configure_train(3, arrays, config, FakeGrid([1]))[0]
+    message = strategy.configure_train(3, arrays, config, DryRunGrid([1]))[0]
     assert message.content["base-delta-codec"]["from"] == 1  # round 2's increment only
     with pytest.raises(FedLoraError, match="builds on version 1, this client holds version 0"):
-        client.app.held_base_delta(node_context(1, 3), message.content, message.content["config"])
+        held_base_delta(node_context(1, 3), message.content, int(message.content["config"]["base-delta-version"]))
     strategy.kept.forget(1)  # what the server does with that client's error reply
-    message = strategy.configure_train(4, arrays, config, FakeGrid([1]))[0]
+    message = strategy.configure_train(4, arrays, config, DryRunGrid([1]))[0]
     assert message.content["base-delta-codec"]["from"] == 0
-    held = client.app.held_base_delta(node_context(1, 3), message.content, message.content["config"])
+    held = held_base_delta(node_context(1, 3), message.content, int(message.content["config"]["base-delta-version"]))
     assert all(torch.equal(held[p], v) for p, v in strategy.kept.base_delta.items())
 
     # A resumed run (checkpoint through torch.save) sends its clients the whole delta.
@@ -133,9 +137,9 @@ def test_a_client_that_lost_its_base_delta_or_a_resumed_run_sends_all_of_it(tiny
     resumed = FedExLoRA(rank=4, alpha=8, target_modules=TARGETS)
     resumed.initialize(model)
     resumed.load_state_dict(torch.load(checkpoint, weights_only=True))
-    message = resumed.configure_train(5, arrays, config, FakeGrid([1]))[0]
+    message = resumed.configure_train(5, arrays, config, DryRunGrid([1]))[0]
     assert message.content["config"]["base-delta-version"] == 2
-    held = client.app.held_base_delta(node_context(1, 3), message.content, message.content["config"])
+    held = held_base_delta(node_context(1, 3), message.content, int(message.content["config"]["base-delta-version"]))
     assert all(torch.equal(held[p], v) for p, v in strategy.kept.base_delta.items())
 
 
@@ -152,18 +156,18 @@ def test_clients_train_and_evaluate_on_the_base_plus_the_residual(tiny_model_dir
     model, tokenizer = load_model(config.model, CPU)
     arrays = strategy.initialize(model)
     for server_round in (1, 2):
-        messages = strategy.configure_train(server_round, arrays, plan, FakeGrid())
+        messages = strategy.configure_train(server_round, arrays, plan, DryRunGrid())
         replies = [client.app.train(m, contexts[m.metadata.dst_node_id]) for m in messages]
         arrays, metrics = strategy.aggregate_train(server_round, replies)
         assert not strategy.dropped, strategy.dropped
         assert metrics["aggregation-error"] < 1e-5
-    assert set(client.app.held_base_delta(contexts[1], RecordDict(), {"base-delta-version": 1})) \
+    assert set(held_base_delta(contexts[1], RecordDict(), 1)) \
         == set(strategy.adapted_shapes(model))  # round 2 was trained on round 1's residual
 
-    evaluation = sorted(strategy.configure_evaluate(2, arrays, plan, FakeGrid()),
+    evaluation = sorted(strategy.configure_evaluate(2, arrays, plan, DryRunGrid()),
                         key=lambda m: m.metadata.dst_node_id)[0]
     got = client.app.evaluate(evaluation, contexts[1]).content["metrics"]
-    _, held_out = client.app.node_examples(plan, config, contexts[1])
+    _, held_out = client.app.node_examples(Plan.from_record(evaluation.content["config"]), contexts[1])
     state, rank, alpha = strategy.peft_adapter(arrays)
 
     def scored():

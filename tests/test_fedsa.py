@@ -5,19 +5,21 @@ import pytest
 import torch
 
 import client.app
-from conftest import FakeGrid, client_plan, node_context
+import client.node_state
+from conftest import client_plan, node_context
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
 from fedlora.models import load_model
-from server.run import evaluation_for
+from server.preflight import evaluation_for
 from strategies import build_strategy
+from server.dry_run import DryRunGrid
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: messages need a run
 
 
 def personal_b(context):
-    return context.state[client.app.PERSONAL].to_torch_state_dict()
+    return context.state[client.node_state.PERSONAL].to_torch_state_dict()
 
 
 def test_b_never_travels_and_each_clients_b_persists(tiny_model_dir):
@@ -31,7 +33,7 @@ def test_b_never_travels_and_each_clients_b_persists(tiny_model_dir):
     arrays = strategy.initialize(load_model(config.model, CPU)[0])
     history = []
     for server_round in (1, 2):
-        messages = sorted(strategy.configure_train(server_round, arrays, plan, FakeGrid()),
+        messages = sorted(strategy.configure_train(server_round, arrays, plan, DryRunGrid()),
                           key=lambda m: m.metadata.dst_node_id)
         for message in messages:  # nothing of B goes down, and no B comes back
             assert all("lora_A" in k for k in message.content["arrays"].keys())
@@ -54,7 +56,7 @@ def test_b_never_travels_and_each_clients_b_persists(tiny_model_dir):
 
     # Round 2 started from the client's own B: without it, the same message trains to
     # another A.
-    message = sorted(strategy.configure_train(3, arrays, plan, FakeGrid()),
+    message = sorted(strategy.configure_train(3, arrays, plan, DryRunGrid()),
                      key=lambda m: m.metadata.dst_node_id)[0]
     stateless = node_context(1, 2)
     with_b = client.app.train(message, contexts[1]).content["arrays"]
@@ -62,7 +64,7 @@ def test_b_never_travels_and_each_clients_b_persists(tiny_model_dir):
     assert any(not (with_b[k].numpy() == without_b[k].numpy()).all() for k in with_b.keys())
 
     # Federated evaluation scores the shared A with the client's own B.
-    evaluation = sorted(strategy.configure_evaluate(3, arrays, plan, FakeGrid()),
+    evaluation = sorted(strategy.configure_evaluate(3, arrays, plan, DryRunGrid()),
                         key=lambda m: m.metadata.dst_node_id)[0]
     assert all(float(abs(evaluation.content["arrays"][k].numpy()).sum()) == 0
                for k in evaluation.content["arrays"].keys() if "lora_B" in k)  # B sent as 0

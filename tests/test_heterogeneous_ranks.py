@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FakeGrid, train_reply
+from conftest import train_reply
 
 from fedlora.aggregate import delta_weights, pad_lora, svd_lora, truncate_lora
 from fedlora.codec import decode_payload
@@ -10,6 +10,7 @@ from fedlora.config import RunConfig
 from fedlora.models import load_model
 from strategies.flexlora import FlexLoRA
 from strategies.hetlora import HetLoRA
+from server.dry_run import DryRunGrid
 
 RANKS = (4, 8, 16)
 EXAMPLES = [120, 300, 580]
@@ -40,7 +41,7 @@ def run_round(strategy, base_model):
     """Round 1 to nodes 1-3 (ranks 4, 8, 16), their replies aggregated; then round 2's
     messages. Returns (round-1 messages, trained, new arrays, metrics, round-2 messages)."""
     arrays = strategy.initialize(base_model)
-    grid = FakeGrid([1, 2, 3])
+    grid = DryRunGrid([1, 2, 3])
     first = list(strategy.configure_train(1, arrays, RunConfig().to_dict(), grid))
     trained = [trained_factors(strategy, r, i) for i, r in enumerate(RANKS)]
     replies = [train_reply(i + 1, t, n, rank=r)
@@ -118,7 +119,7 @@ def test_svd_factors_of_a_narrow_module_are_zero_padded():
 def test_a_reply_above_the_global_rank_is_dropped(base_model):
     strategy = HetLoRA(ranks=(4, 8), alpha=16, target_modules=TARGETS)
     arrays = strategy.initialize(base_model)
-    list(strategy.configure_train(1, arrays, RunConfig().to_dict(), FakeGrid([1, 2])))
+    list(strategy.configure_train(1, arrays, RunConfig().to_dict(), DryRunGrid([1, 2])))
     replies = [train_reply(1, trained_factors(strategy, 4, 0), 10, rank=4),
                train_reply(2, trained_factors(strategy, 16, 1), 10, rank=16)]
     new_arrays, _ = strategy.aggregate_train(1, replies)

@@ -9,10 +9,13 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
 import client.app
-from conftest import FakeGrid
+import client.node_state
+from client.node_state import join_run
+
 from fedlora.config import RunConfig
 from fedlora.models import borrowed_model, load_model
 from strategies import build_strategy
+from server.dry_run import DryRunGrid
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: messages need a run
@@ -43,11 +46,11 @@ def run_rounds(config: RunConfig, rounds: int = 2) -> dict[tuple[int, int], dict
             payloads[server_round, r.metadata.src_node_id] = arrays
         return replies
 
-    init = strategy.configure_init(arrays, plan, FakeGrid())
+    init = strategy.configure_init(arrays, plan, DryRunGrid())
     if init:
         arrays = strategy.aggregate_init(serve(0, init))
     for server_round in range(1, rounds + 1):
-        replies = serve(server_round, strategy.configure_train(server_round, arrays, plan, FakeGrid()))
+        replies = serve(server_round, strategy.configure_train(server_round, arrays, plan, DryRunGrid()))
         arrays, _ = strategy.aggregate_train(server_round, replies)
         assert not strategy.dropped, strategy.dropped
     return payloads
@@ -90,9 +93,9 @@ def test_node_state_starts_afresh_when_the_plan_names_another_run():
 
     context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
                       node_config={"partition-id": 0, "num-partitions": 1})
-    client.app.join_run(context, {"name": "cmp/ffa"})
-    context.state[client.app.KEPT] = ArrayRecord({"0/frozen/x": torch.ones(2)})
-    client.app.join_run(context, {"name": "cmp/ffa"})  # the same run: kept
-    assert client.app.KEPT in context.state
-    client.app.join_run(context, {"name": "cmp/fedsb"})
-    assert list(context.state.keys()) == [client.app.RUN]
+    join_run(context, "cmp/ffa")
+    context.state[client.node_state.KEPT] = ArrayRecord({"0/frozen/x": torch.ones(2)})
+    join_run(context, "cmp/ffa")  # the same run: kept
+    assert client.node_state.KEPT in context.state
+    join_run(context, "cmp/fedsb")
+    assert list(context.state.keys()) == [client.node_state.RUN]

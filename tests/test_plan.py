@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.plan import main, meta_model, plan_traffic
-from fedlora.simulate import parse_configs
+from conftest import parse_configs
 from strategies.fedsb import FedSB
 
 LLAMA_7B = str(Path(__file__).resolve().parents[1] / "benchmarks" / "models" / "llama-2-7b" / "config.json")

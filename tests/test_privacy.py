@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import FakeGrid, train_reply
+from conftest import train_reply
 from flwr.app import ConfigRecord
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
@@ -21,6 +21,7 @@ from fedlora.seeds import stream_seed
 from fedlora.train import answer_loss, make_batch, train_local
 from server.run import over_budget
 from strategies import build_strategy
+from server.dry_run import DryRunGrid
 
 ALPHAS = RDPAccountant.DEFAULT_ALPHAS
 
@@ -101,7 +102,7 @@ def test_user_level_dp_draws_each_client_independently_and_divides_by_the_expect
     # joins with probability q = 0.25 (10 expected, the count varies), independently.
     values = {"num-clients": 40, "fraction-train": 0.25, "dp-noise": 1.0, "dp-noise-seed": 3}
     strategy = build_strategy(config(strategy="fedavg", dp="user", **values))
-    grid = FakeGrid(range(1, 41))
+    grid = DryRunGrid(range(1, 41))
     draws = [strategy.sample_train_nodes(r, grid) for r in range(1, 401)]
     counts = np.array([len(d) for d in draws])
     assert abs(counts.mean() - 10) < 0.5 and 5 < counts.var() < 10  # binomial: 10, 7.5
@@ -112,7 +113,7 @@ def test_user_level_dp_draws_each_client_independently_and_divides_by_the_expect
     plain = build_strategy(config(strategy="fedavg", **{"num-clients": 40, "fraction-train": 0.25}))
     assert {len(plain.sample_train_nodes(r, grid)) for r in range(1, 51)} == {10}  # Flower's
 
-    class Connecting(FakeGrid):  # 20 of the 40 nodes connected at first, all after a wait
+    class Connecting(DryRunGrid):  # 20 of the 40 nodes connected at first, all after a wait
         def get_node_ids(self):
             self.calls = getattr(self, "calls", 0) + 1
             return self.nodes[: 20 if self.calls == 1 else 40]

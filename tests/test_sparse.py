@@ -5,15 +5,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import FakeGrid, train_reply
+from conftest import train_reply
 from flwr.app import ArrayRecord, Context, RecordDict
 
-from client.app import encode_with_feedback, feedback_residual
+from client.node_state import encode_with_feedback, feedback_residual
 from fedlora.codec import Codec, decode_payload, encode_payload
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
 from strategies import build_strategy
 from strategies.sparse import SparseLoRA, at_density
+from server.dry_run import DryRunGrid
 
 
 def random_state(seed, shift=0.0):
@@ -30,7 +31,7 @@ def test_densities_start_at_d0_decay_and_reach_the_plan(task_identity):
     for server_round, up, down in ((1, 0.2, 0.5), (2, 0.2, 0.5), (3, 0.1, 0.25), (4, 0.1, 0.25),
                                    (5, 0.05, 0.125)):
         messages = strategy.configure_train(
-            server_round, ArrayRecord(random_state(0)), RunConfig().to_dict(), FakeGrid())
+            server_round, ArrayRecord(random_state(0)), RunConfig().to_dict(), DryRunGrid())
         plan, header = messages[0].content["config"], messages[0].content["codec"]
         assert plan["upload-codec"] == f"topk:{up},fp32"
         assert header["codec"] == f"topk:{down},fp32"
@@ -89,16 +90,16 @@ def test_every_scheduled_density_decodes_at_both_ends(per_tensor):
 def test_sparse_honours_the_value_type_and_index_option_it_is_given(task_identity):
     config = RunConfig.from_dict({"strategy": "sparse", "upload-codec": "topk:0.1,fp16,per-tensor",
                                   "download-codec": "fp16", "download-density": 0.5,
-                                  "num-clients": 2})  # FakeGrid's two nodes
+                                  "num-clients": 2})  # DryRunGrid's two nodes
     strategy = build_strategy(config)
-    messages = strategy.configure_train(1, ArrayRecord(random_state(0)), config.to_dict(), FakeGrid())
+    messages = strategy.configure_train(1, ArrayRecord(random_state(0)), config.to_dict(), DryRunGrid())
     assert messages[0].content["config"]["upload-codec"] == "topk:0.1,fp16,per-tensor"
     assert messages[0].content["codec"]["codec"] == "topk:0.5,fp16"
     values = messages[0].content["arrays"]["values"].numpy()
     assert values.dtype == np.float16 and values.size == math.ceil(0.5 * 200)
     dense = build_strategy(RunConfig.from_dict({"strategy": "sparse", "download-codec": "fp16",
                                                 "num-clients": 2}))
-    messages = dense.configure_train(1, ArrayRecord(random_state(0)), config.to_dict(), FakeGrid())
+    messages = dense.configure_train(1, ArrayRecord(random_state(0)), config.to_dict(), DryRunGrid())
     assert messages[0].content["codec"]["codec"] == "fp16"  # density 1: dense fp16 values
 
 
@@ -164,14 +165,14 @@ def test_error_feedback_keeps_what_the_server_never_aggregated():
 def test_the_plan_tells_each_node_whether_its_last_reply_was_aggregated(task_identity):
     strategy = SparseLoRA(upload_density=0.5, error_feedback=True)
     config = RunConfig().to_dict()
-    messages = strategy.configure_train(1, ArrayRecord(random_state(0)), config, FakeGrid())
+    messages = strategy.configure_train(1, ArrayRecord(random_state(0)), config, DryRunGrid())
     assert [m.content["config"]["aggregated-round"] for m in messages] == [0, 0]
     good = train_reply(1, random_state(2), 10, codec="topk:0.5,fp32")
     bad = train_reply(2, {"m.lora_A.weight": torch.full((4, 30), float("nan")),
                           "m.lora_B.weight": torch.zeros(20, 4)}, 10, codec="topk:0.5,fp32")
     arrays, _ = strategy.aggregate_train(1, [good, bad])
     assert [node for node, _ in strategy.dropped] == [2]
-    messages = strategy.configure_train(2, arrays, config, FakeGrid())
+    messages = strategy.configure_train(2, arrays, config, DryRunGrid())
     fates = {m.metadata.dst_node_id: m.content["config"]["aggregated-round"] for m in messages}
     assert fates == {1: 1, 2: 0}  # node 2 keeps the whole of its dropped reply
 

@@ -7,12 +7,14 @@ import weakref
 
 import pytest
 import torch
-from conftest import FakeGrid, train_reply
+from conftest import train_reply
 
-from fedlora.aggregate import delta_weights, weighted_average
+from conftest import weighted_average
+from fedlora.aggregate import delta_weights
 from fedlora.config import RunConfig
 from fedlora.models import load_model
 from strategies import build_strategy
+from server.dry_run import DryRunGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: messages need a run
 EXAMPLES = [30, 50, 20, 100]
@@ -26,7 +28,7 @@ def fold_four_replies(tiny_model_dir, name):
     model = load_model(str(tiny_model_dir), torch.device("cpu"))[0]
     strategy = build_strategy(RunConfig(strategy=name, rank=4, ranks="4", check_exactness=True))
     arrays = strategy.initialize(model)
-    strategy.configure_train(1, arrays, RunConfig().to_dict(), FakeGrid([1, 2, 3, 4]))
+    strategy.configure_train(1, arrays, RunConfig().to_dict(), DryRunGrid([1, 2, 3, 4]))
     received = arrays.to_torch_state_dict()
     shapes = {f"base_model.model.{path}.lora_{x}.weight": shape
               for path, (m, n) in strategy.adapted_shapes(model).items()

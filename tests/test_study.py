@@ -12,9 +12,11 @@ import pytest
 from fedlora.config import RunConfig
 from fedlora.data import load_task, server_data
 from fedlora.errors import FedLoraError
-from fedlora.simulate import build_parser, parse_configs, study_from_args
-from fedlora.study import Summary, choose, to_do
-from server.run import check_unused
+from conftest import parse_configs
+from fedlora.cli import build_parser, study_from_args
+from fedlora.comparison import Summary, choose
+from fedlora.study import to_do
+from server.outputs import check_unused
 
 T_975 = {1: 12.7062, 2: 4.3027}  # Student's t, 97.5 % quantiles by degrees of freedom (tables)
 
@@ -124,7 +126,7 @@ def test_validation_is_disjoint_from_evaluation_and_training(tmp_path):
 
 
 def test_the_summary_names_the_runs_that_lost_clients(tmp_path):
-    from server.report import write_comparison
+    from fedlora.comparison import write_comparison
 
     folders = []
     for seed, dropped in ((0, 0), (1, 1)):
@@ -239,8 +241,9 @@ def test_a_study_is_summarised_over_seeds_and_resumes_where_it_stopped(tmp_path,
     script = "\n".join([  # one simulation serves the study and the twins
         "import dataclasses, sys",
         "from fedlora.errors import FedLoraError",
-        "from fedlora.simulate import parse_configs, simulate",
-        f"configs = parse_configs({command!r})",
+        "from fedlora.cli import build_parser, study_from_args",
+        "from fedlora.simulate import simulate",
+        f"configs = [r.config for r in study_from_args(vars(build_parser().parse_args({command!r})))]",
         f"twins = [dataclasses.replace(c, name=c.name.replace('st/', 'tw/')) for c in configs "
         f"if c.name in {list(BROKEN.values())!r}]",
         "try:",
