@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from fedlora.codec import Codec, decode, encode
+from fedlora.codec import Codec
 
 
 def best_time(function, repeats: int) -> float:
@@ -43,11 +43,11 @@ def main() -> None:
     flat = torch.cat([v.flatten() for v in state.values()])
     k = int(args.density * flat.numel())
     codec = Codec.parse(f"topk:{args.density},fp16")
-    payload = encode(state, codec)
+    payload = codec.encode(state)
 
     bare = best_time(lambda: torch.topk(flat.abs(), k, sorted=False), args.repeats)
-    encoding = best_time(lambda: encode(state, codec), args.repeats)
-    decoding = best_time(lambda: decode(payload, codec, shapes), args.repeats)
+    encoding = best_time(lambda: codec.encode(state), args.repeats)
+    decoding = best_time(lambda: codec.decode(payload, shapes), args.repeats)
     print(f"{flat.numel():,} elements, density {args.density}, {torch.get_num_threads()} threads")
     print(f"torch.topk      {bare * 1e3:8.1f} ms")
     print(f"encode          {encoding * 1e3:8.1f} ms   {encoding / bare:.2f}x torch.topk")

@@ -137,16 +137,11 @@ def check_flora_merge(config, device, rounds=5, clients=4):
 def check_messages(config, device):
     """The ClientApp's train handler, twice in this process, on real plans from FedAvg."""
     from flwr.app import ConfigRecord, Context, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from client.app import train
+    from server.dry_run import DryRunGrid, dry_run
     from strategies import build_strategy
 
-    class OneNodeGrid:
-        def get_node_ids(self):
-            return [1]
-
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as in a run
     strategy = build_strategy(RunConfig(**{**vars(config), "num_clients": 1}))
     model, _ = load_model(config.model, torch.device("cpu"))
     arrays = strategy.initialize(model)
@@ -158,9 +153,9 @@ def check_messages(config, device):
     gc.collect()
     baseline = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     report = []
-    try:
+    with dry_run():  # messages belong to a run
         for server_round in (1, 2):
-            message = strategy.configure_train(server_round, arrays, plan, OneNodeGrid())[0]
+            message = strategy.configure_train(server_round, arrays, plan, DryRunGrid([1]))[0]
             start = time.perf_counter()
             reply = train(message, context)
             seconds = time.perf_counter() - start
@@ -172,8 +167,6 @@ def check_messages(config, device):
                               f"{reserved:.2f} GiB reserved")
             else:
                 report.append(f"{seconds:.1f} s")
-    finally:
-        TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
     print(f"messages (ClientApp train handler on {device}): " + "; ".join(report), flush=True)
 
 

@@ -27,25 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ArrayRecord, Message
 
 from client.app import reply
 from fedlora.codec import Codec, encode_payload
 from fedlora.config import RunConfig
+from server.dry_run import DryRunGrid, dry_run
 from strategies import build_strategy
 
 LAYERS, WIDTH = 32, 4096  # Llama-7B: q_proj and v_proj are 4096 x 4096
-
-
-class Nodes:
-    """The part of Flower's Grid that configure_train uses."""
-
-    def __init__(self, count: int) -> None:
-        self.nodes = list(range(1, count + 1))
-
-    def get_node_ids(self):
-        return self.nodes
 
 
 def adapter_shapes(rank: int) -> dict[str, tuple[int, int]]:
@@ -82,15 +72,20 @@ def main() -> None:
     parser.add_argument("--strategy", default="fedavg")
     parser.add_argument("--repeats", type=int, default=3, help="timings: the best of this many")
     args = parser.parse_args()
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # messages need a run
     torch.set_num_threads(2)
+    with dry_run():  # messages belong to a run
+        measure(args)
 
+
+def measure(args) -> None:
+    """Build the clients' replies and aggregate them, watching memory and time."""
     shapes = adapter_shapes(args.rank)
     adapter_bytes = sum(np.prod(s) for s in shapes.values()) * 4
     strategy = build_strategy(RunConfig(strategy=args.strategy, rank=args.rank))
+    grid = DryRunGrid(range(1, args.clients + 1))
     messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(
-        1, ArrayRecord(random_state(shapes, 0)), RunConfig().to_dict(), Nodes(args.clients))}
-    codec = Codec("fp32")
+        1, ArrayRecord(random_state(shapes, 0)), RunConfig().to_dict(), grid)}
+    codec = Codec.parse("fp32")
     examples = [50 + 7 * (node % 13) for node in range(1, args.clients + 1)]
 
     def client_reply(node: int) -> Message:

@@ -1,57 +1,166 @@
-"""Payload codecs: how a dict of tensors travels, and exactly how many values it costs.
+"""Payload codecs: how a dict of tensors travels, and exactly how many bytes it costs.
 
 A codec is named by a short text, which the payload carries so the receiver decodes without
-guessing:
+guessing. Each kind is one small class, registered in :data:`CODECS` by its name:
 
-- ``fp32``, ``fp16``, ``bf16``: dense. bf16 travels as its int16 bit pattern (Flower refuses
-  torch.bfloat16).
-- ``int8``: dense, each tensor scaled by max|x| / 127 and rounded; the scale travels as fp32.
-- ``topk:D[,fp16|fp32][,per-tensor]``: the fraction D of entries with the largest magnitude,
-  chosen across all tensors of the payload (``global``, the default) or within each tensor,
-  as values (fp16 or fp32) plus indices in the smallest unsigned integer type that holds them.
-- ``sign``: one bit per value, its sign (+1 for x >= 0, else -1), packed eight to a byte.
-  It keeps no magnitude: it serves only Fed-SB's gradient initialisation, whose rule needs
-  sign(G) alone (``--fedsb-init-codec``).
+- ``fp32``, ``fp16``, ``bf16`` (:class:`Dense`): every value. bf16 travels as its int16 bit
+  pattern (Flower refuses torch.bfloat16).
+- ``int8`` (:class:`Int8`): every value, each tensor scaled by max|x| / 127 and rounded; the
+  scale travels as fp32.
+- ``topk:D[,fp16|fp32][,per-tensor]`` (:class:`TopK`): the fraction D of entries with the
+  largest magnitude, chosen across all tensors of the payload (``global``, the default) or
+  within each tensor, as values (fp16 or fp32) plus indices in the smallest unsigned
+  integer type that holds them.
+- ``sign`` (:class:`Sign`): one bit per value, its sign (+1 for x >= 0, else -1), packed
+  eight to a byte. It keeps no magnitude: it serves only Fed-SB's gradient initialisation,
+  whose rule needs sign(G) alone (``--fedsb-init-codec``).
 
-``encode`` turns ``{name: tensor}`` into ``{key: numpy array}`` (what an ArrayRecord holds);
-``decode`` needs the names and shapes the receiver expects and raises FedLoraError on any
-payload that does not fit them.
+A codec's ``encode`` turns ``{name: tensor}`` into ``{key: numpy array}`` (what an
+ArrayRecord holds); ``decode`` needs the names and shapes the receiver expects and raises
+FedLoraError on any payload that does not fit them; ``payload_bytes`` is the bytes of the
+arrays ``encode`` makes for tensors of given shapes. A new codec is a subclass with its
+``kind`` registered in :data:`CODECS`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from fedlora.errors import FedLoraError
 
-DENSE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.int16}
-KINDS = ("fp32", "fp16", "bf16", "int8", "topk", "sign")
+State = dict[str, torch.Tensor]
+Shapes = dict[str, tuple[int, ...]]
+
+
+class Codec:
+    """A payload codec. ``Codec.parse(text)`` gives the registered codec a name stands for."""
+
+    kind: ClassVar[str] = ""
+    options: ClassVar[str] = ""  # how its options are written after the ':', for help texts
+    keeps_magnitudes: ClassVar[bool] = True  # False: only Fed-SB's sign vote can use it
+
+    @staticmethod
+    def parse(text: str) -> Codec:
+        """``fp16`` or ``topk:0.1,fp16,per-tensor``; raises FedLoraError naming the choices."""
+        kind, _, options = text.strip().partition(":")
+        if kind not in CODECS:
+            raise FedLoraError(f"unknown codec '{text}'; valid choices: {choices()}")
+        return CODECS[kind].from_options(kind, options, text)
+
+    @classmethod
+    def from_options(cls, kind: str, options: str, text: str) -> Codec:
+        """The codec of ``kind`` with the options after its ':' (none by default)."""
+        if options:
+            raise FedLoraError(f"codec {kind} takes no options, got '{text}'")
+        return cls()
+
+    @property
+    def name(self) -> str:
+        """The canonical text, as the payload carries it: ``parse(name)`` gives it back."""
+        return self.kind
+
+    def encode(self, state: State) -> dict[str, np.ndarray]:
+        """The arrays that carry ``state`` (keys sorted, so both ends agree)."""
+        raise NotImplementedError
+
+    def decode(self, arrays: dict[str, np.ndarray], shapes: Shapes) -> State:
+        """fp32 tensors of the expected ``shapes`` from a payload; FedLoraError on keys, types,
+        lengths or indices that do not fit."""
+        raise NotImplementedError
+
+    def payload_bytes(self, shapes: Shapes) -> int:
+        """The bytes of the arrays that ``encode`` makes of tensors of ``shapes``."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class Codec:
-    """A parsed codec name."""
+class Dense(Codec):
+    """Every value, as fp32, fp16 or bf16 (its int16 bit pattern)."""
 
     kind: str = "fp32"
-    density: float = 1.0  # topk: the fraction of entries kept
-    values: str = "fp32"  # topk: the value type, fp32 or fp16
-    per_tensor: bool = False  # topk: choose the entries within each tensor
+
+    DTYPES: ClassVar[dict[str, type]] = {"fp32": np.float32, "fp16": np.float16, "bf16": np.int16}
 
     @classmethod
-    def parse(cls, text: str) -> Codec:
-        """``fp16`` or ``topk:0.1,fp16,per-tensor``; raises FedLoraError naming the choices."""
-        kind, _, options = text.strip().partition(":")
-        if kind not in KINDS:
-            raise FedLoraError(f"unknown codec '{text}'; valid choices: fp32, fp16, bf16, int8, "
-                               "topk:DENSITY[,fp16|fp32][,per-tensor], sign")
-        if kind != "topk":
-            if options:
-                raise FedLoraError(f"codec {kind} takes no options, got '{text}'")
-            return cls(kind)
+    def from_options(cls, kind: str, options: str, text: str) -> Codec:
+        super().from_options(kind, options, text)
+        return cls(kind)
+
+    def encode(self, state: State) -> dict[str, np.ndarray]:
+        out = {}
+        for name in sorted(state):
+            tensor = state[name].detach().cpu()
+            if self.kind == "bf16":
+                out[name] = tensor.to(torch.bfloat16).view(torch.int16).numpy()
+            else:
+                out[name] = tensor.to(torch.float32).numpy().astype(self.DTYPES[self.kind])
+        return out
+
+    def decode(self, arrays: dict[str, np.ndarray], shapes: Shapes) -> State:
+        names = sorted(shapes)
+        _expect_keys(arrays, names)
+        out = {}
+        for name in names:
+            array = _typed(arrays, name, self.DTYPES[self.kind], math.prod(shapes[name]))
+            # A received array is the receiver's own: share it rather than copy (fp32).
+            tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+            if self.kind == "bf16":
+                tensor = tensor.view(torch.bfloat16)
+            out[name] = tensor.float().reshape(shapes[name])
+        return out
+
+    def payload_bytes(self, shapes: Shapes) -> int:
+        size = np.dtype(self.DTYPES[self.kind]).itemsize
+        return sum(math.prod(shape) for shape in shapes.values()) * size
+
+
+@dataclass(frozen=True)
+class Int8(Codec):
+    """Every value as an int8 step of max|x| / 127 (per tensor), the step as fp32."""
+
+    kind: ClassVar[str] = "int8"
+
+    def encode(self, state: State) -> dict[str, np.ndarray]:
+        out = {}
+        for name in sorted(state):
+            tensor = state[name].detach().cpu().float()
+            scale = float(tensor.abs().max()) / 127 or 1.0
+            out[name] = torch.round(tensor / scale).to(torch.int8).numpy()
+            out[f"{name}/scale"] = np.array([scale], dtype=np.float32)
+        return out
+
+    def decode(self, arrays: dict[str, np.ndarray], shapes: Shapes) -> State:
+        names = sorted(shapes)
+        _expect_keys(arrays, names + [f"{n}/scale" for n in names])
+        out = {}
+        for name in names:
+            values = _typed(arrays, name, np.int8, math.prod(shapes[name]))
+            scale = _typed(arrays, f"{name}/scale", np.float32, 1)
+            out[name] = torch.from_numpy(values.astype(np.float32) * scale[0]).reshape(shapes[name])
+        return out
+
+    def payload_bytes(self, shapes: Shapes) -> int:
+        return sum(math.prod(shape) + 4 for shape in shapes.values())
+
+
+@dataclass(frozen=True)
+class TopK(Codec):
+    """The fraction ``density`` of entries of largest magnitude, as values and indices."""
+
+    density: float = 1.0  # the fraction of entries kept
+    values: str = "fp32"  # the value type, fp32 or fp16
+    per_tensor: bool = False  # choose the entries within each tensor, not across all
+
+    kind: ClassVar[str] = "topk"
+    options: ClassVar[str] = "DENSITY[,fp16|fp32][,per-tensor]"
+
+    @classmethod
+    def from_options(cls, kind: str, options: str, text: str) -> Codec:
         density, *flags = [part.strip() for part in options.split(",")]
         try:
             fraction = float(density)
@@ -63,17 +172,113 @@ class Codec:
         if unknown:
             raise FedLoraError(f"unknown top-k option '{unknown[0]}' in '{text}'; "
                                "valid: fp16, fp32, per-tensor, global")
-        values = "fp16" if "fp16" in flags else "fp32"
-        return cls("topk", fraction, values, "per-tensor" in flags)
+        return cls(fraction, "fp16" if "fp16" in flags else "fp32", "per-tensor" in flags)
 
     @property
     def name(self) -> str:
-        """The canonical text, as the payload carries it. A top-k density is written in
-        full (Python's shortest round-trip repr), so that ``parse(name)`` gives back the
-        very same float and both ends count the same k = ceil(density * n)."""
-        if self.kind != "topk":
-            return self.kind
+        """The density is written in full (Python's shortest round-trip repr), so that
+        ``parse(name)`` gives back the very same float and both ends count the same
+        k = ceil(density * n)."""
         return f"topk:{float(self.density)!r},{self.values}" + (",per-tensor" if self.per_tensor else "")
+
+    @property
+    def value_type(self) -> type:
+        return np.float16 if self.values == "fp16" else np.float32
+
+    def encode(self, state: State) -> dict[str, np.ndarray]:
+        names = sorted(state)
+        if self.per_tensor:
+            out = {}
+            for name in names:
+                flat = state[name].detach().cpu().float().flatten()
+                chosen = topk_indices(flat, self.density)
+                out[f"{name}/values"] = self._values(flat[chosen])
+                out[f"{name}/indices"] = chosen.numpy().astype(index_dtype(flat.numel()))
+            return out
+        flat = torch.cat([state[name].detach().cpu().float().flatten() for name in names])
+        chosen = topk_indices(flat, self.density)
+        return {"values": self._values(flat[chosen]),
+                "indices": chosen.numpy().astype(index_dtype(flat.numel()))}
+
+    def decode(self, arrays: dict[str, np.ndarray], shapes: Shapes) -> State:
+        names = sorted(shapes)
+        if self.per_tensor:
+            _expect_keys(arrays, [f"{n}/{part}" for n in names for part in ("values", "indices")])
+            return {name: self._scatter(arrays[f"{name}/values"], arrays[f"{name}/indices"],
+                                        math.prod(shapes[name])).reshape(shapes[name])
+                    for name in names}
+        _expect_keys(arrays, ["indices", "values"])
+        sizes = [math.prod(shapes[name]) for name in names]
+        flat = self._scatter(arrays["values"], arrays["indices"], sum(sizes))
+        return {name: part.reshape(shapes[name])
+                for name, part in zip(names, torch.split(flat, sizes))}
+
+    def payload_bytes(self, shapes: Shapes) -> int:
+        sizes = [math.prod(shape) for shape in shapes.values()]
+        groups = sizes if self.per_tensor else [sum(sizes)]
+        value_size = np.dtype(self.value_type).itemsize
+        return sum(kept(self.density, n) * (value_size + index_dtype(n).itemsize) for n in groups)
+
+    def _values(self, values: torch.Tensor) -> np.ndarray:
+        return values.to(torch.float16 if self.values == "fp16" else torch.float32).numpy()
+
+    def _scatter(self, values: np.ndarray, indices: np.ndarray, size: int) -> torch.Tensor:
+        expected = kept(self.density, size)
+        if values.dtype != np.dtype(self.value_type) or indices.dtype != index_dtype(size):
+            raise FedLoraError(f"top-k payload has {values.dtype} values and {indices.dtype} "
+                               f"indices, expected {np.dtype(self.value_type)} and {index_dtype(size)}")
+        if values.size != expected or indices.size != expected:
+            raise FedLoraError(f"top-k payload has {values.size} values and {indices.size} "
+                               f"indices, expected {expected} of each")
+        index = torch.from_numpy(indices.reshape(-1).astype(np.int64))
+        if len(index) and (int(index.max()) >= size or len(torch.unique(index)) != len(index)):
+            raise FedLoraError(f"top-k indices repeat or exceed the {size} entries")
+        flat = torch.zeros(size)
+        flat[index] = torch.from_numpy(values.reshape(-1).astype(np.float32))
+        return flat
+
+
+@dataclass(frozen=True)
+class Sign(Codec):
+    """One bit per value, its sign, packed eight to a byte; decoded as +-1."""
+
+    kind: ClassVar[str] = "sign"
+    keeps_magnitudes: ClassVar[bool] = False
+
+    def encode(self, state: State) -> dict[str, np.ndarray]:
+        return {name: np.packbits(state[name].detach().cpu().numpy().reshape(-1) >= 0)
+                for name in sorted(state)}
+
+    def decode(self, arrays: dict[str, np.ndarray], shapes: Shapes) -> State:
+        names = sorted(shapes)
+        _expect_keys(arrays, names)
+        out = {}
+        for name in names:
+            size = math.prod(shapes[name])
+            bits = np.unpackbits(_typed(arrays, name, np.uint8, math.ceil(size / 8)))[:size]
+            out[name] = torch.from_numpy(bits.astype(np.float32) * 2 - 1).reshape(shapes[name])
+        return out
+
+    def payload_bytes(self, shapes: Shapes) -> int:
+        return sum(math.ceil(math.prod(shape) / 8) for shape in shapes.values())
+
+
+CODECS: dict[str, type[Codec]] = {"fp32": Dense, "fp16": Dense, "bf16": Dense, "int8": Int8,
+                                  "topk": TopK, "sign": Sign}
+
+
+def choices(magnitudes_only: bool = False) -> str:
+    """The registered codecs as a user writes them (``topk:DENSITY[...]``), for messages;
+    with ``magnitudes_only``, those that keep magnitudes (every codec but sign)."""
+    return ", ".join(kind + (f":{cls.options}" if cls.options else "")
+                     for kind, cls in CODECS.items()
+                     if cls.keeps_magnitudes or not magnitudes_only)
+
+
+def kept(density: float, size: int) -> int:
+    """How many of ``size`` entries a top-k of ``density`` keeps: ceil(density * size), at
+    least one."""
+    return max(1, math.ceil(density * size))
 
 
 def index_dtype(size: int) -> np.dtype:
@@ -86,96 +291,7 @@ def index_dtype(size: int) -> np.dtype:
 
 def topk_indices(flat: torch.Tensor, density: float) -> torch.Tensor:
     """Indices of the ceil(density * n) entries of largest magnitude (in no set order)."""
-    k = max(1, math.ceil(density * flat.numel()))
-    return torch.topk(flat.abs(), k, sorted=False).indices
-
-
-def encode(state: dict[str, torch.Tensor], codec: Codec) -> dict[str, np.ndarray]:
-    """The arrays that carry ``state`` under ``codec`` (keys sorted, so both ends agree)."""
-    names = sorted(state)
-    if codec.kind in DENSE:
-        out = {}
-        for name in names:
-            tensor = state[name].detach().cpu()
-            if codec.kind == "bf16":
-                out[name] = tensor.to(torch.bfloat16).view(torch.int16).numpy()
-            else:
-                out[name] = tensor.to(torch.float32).numpy().astype(DENSE[codec.kind])
-        return out
-    if codec.kind == "sign":
-        return {name: np.packbits(state[name].detach().cpu().numpy().reshape(-1) >= 0)
-                for name in names}
-    if codec.kind == "int8":
-        out = {}
-        for name in names:
-            tensor = state[name].detach().cpu().float()
-            scale = float(tensor.abs().max()) / 127 or 1.0
-            out[name] = torch.round(tensor / scale).to(torch.int8).numpy()
-            out[f"{name}/scale"] = np.array([scale], dtype=np.float32)
-        return out
-    value_type = np.float16 if codec.values == "fp16" else np.float32
-    if codec.per_tensor:
-        out = {}
-        for name in names:
-            flat = state[name].detach().cpu().float().flatten()
-            chosen = topk_indices(flat, codec.density)
-            out[f"{name}/values"] = _values(flat[chosen], value_type)
-            out[f"{name}/indices"] = chosen.numpy().astype(index_dtype(flat.numel()))
-        return out
-    flat = torch.cat([state[name].detach().cpu().float().flatten() for name in names])
-    chosen = topk_indices(flat, codec.density)
-    return {"values": _values(flat[chosen], value_type),
-            "indices": chosen.numpy().astype(index_dtype(flat.numel()))}
-
-
-def decode(arrays: dict[str, np.ndarray], codec: Codec,
-           shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """fp32 tensors of the expected ``shapes`` from a payload; entries a sparse payload did
-    not carry are zero. Raises FedLoraError on keys, types, lengths or indices that do not fit."""
-    names = sorted(shapes)
-    if codec.kind in DENSE:
-        _expect_keys(arrays, names)
-        out = {}
-        for name in names:
-            array = _typed(arrays, name, DENSE[codec.kind], math.prod(shapes[name]))
-            # A received array is the receiver's own: share it rather than copy (fp32).
-            tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
-            if codec.kind == "bf16":
-                tensor = tensor.view(torch.bfloat16)
-            out[name] = tensor.float().reshape(shapes[name])
-        return out
-    if codec.kind == "sign":
-        _expect_keys(arrays, names)
-        out = {}
-        for name in names:
-            size = math.prod(shapes[name])
-            bits = np.unpackbits(_typed(arrays, name, np.uint8, math.ceil(size / 8)))[:size]
-            out[name] = torch.from_numpy(bits.astype(np.float32) * 2 - 1).reshape(shapes[name])
-        return out
-    if codec.kind == "int8":
-        _expect_keys(arrays, names + [f"{n}/scale" for n in names])
-        out = {}
-        for name in names:
-            values = _typed(arrays, name, np.int8, math.prod(shapes[name]))
-            scale = _typed(arrays, f"{name}/scale", np.float32, 1)
-            out[name] = torch.from_numpy(values.astype(np.float32) * scale[0]).reshape(shapes[name])
-        return out
-    value_type = np.float16 if codec.values == "fp16" else np.float32
-    if codec.per_tensor:
-        _expect_keys(arrays, [f"{n}/{part}" for n in names for part in ("values", "indices")])
-        return {name: _scatter(arrays[f"{name}/values"], arrays[f"{name}/indices"], value_type,
-                               math.prod(shapes[name]), codec).reshape(shapes[name])
-                for name in names}
-    _expect_keys(arrays, ["indices", "values"])
-    sizes = [math.prod(shapes[name]) for name in names]
-    flat = _scatter(arrays["values"], arrays["indices"], value_type, sum(sizes), codec)
-    return {name: part.reshape(shapes[name])
-            for name, part in zip(names, torch.split(flat, sizes))}
-
-
-def _values(values: torch.Tensor, value_type) -> np.ndarray:
-    dtype = torch.float16 if value_type is np.float16 else torch.float32
-    return values.to(dtype).numpy()
+    return torch.topk(flat.abs(), kept(density, flat.numel()), sorted=False).indices
 
 
 def _expect_keys(arrays: dict, keys: list[str]) -> None:
@@ -193,23 +309,7 @@ def _typed(arrays: dict, key: str, dtype, size: int) -> np.ndarray:
     return array.reshape(-1)
 
 
-def _scatter(values: np.ndarray, indices: np.ndarray, value_type, size: int, codec: Codec):
-    expected = max(1, math.ceil(codec.density * size))
-    if values.dtype != np.dtype(value_type) or indices.dtype != index_dtype(size):
-        raise FedLoraError(f"top-k payload has {values.dtype} values and {indices.dtype} "
-                           f"indices, expected {np.dtype(value_type)} and {index_dtype(size)}")
-    if values.size != expected or indices.size != expected:
-        raise FedLoraError(f"top-k payload has {values.size} values and {indices.size} "
-                           f"indices, expected {expected} of each")
-    index = torch.from_numpy(indices.reshape(-1).astype(np.int64))
-    if len(index) and (int(index.max()) >= size or len(torch.unique(index)) != len(index)):
-        raise FedLoraError(f"top-k indices repeat or exceed the {size} entries")
-    flat = torch.zeros(size)
-    flat[index] = torch.from_numpy(values.reshape(-1).astype(np.float32))
-    return flat
-
-
-def encode_payload(state: dict[str, torch.Tensor], codec: Codec) -> tuple[dict[str, np.ndarray], dict]:
+def encode_payload(state: State, codec: Codec) -> tuple[dict[str, np.ndarray], dict]:
     """``state`` as arrays plus the header that names the codec, the tensors and their shapes
     (so the receiver decodes without guessing)."""
     names = sorted(state)
@@ -218,11 +318,11 @@ def encode_payload(state: dict[str, torch.Tensor], codec: Codec) -> tuple[dict[s
         "keys": names,
         "shapes": ["x".join(map(str, state[n].shape)) for n in names],
     }
-    return encode(state, codec), header
+    return codec.encode(state), header
 
 
 def decode_payload(arrays: dict[str, np.ndarray], header: dict,
-                   expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+                   expected: Shapes | None = None) -> State:
     """The tensors of a payload. With ``expected`` (names and shapes the receiver expects),
     a header that names other tensors or shapes is rejected before anything is decoded."""
     codec = Codec.parse(str(header.get("codec", "")))
@@ -242,4 +342,4 @@ def decode_payload(arrays: dict[str, np.ndarray], header: dict,
             if shape != tuple(expected[key]):
                 raise FedLoraError(f"payload tensor {key} has shape {shape}, "
                                    f"expected {tuple(expected[key])}")
-    return decode(arrays, codec, declared)
+    return codec.decode(arrays, declared)

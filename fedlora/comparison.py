@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from fedlora.errors import FedLoraError
+from fedlora.evaluate import headline_keys
 from server.outputs import read_rows
 from server.report import bounds, chance, latest, loss_key, quality_key  # and matplotlib's backend
 
@@ -53,9 +54,9 @@ class Summary:
 
 def selection_key(rows: list[dict]) -> tuple[str, bool] | None:
     """The validation figure a grid value is chosen on, and whether higher is better."""
-    for key, higher in (("val_accuracy", True), ("val_exact_match", True), ("val_loss", False)):
+    for key, metric in headline_keys(("val_",)):
         if latest(rows, key) is not None:
-            return key, higher
+            return key, metric.higher_is_better
     return None
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.codec import Codec
+from fedlora.codec import choices as codec_choices
 from fedlora.errors import FedLoraError
 from fedlora.privacy import check_settings
 
@@ -137,7 +138,7 @@ class RunConfig:
     )
     upload_codec: str = field(
         default="fp32",
-        metadata={"help": "how updates travel: fp32, fp16, bf16, int8, topk:D[,fp16][,per-tensor]"},
+        metadata={"help": f"how updates travel: {codec_choices(True)}"},
     )
     download_codec: str = field(
         default="fp32", metadata={"help": "how the global adapter travels (same choices)"}
@@ -361,10 +362,9 @@ class RunConfig:
                                "names every linear layer; give it alone or list names")
         for flag, value in (("--upload-codec", self.upload_codec),
                             ("--download-codec", self.download_codec)):
-            if Codec.parse(value).kind == "sign":
-                raise FedLoraError(f"{flag} sign keeps no magnitudes; it serves only "
-                                   "--fedsb-init-codec; valid choices: fp32, fp16, bf16, int8, "
-                                   "topk:DENSITY[,fp16|fp32][,per-tensor]")
+            if not Codec.parse(value).keeps_magnitudes:
+                raise FedLoraError(f"{flag} {value} keeps no magnitudes; it serves only "
+                                   f"--fedsb-init-codec; valid choices: {codec_choices(True)}")
         if self.fedsb_init_codec and Codec.parse(self.fedsb_init_codec).kind not in (
                 "fp32", "fp16", "bf16", "sign"):
             raise FedLoraError(f"--fedsb-init-codec {self.fedsb_init_codec}: valid choices: "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -65,19 +66,10 @@ class Scores:
                          for f in fields(self)})
 
     def metrics(self, prefix: str = "eval_") -> dict[str, float]:
-        """Loss per answer token; with labels accuracy, macro-F1 and the accuracy of always
-        answering the most common label; with generation exact match (and numeric match)."""
-        metrics = {"loss": self.loss_sum / self.tokens if self.tokens else math.nan}
-        if self.label_counts:
-            metrics["accuracy"] = sum(self.correct_counts) / self.examples
-            metrics["macro_f1"] = macro_f1(self.label_counts, self.predicted_counts,
-                                           self.correct_counts)
-            metrics["majority_accuracy"] = max(self.label_counts) / self.examples
-        if self.generated:
-            metrics["exact_match"] = self.exact_matches / self.generated
-        if self.numeric_examples:
-            metrics["numeric_match"] = self.numeric_matches / self.numeric_examples
-        return {prefix + k: v for k, v in metrics.items()}
+        """Every figure of :data:`METRICS` these counts give (loss per answer token; with
+        labels accuracy, macro-F1 and the accuracy of always answering the most common
+        label; with generation exact match, and numeric match), each key with ``prefix``."""
+        return {prefix + m.name: value for m in METRICS if (value := m.value(self)) is not None}
 
     def to_record(self) -> dict:
         """The counts as MetricRecord values (dashed keys)."""
@@ -131,6 +123,92 @@ def macro_f1(label_counts: list[int], predicted_counts: list[int],
     scores = [2 * c / (t + p) for t, p, c in zip(label_counts, predicted_counts, correct_counts)
               if t + p]
     return sum(scores) / len(scores)
+
+
+Column = tuple[str, int, str]  # a round-table column: heading, width, format spec
+PREFIXES = ("eval_", "val_", "fed_eval_")  # central evaluation, validation, federated
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One evaluation figure, everything about it in one place.
+
+    Parameters
+    ----------
+    name : str
+        Its key in metrics.jsonl, after the evaluation's prefix (``eval_``, ``val_``,
+        ``fed_eval_``).
+    value : callable
+        The figure from pooled :class:`Scores` counts (federated evaluation pools the
+        clients' counts, so every figure is that of the pooled data), or None where the
+        counts do not give it.
+    higher_is_better : bool
+        Which way is better (a grid value is chosen on it).
+    task : str
+        "any", "labels" (classification) or "generation": the round table shows it only
+        for its task.
+    columns : dict
+        Its round-table column by evaluation prefix: (heading, width, format).
+    headline : int or None
+        Its rank as a run's headline figure (the report's and the comparison's main
+        panel, the figure a grid value is chosen on): the lowest rank a run has wins.
+    worst_client : Column or None
+        Federated evaluation also reports the worst client's figure (``..._min``), in
+        this column (False: reported, not shown; None: not reported).
+    chance : str or None
+        The figure that is its chance line on the report (accuracy: always answering the
+        most common label).
+    """
+
+    name: str
+    value: Callable[[Scores], float | None]
+    higher_is_better: bool
+    task: str = "any"
+    columns: dict[str, Column] = field(default_factory=dict)
+    headline: int | None = None
+    worst_client: Column | bool | None = None
+    chance: str | None = None
+
+
+METRICS = (
+    Metric("loss", lambda s: s.loss_sum / s.tokens if s.tokens else math.nan, False,
+           columns={"eval_": ("eval loss", 9, ".4f"), "val_": ("val loss", 9, ".4f"),
+                    "fed_eval_": ("fed loss", 9, ".4f")}, headline=2),
+    Metric("accuracy", lambda s: sum(s.correct_counts) / s.examples if s.label_counts else None,
+           True, "labels", {"eval_": ("accuracy", 8, ".3f"), "val_": ("val acc", 7, ".3f"),
+                            "fed_eval_": ("fed acc", 7, ".3f")},
+           headline=0, worst_client=("fed min", 7, ".3f"), chance="majority_accuracy"),
+    Metric("macro_f1", lambda s: macro_f1(s.label_counts, s.predicted_counts, s.correct_counts)
+           if s.label_counts else None, True, "labels", {"eval_": ("macro-F1", 8, ".3f")}),
+    Metric("majority_accuracy", lambda s: max(s.label_counts) / s.examples if s.label_counts
+           else None, True, "labels"),
+    Metric("exact_match", lambda s: s.exact_matches / s.generated if s.generated else None, True,
+           "generation", {"eval_": ("exact match", 11, ".3f"), "val_": ("val exact", 9, ".3f"),
+                          "fed_eval_": ("fed exact", 9, ".3f")}, headline=1, worst_client=False),
+    Metric("numeric_match", lambda s: s.numeric_matches / s.numeric_examples
+           if s.numeric_examples else None, True, "generation"),
+)
+
+
+def headline_keys(prefixes: tuple[str, ...] = ("eval_", "fed_eval_")) -> list[tuple[str, Metric]]:
+    """(key, metric) of the figures that can head a run, best first: each headline metric
+    under each of ``prefixes`` (central before federated)."""
+    ranked = sorted((m for m in METRICS if m.headline is not None), key=lambda m: m.headline)
+    return [(prefix + m.name, m) for m in ranked for prefix in prefixes]
+
+
+def metric_columns() -> list[tuple[str, str, Metric, Column]]:
+    """The round table's evaluation columns: (key, prefix, metric, column), by prefix in
+    :data:`PREFIXES` order, each prefix's metrics in table order, the worst client's
+    figure after its federated one."""
+    out = []
+    for prefix in PREFIXES:
+        for metric in METRICS:
+            if prefix in metric.columns:
+                out.append((prefix + metric.name, prefix, metric, metric.columns[prefix]))
+            if prefix == "fed_eval_" and isinstance(metric.worst_client, tuple):
+                out.append((f"{prefix}{metric.name}_min", prefix, metric, metric.worst_client))
+    return out
 
 
 def normalize_answer(text: str) -> str:

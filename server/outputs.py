@@ -23,26 +23,17 @@ from tqdm import tqdm
 from fedlora.adapters import save_adapter, save_base_delta, save_shared_tensors
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
+from fedlora.evaluate import metric_columns
 from strategies import folder_name
 
 METRICS = "metrics.jsonl"  # one JSON row per round
 SUMMARY = "summary.json"  # how the run ended, written last
 CHECKPOINT = "checkpoint.pt"  # the state after the last completed round
 
-COLUMNS = [  # (metrics key, table heading, width, format spec)
-    ("round", "round", 5, "d"),
-    ("train_loss", "train loss", 10, ".4f"),
-    ("eval_loss", "eval loss", 9, ".4f"),  # central evaluation
-    ("eval_accuracy", "accuracy", 8, ".3f"),  # these two with labels
-    ("eval_macro_f1", "macro-F1", 8, ".3f"),
-    ("eval_exact_match", "exact match", 11, ".3f"),  # this one without
-    ("val_loss", "val loss", 9, ".4f"),  # --val-size
-    ("val_accuracy", "val acc", 7, ".3f"),
-    ("val_exact_match", "val exact", 9, ".3f"),
-    ("fed_eval_loss", "fed loss", 9, ".4f"),  # federated evaluation
-    ("fed_eval_accuracy", "fed acc", 7, ".3f"),
-    ("fed_eval_accuracy_min", "fed min", 7, ".3f"),
-    ("fed_eval_exact_match", "fed exact", 9, ".3f"),
+# The round table: (metrics key, heading, width, format spec); the evaluation's columns come
+# from fedlora.evaluate.METRICS, after the training loss.
+HEAD = [("round", "round", 5, "d"), ("train_loss", "train loss", 10, ".4f")]
+TAIL = [
     ("bytes_up", "bytes up", 13, ","),
     ("bytes_down", "bytes down", 13, ","),
     ("epsilon", "epsilon", 7, ".3g"),  # these two only with --dp
@@ -149,18 +140,11 @@ class MetricsLog:
         self.path = path
         self.rows: list[dict] = []
         self.total_up = self.total_down = 0
-        hidden = set() if private else {"epsilon", "delta"}
-        if not central:
-            hidden |= {"eval_loss", "eval_accuracy", "eval_macro_f1", "eval_exact_match"}
-        if not federated:
-            hidden |= {"fed_eval_loss", "fed_eval_accuracy", "fed_eval_accuracy_min",
-                       "fed_eval_exact_match"}
-        if not validated:
-            hidden |= {"val_loss", "val_accuracy", "val_exact_match"}
-        hidden |= ({"eval_exact_match", "fed_eval_exact_match", "val_exact_match"} if labelled
-                   else {"eval_accuracy", "eval_macro_f1", "fed_eval_accuracy",
-                         "fed_eval_accuracy_min", "val_accuracy"})
-        self.columns = [c for c in COLUMNS if c[0] not in hidden]
+        shown = {"eval_": central, "val_": validated, "fed_eval_": federated}
+        task = "labels" if labelled else "generation"
+        self.columns = HEAD + [(key, *column) for key, prefix, metric, column in metric_columns()
+                               if shown[prefix] and metric.task in ("any", task)]
+        self.columns += [c for c in TAIL if private or c[0] not in ("epsilon", "delta")]
         tqdm.write("  ".join(f"{heading:>{width}}" for _, heading, width, _ in self.columns))
 
     def restore(self, rows: list[dict]) -> None:

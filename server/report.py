@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedlora.evaluate import headline_keys  # noqa: E402
+
 
 def latest(rows: list[dict], key: str):
     """The value of ``key`` in the last row that has it (rows skipped by --eval-every, or
@@ -19,14 +21,10 @@ def latest(rows: list[dict], key: str):
     return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
 
 
-QUALITY_KEYS = ("eval_accuracy", "fed_eval_accuracy", "eval_exact_match",
-                "fed_eval_exact_match", "eval_loss", "fed_eval_loss")
-
-
 def quality_key(rows: list[dict]) -> str:
-    """The headline metric of a run: accuracy (central, else federated), else exact match,
-    else the evaluation loss."""
-    return next((k for k in QUALITY_KEYS if latest(rows, k) is not None), "eval_loss")
+    """The headline figure of a run (fedlora.evaluate.METRICS' ``headline``): accuracy
+    (central, else federated), else exact match, else the evaluation loss."""
+    return next((k for k, _ in headline_keys() if latest(rows, k) is not None), "eval_loss")
 
 
 def bounds(quality: str) -> tuple[float, float]:
@@ -39,8 +37,12 @@ def loss_key(rows: list[dict]) -> str:
 
 
 def chance(rows: list[dict], quality: str) -> float | None:
-    """The accuracy of always answering the evaluation data's most common label."""
-    return latest(rows, quality.replace("accuracy", "majority_accuracy")) if "accuracy" in quality else None
+    """The chance line of a headline figure (accuracy: always answering the evaluation
+    data's most common label), where its metric has one."""
+    for key, metric in headline_keys():
+        if key == quality and metric.chance:
+            return latest(rows, quality.replace(metric.name, metric.chance))
+    return None
 
 
 def plot_report(rows: list[dict], path: Path) -> None:

@@ -21,8 +21,8 @@ from fedlora.data import server_data
 from fedlora.errors import FedLoraError
 from fedlora.wire import run_record
 from server.evaluation import Evaluation
-from server.outputs import (
-    METRICS, MetricsLog, load_checkpoint, make_run_dir, save_checkpoint, save_outputs)
+from server.outputs import (METRICS, MetricsLog, load_checkpoint, make_run_dir, save_checkpoint,
+                            save_outputs)
 from server.preflight import preflight
 from server.transport import Tally, arrivals, traffic
 from strategies import ignored_settings
@@ -39,77 +39,92 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
     strategy, config = preflight(config)
     for setting in ignored_settings(config):
         log.warning("--strategy %s does not use %s", config.strategy, setting)
-    run_dir = make_run_dir(config)
+    folder = make_run_dir(config)
     data = server_data(config)
     plan = run_record(config, data.label_words)
     evaluation = Evaluation(grid, strategy, config, plan, data, simulation)
     if evaluation.federated and strategy.privacy:
         log.warning("federated evaluation releases metrics of the clients' held-out data; "
                     "epsilon covers training only, not these figures (docs/privacy.md)")
-    metrics_log = MetricsLog(run_dir / METRICS, private=strategy.privacy is not None,
+    metrics_log = MetricsLog(folder / METRICS, private=strategy.privacy is not None,
                              central=evaluation.central is not None,
                              federated=evaluation.federated,
-                             labelled=evaluation.label_words is not None,
+                             labelled=data.label_words is not None,
                              validated=bool(evaluation.validation))
-    start = time.perf_counter()
     arrays = strategy.initialize(evaluation.model)
     if config.resume:
-        arrays, done = load_checkpoint(run_dir, strategy, metrics_log, config.rounds)
+        arrays, done = load_checkpoint(folder, strategy, metrics_log, config.rounds)
     else:
-        init_messages = strategy.configure_init(arrays, plan, grid)
-        init_replies = Tally()  # folded as they arrive, like a round's
-        if init_messages:
-            arrays = strategy.aggregate_init(init_replies.count(arrivals(
-                grid, init_messages, config.round_timeout, "initialisation")))
-        metrics_log.write({
-            "round": 0, "strategy": config.strategy, "clients": init_replies.replies,
-            # Round 0: the model clients start from: the base model with the initial
-            # adapter (zero for LoRA; B R A for Fed-SB's gradient initialisation).
-            **evaluation(arrays, 0),
-            "bytes_up": init_replies.bytes, "bytes_down": traffic(init_messages),
-            "seconds": time.perf_counter() - start,
-        })
+        arrays, row = initial_round(grid, strategy, config, plan, arrays, evaluation)
+        metrics_log.write(row)
         done = 0
     ended = f"after all {config.rounds} rounds"
     for server_round in range(done + 1, config.rounds + 1):
         if over_budget(strategy, config, server_round):
             ended = f"before round {server_round}: --dp-max-epsilon {config.dp_max_epsilon:g} reached"
             break
-        start = time.perf_counter()
-        messages = list(strategy.configure_train(server_round, arrays, plan, grid))
-        replies = Tally()  # handed to the strategy as they arrive, counted on the way
-        new_arrays, train_metrics = strategy.aggregate_train(
-            server_round, replies.count(arrivals(grid, messages, config.round_timeout,
-                                                 f"round {server_round}")))
-        if new_arrays is None:
-            raise FedLoraError(
-                f"round {server_round} failed: {replies.replies - len(strategy.dropped)} of "
-                f"{len(messages)} clients gave a usable reply, --min-clients is "
-                f"{config.min_clients}; outputs so far are in {run_dir}"
-            )
-        arrays = new_arrays
-        # Every --eval-every rounds and the last one (also where the DP budget ends the run).
-        evaluated = (server_round % config.eval_every == 0 or server_round == config.rounds
-                     or projected_over_budget(strategy, config) is not None)
-        row = {
-            "round": server_round,
-            "strategy": config.strategy,
-            "clients": replies.replies - len(strategy.dropped),
-            # sampled, but no usable reply: missing, failed or refused
-            "dropped": len(messages) - replies.replies + len(strategy.dropped),
-            **({"train_loss": float(train_metrics["train-loss"])} if "train-loss" in train_metrics else {}),
-            **(evaluation(arrays, server_round) if evaluated else {}),
-            "bytes_up": replies.bytes,
-            "bytes_down": traffic(messages),
-            "client_train_seconds": float(train_metrics["train-seconds"]),
-        }
-        for key in ("aggregation-error", "epsilon", "delta"):
-            if key in train_metrics:
-                row[key.replace("-", "_")] = float(train_metrics[key])
-        metrics_log.write({**row, "seconds": time.perf_counter() - start})
-        save_checkpoint(run_dir, server_round, arrays, strategy)
-    save_outputs(run_dir, strategy, arrays, evaluation.global_adapter, metrics_log.rows, ended)
-    return run_dir
+        arrays, row = train_round(grid, strategy, config, plan, arrays, server_round, evaluation,
+                                  folder)
+        metrics_log.write(row)
+        save_checkpoint(folder, server_round, arrays, strategy)
+    save_outputs(folder, strategy, arrays, evaluation.global_adapter, metrics_log.rows, ended)
+    return folder
+
+
+def initial_round(grid: Grid, strategy, config: RunConfig, plan, arrays, evaluation):
+    """Round 0: the strategy's initialisation round, if it has one, and the evaluation of
+    the model clients start from (the base model with the initial adapter: zero for LoRA,
+    B R A for Fed-SB's gradient initialisation). Returns the global arrays and the row."""
+    start = time.perf_counter()
+    messages = strategy.configure_init(arrays, plan, grid)
+    replies = Tally()  # folded as they arrive, like a round's
+    if messages:
+        arrays = strategy.aggregate_init(replies.count(arrivals(
+            grid, messages, config.round_timeout, "initialisation")))
+    return arrays, {
+        "round": 0, "strategy": config.strategy, "clients": replies.replies,
+        **evaluation(arrays, 0),
+        "bytes_up": replies.bytes, "bytes_down": traffic(messages),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def train_round(grid: Grid, strategy, config: RunConfig, plan, arrays, server_round: int,
+                evaluation, folder: Path):
+    """One round: send, fold the replies as they arrive, aggregate, and evaluate every
+    ``--eval-every`` rounds and the last one (also where the DP budget ends the run).
+    Returns the new global arrays and the round's row; FedLoraError when too few
+    replies were usable (it names ``folder``, where the outputs so far are)."""
+    start = time.perf_counter()
+    messages = list(strategy.configure_train(server_round, arrays, plan, grid))
+    replies = Tally()  # handed to the strategy as they arrive, counted on the way
+    new_arrays, train_metrics = strategy.aggregate_train(
+        server_round, replies.count(arrivals(grid, messages, config.round_timeout,
+                                             f"round {server_round}")))
+    if new_arrays is None:
+        raise FedLoraError(
+            f"round {server_round} failed: {replies.replies - len(strategy.dropped)} of "
+            f"{len(messages)} clients gave a usable reply, --min-clients is "
+            f"{config.min_clients}; outputs so far are in {folder}"
+        )
+    evaluated = (server_round % config.eval_every == 0 or server_round == config.rounds
+                 or projected_over_budget(strategy, config) is not None)
+    row = {
+        "round": server_round,
+        "strategy": config.strategy,
+        "clients": replies.replies - len(strategy.dropped),
+        # sampled, but no usable reply: missing, failed or refused
+        "dropped": len(messages) - replies.replies + len(strategy.dropped),
+        **({"train_loss": float(train_metrics["train-loss"])} if "train-loss" in train_metrics else {}),
+        **(evaluation(new_arrays, server_round) if evaluated else {}),
+        "bytes_up": replies.bytes,
+        "bytes_down": traffic(messages),
+        "client_train_seconds": float(train_metrics["train-seconds"]),
+    }
+    for key in ("aggregation-error", "epsilon", "delta"):
+        if key in train_metrics:
+            row[key.replace("-", "_")] = float(train_metrics[key])
+    return new_arrays, {**row, "seconds": time.perf_counter() - start}
 
 
 def over_budget(strategy, config: RunConfig, server_round: int) -> bool:

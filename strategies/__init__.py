@@ -46,8 +46,9 @@ def strategy_class(name: str) -> type[LoraStrategy]:
     ------
     FedLoraError
         One line naming ``name`` and the valid choices, when the strategy is unknown,
-        fails to import, is not a LoraStrategy subclass or lacks both ``aggregate_states``
-        and ``aggregate_means``.
+        fails to import (a class that lacks both ``aggregate_states`` and
+        ``aggregate_means`` fails where it is defined: LoraStrategy.__init_subclass__) or
+        is not a LoraStrategy subclass.
     """
     if name in STRATEGIES:
         return STRATEGIES[name]
@@ -70,13 +71,6 @@ def strategy_class(name: str) -> type[LoraStrategy]:
     if not (isinstance(cls, type) and issubclass(cls, LoraStrategy)):
         raise FedLoraError(
             f"strategy '{name}' is not a subclass of strategies.base.LoraStrategy; "
-            f"valid choices: {choices}"
-        )
-    if (cls.aggregate_states is LoraStrategy.aggregate_states
-            and cls.aggregate_means is LoraStrategy.aggregate_means):  # the base only raises
-        raise FedLoraError(
-            f"strategy '{name}' ({cls.__qualname__}) implements neither aggregate_states nor "
-            "aggregate_means; "
             f"valid choices: {choices}"
         )
     return cls

@@ -147,6 +147,20 @@ class LoraStrategy(FedAvg):
     default_rank = 8
     default_target_modules = "q_proj,v_proj"
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        """A strategy implements the method's math: ``aggregate_means`` or
+        ``aggregate_states`` (its own or inherited), checked when the class is defined. A
+        class that only shares steps with its subclasses (strategies/truncated.py) says
+        ``abstract = True`` in its body."""
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("abstract", False):
+            return
+        if (cls.aggregate_states is LoraStrategy.aggregate_states
+                and cls.aggregate_means is LoraStrategy.aggregate_means):  # the base only raises
+            raise TypeError(f"strategy {cls.__qualname__} implements neither aggregate_states nor "
+                            "aggregate_means (or say abstract = True in a class meant to be "
+                            "subclassed)")
+
     @classmethod
     def default_lr_for(cls, config) -> float:
         """What ``--lr`` is when not given, for this run's other settings (Fed-SB's depends on

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedlora import wire
 from fedlora.errors import FedLoraError
-from fedlora.evaluate import Scores
+from fedlora.evaluate import METRICS, Scores
 from fedlora.wire import Plan, check_no_error, client_identity, reply_metrics
 from strategies.kept import KeptTensors
 
@@ -86,7 +86,7 @@ def pool_evaluations(server_round: int, replies: Iterable[Message], num_labels: 
         return None, by_client
     pooled = sum(reports[1:], reports[0])
     metrics = pooled.metrics("fed_eval_")
-    for key in ("accuracy", "exact_match"):
-        if f"fed_eval_{key}" in metrics:
-            metrics[f"fed_eval_{key}_min"] = min(r.metrics("")[key] for r in reports)
+    for metric in METRICS:  # the worst client's figure, where the table asks for it
+        if metric.worst_client is not None and f"fed_eval_{metric.name}" in metrics:
+            metrics[f"fed_eval_{metric.name}_min"] = min(r.metrics("")[metric.name] for r in reports)
     return MetricRecord({**metrics, "fed_eval_clients": len(reports)}), by_client

@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedlora import wire
 from fedlora.aggregate import State
-from fedlora.codec import Codec, decode_payload, encode_payload
+from fedlora.codec import Codec, Dense, decode_payload, encode_payload
 
 
 class KeptTensors:
@@ -90,7 +90,7 @@ class KeptTensors:
         none before the first increment."""
         if not self.base_version:
             return {}
-        payload, header = encode_payload(self.base_delta, Codec("fp32"))
+        payload, header = encode_payload(self.base_delta, Dense("fp32"))
         return {wire.BASE_DELTA: ArrayRecord({k: Array(v) for k, v in payload.items()}),
                 wire.BASE_DELTA_CODEC: ConfigRecord({**header, wire.FROM: 0})}
 

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedlora.aggregate import State
-from fedlora.codec import Codec
+from fedlora.codec import Codec, Dense, TopK
 from fedlora.errors import FedLoraError
 from fedlora.wire import Plan
 from strategies.base import LoraStrategy
@@ -132,13 +132,13 @@ class SparseLoRA(LoraStrategy):
         return {k: p.detach().clone() for k, p in self.parameters.items()}
 
 
-def sparse_form(given: Codec, density: float, direction: str) -> Codec:
+def sparse_form(given: Codec, density: float, direction: str) -> TopK:
     """The top-k codec a direction uses, from the codec the user gave it: its value type
     and index option, at the direction's initial ``density``; FedLoraError for a codec
     that cannot be a top-k, or whose density contradicts the schedule's."""
     flag = f"--{direction}-codec {given.name}"
     if given.kind in ("fp32", "fp16"):
-        return Codec("topk", density, given.kind)
+        return TopK(density, given.kind)
     if given.kind != "topk":
         raise FedLoraError(f"{flag}: --strategy sparse sends top-k entries as fp32 or fp16 "
                            "values; valid: fp32, fp16, topk:D[,fp16][,per-tensor]")
@@ -149,6 +149,6 @@ def sparse_form(given: Codec, density: float, direction: str) -> Codec:
     return given
 
 
-def at_density(form: Codec, density: float) -> Codec:
+def at_density(form: TopK, density: float) -> Codec:
     """``form`` at ``density``: dense values of its type at 1.0."""
-    return Codec(form.values) if density >= 1.0 else dataclasses.replace(form, density=density)
+    return Dense(form.values) if density >= 1.0 else dataclasses.replace(form, density=density)

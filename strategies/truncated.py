@@ -32,6 +32,7 @@ class TruncatedRankLoRA(LoraStrategy):
         See LoraStrategy; ``rank`` is replaced by R.
     """
 
+    abstract = True  # HetLoRA and FlexLoRA give the math
     heterogeneous_ranks = True
     upload = "weights"  # factors of the client's own rank, not an update of the global's
 

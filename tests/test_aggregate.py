@@ -1,6 +1,5 @@
 """The aggregation math on plain tensors."""
 
-import pytest
 import torch
 from conftest import weighted_average
 
@@ -12,7 +11,6 @@ from fedlora.aggregate import (
     random_lora_sb,
     stack_lora,
 )
-from fedlora.errors import FedLoraError
 
 
 def test_weighted_average_is_the_weighted_mean_of_every_tensor():

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import client_plan, make_reply, node_context, train_reply
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord
 
 import client.app
 import client.node_state
@@ -42,7 +42,7 @@ def test_a_large_federation_scores_a_few_shares_not_one_per_node():
     examples = [Example(f"review {i}", LABELS[i % 2], i % 2) for i in range(200)]
     plan = Plan(RunConfig(), LABELS, server_round=1, task="evaluate")
     messages = evaluation_messages(plan, ArrayRecord(), list(range(1, 1001)),
-                                   KeptTensors(Codec("fp32")), examples)
+                                   KeptTensors(Codec.parse("fp32")), examples)
     assert len(messages) == MAX_EVAL_SHARES < 200
     assert [m.metadata.dst_node_id for m in messages] == list(range(1, MAX_EVAL_SHARES + 1))
     sent = [json.loads(m.content["config"]["eval-examples"]) for m in messages]

@@ -8,7 +8,7 @@ import torch
 
 from flwr.app import ArrayRecord, RecordDict
 
-from fedlora.codec import Codec, decode, decode_payload, encode, encode_payload, index_dtype
+from fedlora.codec import Codec, decode_payload, encode_payload, index_dtype
 from fedlora.errors import FedLoraError
 from server.dry_run import DryRunGrid
 
@@ -23,7 +23,7 @@ def state():
 
 def round_trip(state, text):
     codec = Codec.parse(text)
-    return decode(encode(state, codec), codec, {k: tuple(v.shape) for k, v in state.items()})
+    return codec.decode(codec.encode(state), {k: tuple(v.shape) for k, v in state.items()})
 
 
 def test_fp32_is_exact(state):
@@ -73,7 +73,7 @@ def test_sparse_payload_bytes_are_values_plus_indices_plus_fixed_overhead(state)
     assert index_dtype(total) == np.uint16
 
     def size(density, values):
-        arrays = encode(state, Codec.parse(f"topk:{density},{values}"))
+        arrays = Codec.parse(f"topk:{density},{values}").encode(state)
         assert arrays["indices"].dtype == np.uint16
         return serialized_bytes(RecordDict({"arrays": ArrayRecord(
             {k: Array(a) for k, a in arrays.items()})}))
@@ -84,6 +84,42 @@ def test_sparse_payload_bytes_are_values_plus_indices_plus_fixed_overhead(state)
             k = int(np.ceil(density * total))
             overheads.append(size(density, values) - k * (value_size + 2))
         assert max(overheads) - min(overheads) <= 2  # two arrays: values and indices
+
+
+@pytest.mark.parametrize("text", ["fp32", "fp16", "bf16", "int8", "sign", "topk:0.1", "topk:0.37,fp16",
+                                  "topk:0.05,per-tensor", "topk:1e-4,fp16,per-tensor"])
+def test_a_codec_counts_its_payload_to_the_byte(state, text):
+    codec = Codec.parse(text)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    assert codec.payload_bytes(shapes) == sum(a.nbytes for a in codec.encode(state).values())
+
+
+def test_a_new_codec_is_one_registered_class(state, monkeypatch):
+    """A codec outside fedlora: halves every value on the way (a toy, but it travels)."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from fedlora import codec as codecs
+
+    @dataclass(frozen=True)
+    class Halved(codecs.Dense):
+        kind: ClassVar[str] = "halved"
+
+        @classmethod
+        def from_options(cls, kind, options, text):
+            return cls()
+
+        def encode(self, tensors):
+            return {k: (v / 2).numpy() for k, v in sorted(tensors.items())}
+
+        def decode(self, arrays, shapes):
+            return {k: torch.from_numpy(arrays[k] * 2).reshape(shapes[k]) for k in sorted(shapes)}
+
+    monkeypatch.setitem(codecs.CODECS, "halved", Halved)
+    payload, header = encode_payload(state, Codec.parse("halved"))
+    assert header["codec"] == "halved"
+    for key, value in decode_payload(payload, header, {k: tuple(v.shape) for k, v in state.items()}).items():
+        torch.testing.assert_close(value, state[key])
 
 
 def test_index_type_is_the_smallest_that_fits():
@@ -111,7 +147,7 @@ def test_names_are_canonical():
 def test_hostile_payloads_are_rejected_with_a_reason(state):
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     sparse = Codec.parse("topk:0.1,fp32")
-    good = encode(state, sparse)
+    good = sparse.encode(state)
     cases = [  # (payload, what the error says)
         ({"values": good["values"]}, "payload keys differ"),
         ({**good, "values": good["values"][:-1]}, "134 values and 135 indices, expected 135 of each"),
@@ -121,11 +157,11 @@ def test_hostile_payloads_are_rejected_with_a_reason(state):
     ]
     for arrays, message in cases:
         with pytest.raises(FedLoraError, match=message):
-            decode(arrays, sparse, shapes)
-    dense = encode(state, Codec.parse("fp16"))
+            sparse.decode(arrays, shapes)
+    dense = Codec.parse("fp16").encode(state)
     with pytest.raises(FedLoraError, match="expected float16"):
-        decode({**dense, "c.lora_R.weight": dense["c.lora_R.weight"].astype(np.float32)},
-               Codec.parse("fp16"), shapes)
+        Codec.parse("fp16").decode(
+            {**dense, "c.lora_R.weight": dense["c.lora_R.weight"].astype(np.float32)}, shapes)
 
 
 def test_reported_bytes_are_flowers_serialization_of_the_content(task_identity):

@@ -184,12 +184,12 @@ def test_an_installed_package_registers_a_strategy_by_entry_point(tmp_path, monk
 def user_modules(tmp_path, monkeypatch):
     """Modules a user might point ``--strategy`` at, on sys.path."""
     write_module(tmp_path, "user_strategies", """
-        from strategies.base import LoraStrategy
-
-
         class NotAStrategy:
             def aggregate_states(self, states, weights, metrics):
                 return states[0]
+    """)
+    write_module(tmp_path, "user_hookless", """
+        from strategies.base import LoraStrategy
 
 
         class Hookless(LoraStrategy):
@@ -205,11 +205,13 @@ def user_modules(tmp_path, monkeypatch):
     ("no_such_module_of_fedlora:Strategy", "No module named 'no_such_module_of_fedlora'"),
     ("user_strategies:Missing", "module 'user_strategies' has no attribute 'Missing'"),
     ("user_strategies:NotAStrategy", "is not a subclass of strategies.base.LoraStrategy"),
-    ("user_strategies:Hookless", "implements neither aggregate_states nor aggregate_means"),
+    ("user_hookless:Hookless", "implements neither aggregate_states nor aggregate_means"),
     ("user_syntax_error:Strategy", "SyntaxError"),
     ("user_missing_dependency:Strategy", "No module named 'no_such_dependency_of_fedlora'"),
 ])
 def test_a_bad_strategy_is_refused_in_one_line(user_modules, value, reason):
+    # A class without the method's math fails where it is defined, a strategy built by
+    # hand included (LoraStrategy.__init_subclass__); the registry reports that in one line.
     with pytest.raises(FedLoraError) as refused:
         strategy_class(value)
     message = str(refused.value)
@@ -219,6 +221,27 @@ def test_a_bad_strategy_is_refused_in_one_line(user_modules, value, reason):
 
 
 def test_the_cli_refuses_a_bad_strategy_before_anything_runs(user_modules, capsys):
-    assert main(["--strategy", "user_strategies:Hookless", "--model", "tiny-llama"]) == 2
+    assert main(["--strategy", "user_hookless:Hookless", "--model", "tiny-llama"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: strategy 'user_strategies:Hookless'")
+    assert err.count("\n") == 1 and err.startswith("error: strategy 'user_hookless:Hookless'")
+
+
+def test_a_strategy_without_the_methods_math_fails_where_it_is_defined():
+    from strategies.base import LoraStrategy
+
+    with pytest.raises(TypeError, match="Hookless implements neither aggregate_states nor aggregate_means"):
+        class Hookless(LoraStrategy):  # built by hand: never passes through the registry
+            name = "hookless"
+
+    class Shared(LoraStrategy):  # steps for subclasses to share, no math of its own
+        abstract = True
+
+    with pytest.raises(TypeError, match="Child implements neither"):
+        class Child(Shared):
+            pass
+
+    class Mean(Shared):
+        def aggregate_means(self, means, metrics):
+            return means
+
+    assert Mean().aggregate_means({"x": 1}, []) == {"x": 1}
