@@ -1,9 +1,10 @@
 """What every fedlora strategy shares: Flower's FedAvg node sampling, the plan sent to
-clients, the tensors a client keeps for the whole run, the round's fold of valid replies
-(one bad client is dropped, not the round), the exactness check and checkpoints. Its
-neighbours hold the rest: strategies/replies.py what a usable reply is,
-strategies/server_privacy.py the server's side of DP, strategies/evaluation.py federated
-evaluation.
+clients, the tensors a client keeps for the whole run, the round's replies validated (one
+bad client is dropped, not the round) and checkpoints. Its neighbours hold the rest:
+strategies/round.py the fold of a round's replies into the new global state,
+strategies/replies.py what a usable reply is, strategies/server_privacy.py the server's
+side of DP, strategies/evaluation.py federated evaluation, strategies/kept.py what the
+clients keep.
 
 A method is a subclass that sets what the client attaches and trains and overrides a few
 small steps: :meth:`initialize`, :meth:`aggregate_means` (or :meth:`aggregate_states`),
@@ -16,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -26,35 +26,22 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlora import wire
 from fedlora.adapters import fresh_lora_state, target_linears
-from fedlora.aggregate import RunningMean, State, aggregation_error, delta_weights
+from fedlora.aggregate import RunningMean, State, delta_weights
 from fedlora.codec import Codec, encode_payload
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import Scores
-from fedlora.privacy import Privacy, clip_update
-from fedlora.wire import Plan, client_identity, run_from_record
+from fedlora.privacy import Privacy
+from fedlora.wire import Plan, run_from_record
 from strategies.evaluation import evaluation_messages, pool_evaluations
 from strategies.kept import KeptTensors
 from strategies.replies import decode_reply
+from strategies.round import Round
 from strategies.server_privacy import ServerPrivacy
 
 if TYPE_CHECKING:
     from fedlora.data import Example
 
 log = logging.getLogger("fedlora")
-
-
-@dataclass
-class RoundSums:
-    """What the server holds of one round's valid replies while they come in."""
-
-    server_round: int
-    nodes: list[int] = field(default_factory=list)  # node ids of the valid replies
-    metrics: list[MetricRecord] = field(default_factory=list)
-    clients: list[str] = field(default_factory=list)  # their identities (DP-SGD accounting)
-    terms: RunningMean = field(default_factory=RunningMean)  # a method that streams
-    states: list[State] = field(default_factory=list)  # a method that needs every client
-    clipped: RunningMean = field(default_factory=RunningMean)  # --dp user: clipped updates
-    deltas: RunningMean = field(default_factory=RunningMean)  # --check-exactness
 
 
 class LoraStrategy(FedAvg):
@@ -381,11 +368,11 @@ class LoraStrategy(FedAvg):
         with ``privacy`` ``epsilon`` and ``delta``.
         """
         self.dropped = []
-        round_ = RoundSums(server_round)
+        round_ = Round(self, server_round)
         for reply in replies:
-            self.fold(round_, reply)
+            round_.fold(reply)
             del reply  # let it go before the next one arrives
-        return self.finish(round_)
+        return round_.finish()
 
     @property
     def streams(self) -> bool:
@@ -400,67 +387,6 @@ class LoraStrategy(FedAvg):
         sum_k p_k (g + u_k) = g + sum_k p_k u_k, so the global state g is added once."""
         return (self.streams and self.upload == "delta"
                 and type(self).client_terms is LoraStrategy.client_terms)
-
-    def fold(self, round_: RoundSums, reply: Message) -> None:
-        """Add one reply to the round (or drop it, with the reason logged)."""
-        state = self.accept(round_.server_round, reply, self.expected_shapes)
-        if state is None:
-            return
-        metrics = reply.content[wire.METRICS]
-        round_.nodes.append(reply.metadata.src_node_id)
-        round_.metrics.append(metrics)
-        if self.privacy and self.privacy.mode == "sample":
-            round_.clients.append(client_identity(reply))
-        if self.privacy and self.privacy.mode == "user":  # only the clipped sum is released
-            round_.clipped.add(clip_update(state, self.privacy.clip), 1.0)
-            return
-        weight = self.client_weight(metrics)
-        if self.folds_updates:  # sum_k p_k u_k: finish() adds the global state once
-            round_.terms.add(state, weight)
-        if self.upload == "delta" and (not self.folds_updates or self.check_exactness):
-            state = {k: self.global_state[k] + u for k, u in state.items()}  # the client's adapter
-        if not self.streams:
-            round_.states.append(state)
-        elif not self.folds_updates:
-            round_.terms.add(self.client_terms(state, metrics), weight)
-        if self.check_exactness:
-            round_.deltas.add(self.client_delta(state, metrics), weight)
-
-    def finish(self, round_: RoundSums) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The new global state and the round's metrics from what was folded in."""
-        metrics = round_.metrics
-        user_dp = self.privacy is not None and self.privacy.mode == "user"
-        # Under user-level DP a Poisson draw of fewer clients than min_train_nodes is no
-        # failure: the round is released (noise alone when none was drawn).
-        required = min(self.min_train_nodes, self.sampled) if user_dp else max(self.min_train_nodes, 1)
-        if len(metrics) < required:
-            return None, None
-        for node in round_.nodes:
-            self.aggregated_rounds[node] = round_.server_round
-        weights = [self.client_weight(m) for m in metrics]
-        weights = [w / sum(weights) for w in weights]
-        aggregated = MetricRecord({"train-seconds": sum(float(m.get(wire.TRAIN_SECONDS, 0.0)) for m in metrics)})
-        if metrics:  # a user-level DP round may have drawn no client: no loss to report
-            aggregated["train-loss"] = sum(w * float(m.get(wire.TRAIN_LOSS, 0.0))
-                                           for m, w in zip(metrics, weights))
-        if self.dp:
-            self.dp.record_round(round_.clients, metrics, self.weighted_by_key)
-            aggregated["epsilon"], aggregated["delta"] = self.dp.accountant.spent()
-        if user_dp:  # one noised mean stands for all
-            update = self.dp.noised_update(round_.clipped, self.global_state, self.available)
-            examples = sum(int(m[self.weighted_by_key]) for m in metrics)
-            new_state = self.aggregate_states(
-                [{k: self.global_state[k] + u for k, u in update.items()}], [1.0],
-                [MetricRecord({self.weighted_by_key: examples})])
-        elif self.streams:
-            new_state = self.aggregate_means(
-                round_.terms.mean(plus=self.global_state if self.folds_updates else None), metrics)
-        else:
-            new_state = self.aggregate_states(round_.states, weights, metrics)
-        if self.check_exactness:
-            aggregated["aggregation-error"] = aggregation_error(self.round_delta(new_state),
-                                                                round_.deltas.mean())
-        return ArrayRecord(new_state), aggregated
 
     def epsilon_after_next_round(self) -> float | None:
         """The epsilon the next round would bring the run to; None without DP or where
