@@ -21,7 +21,6 @@ What it costs: the server's own work on the tensors, e.g. FedEx-LoRA's dense res
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 import warnings
@@ -205,13 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Could not find a config file")
 
     args = vars(build_parser().parse_args(argv))
-    model = args.pop("model", "smollm2-135m")
     try:
-        # A config.json is not a model a run can load: the configs are checked without it.
-        runs = study_from_args({**args, **({} if model.endswith(".json") else {"model": model})})
-        for run in runs:
-            config = dataclasses.replace(run.config, model=model)
-            print(f"{table(config, plan_traffic(config))}\n", flush=True)
+        for run in study_from_args(args):
+            print(f"{table(run.config, plan_traffic(run.config))}\n", flush=True)
     except FedLoraError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
