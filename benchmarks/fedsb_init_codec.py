@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.outputs import METRICS, read_rows
+from server.outputs import METRICS_FILE, read_rows
 
 SETTINGS = ["--strategy", "fedsb", "--fedsb-init", "gradient", "--rank", "32",
             "--num-clients", "4", "--rounds", "3", "--local-steps", "10", "--eval-size", "200",
@@ -26,7 +26,7 @@ SETTINGS = ["--strategy", "fedsb", "--fedsb-init", "gradient", "--rank", "32",
 
 
 def finished(folder: Path, rounds: int) -> bool:
-    if not (folder / METRICS).is_file():
+    if not (folder / METRICS_FILE).is_file():
         return False
     rows = read_rows(folder)
     return bool(rows) and rows[-1]["round"] == rounds

@@ -100,6 +100,7 @@ def study_from_args(args: dict) -> list[StudyRun]:
         if key in study_flags and field in args:
             raise FedLoraError(f"--{field} and --{key} both given; keep one")
     values = RunConfig.from_toml(file) if file else {}
+    values.pop("provenance", None)  # a saved run's record of its code: no setting
     study_file = pop_study_keys(values)
     tables = {k: values.pop(k) for k in list(values) if isinstance(values[k], dict)}
     strategy = str(args.get("strategy", values.get("strategy", "fedavg")))

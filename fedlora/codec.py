@@ -3,8 +3,8 @@
 A codec is named by a short text, which the payload carries so the receiver decodes without
 guessing. Each kind is one small class, registered in :data:`CODECS` by its name:
 
-- ``fp32``, ``fp16``, ``bf16`` (:class:`Dense`): every value. bf16 travels as its int16 bit
-  pattern (Flower refuses torch.bfloat16).
+- ``fp32``, ``fp16``, ``bf16`` (:class:`FP32`, :class:`FP16`, :class:`BF16`): every value.
+  bf16 travels as its int16 bit pattern (Flower refuses torch.bfloat16).
 - ``int8`` (:class:`Int8`): every value, each tensor scaled by max|x| / 127 and rounded; the
   scale travels as fp32.
 - ``topk:D[,fp16|fp32][,per-tensor]`` (:class:`TopK`): the fraction D of entries with the
@@ -50,13 +50,14 @@ class Codec:
         kind, _, options = text.strip().partition(":")
         if kind not in CODECS:
             raise FedLoraError(f"unknown codec '{text}'; valid choices: {choices()}")
-        return CODECS[kind].from_options(kind, options, text)
+        return CODECS[kind].from_options(options, text)
 
     @classmethod
-    def from_options(cls, kind: str, options: str, text: str) -> Codec:
-        """The codec of ``kind`` with the options after its ':' (none by default)."""
+    def from_options(cls, options: str, text: str) -> Codec:
+        """The codec with the options after its ':' (``text`` is the whole name); none by
+        default."""
         if options:
-            raise FedLoraError(f"codec {kind} takes no options, got '{text}'")
+            raise FedLoraError(f"codec {cls.kind} takes no options, got '{text}'")
         return cls()
 
     @property
@@ -78,45 +79,63 @@ class Codec:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
 class Dense(Codec):
-    """Every value, as fp32, fp16 or bf16 (its int16 bit pattern)."""
+    """Every value, as ``dtype`` (a subclass per type)."""
 
-    kind: str = "fp32"
-
-    DTYPES: ClassVar[dict[str, type]] = {"fp32": np.float32, "fp16": np.float16, "bf16": np.int16}
-
-    @classmethod
-    def from_options(cls, kind: str, options: str, text: str) -> Codec:
-        super().from_options(kind, options, text)
-        return cls(kind)
+    dtype: ClassVar[type] = np.float32
 
     def encode(self, state: State) -> dict[str, np.ndarray]:
-        out = {}
-        for name in sorted(state):
-            tensor = state[name].detach().cpu()
-            if self.kind == "bf16":
-                out[name] = tensor.to(torch.bfloat16).view(torch.int16).numpy()
-            else:
-                out[name] = tensor.to(torch.float32).numpy().astype(self.DTYPES[self.kind])
-        return out
+        return {name: self.to_array(state[name].detach().cpu()) for name in sorted(state)}
 
     def decode(self, arrays: dict[str, np.ndarray], shapes: Shapes) -> State:
         names = sorted(shapes)
         _expect_keys(arrays, names)
         out = {}
         for name in names:
-            array = _typed(arrays, name, self.DTYPES[self.kind], math.prod(shapes[name]))
+            array = _typed(arrays, name, self.dtype, math.prod(shapes[name]))
             # A received array is the receiver's own: share it rather than copy (fp32).
-            tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
-            if self.kind == "bf16":
-                tensor = tensor.view(torch.bfloat16)
+            tensor = self.from_array(array if array.flags.writeable else array.copy())
             out[name] = tensor.float().reshape(shapes[name])
         return out
 
     def payload_bytes(self, shapes: Shapes) -> int:
-        size = np.dtype(self.DTYPES[self.kind]).itemsize
-        return sum(math.prod(shape) for shape in shapes.values()) * size
+        return sum(math.prod(shape) for shape in shapes.values()) * np.dtype(self.dtype).itemsize
+
+    def to_array(self, tensor: torch.Tensor) -> np.ndarray:
+        return tensor.to(torch.float32).numpy().astype(self.dtype)
+
+    def from_array(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array)
+
+
+@dataclass(frozen=True)
+class FP32(Dense):
+    """Every value as fp32: exact."""
+
+    kind: ClassVar[str] = "fp32"
+    dtype: ClassVar[type] = np.float32
+
+
+@dataclass(frozen=True)
+class FP16(Dense):
+    """Every value as fp16."""
+
+    kind: ClassVar[str] = "fp16"
+    dtype: ClassVar[type] = np.float16
+
+
+@dataclass(frozen=True)
+class BF16(Dense):
+    """Every value as bf16, carried as its int16 bit pattern (Flower refuses bfloat16)."""
+
+    kind: ClassVar[str] = "bf16"
+    dtype: ClassVar[type] = np.int16
+
+    def to_array(self, tensor: torch.Tensor) -> np.ndarray:
+        return tensor.to(torch.bfloat16).view(torch.int16).numpy()
+
+    def from_array(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).view(torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -160,7 +179,7 @@ class TopK(Codec):
     options: ClassVar[str] = "DENSITY[,fp16|fp32][,per-tensor]"
 
     @classmethod
-    def from_options(cls, kind: str, options: str, text: str) -> Codec:
+    def from_options(cls, options: str, text: str) -> Codec:
         density, *flags = [part.strip() for part in options.split(",")]
         try:
             fraction = float(density)
@@ -263,8 +282,7 @@ class Sign(Codec):
         return sum(math.ceil(math.prod(shape) / 8) for shape in shapes.values())
 
 
-CODECS: dict[str, type[Codec]] = {"fp32": Dense, "fp16": Dense, "bf16": Dense, "int8": Int8,
-                                  "topk": TopK, "sign": Sign}
+CODECS: dict[str, type[Codec]] = {cls.kind: cls for cls in (FP32, FP16, BF16, Int8, TopK, Sign)}
 
 
 def choices(magnitudes_only: bool = False) -> str:

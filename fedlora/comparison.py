@@ -8,14 +8,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import MaxNLocator
 
 from fedlora.errors import FedLoraError
-from fedlora.evaluate import headline_keys
+from fedlora.evaluate import headline_keys, headline_metric
 from server.outputs import read_rows
-from server.report import bounds, chance, latest, loss_key, quality_key  # and matplotlib's backend
+from server.report import bounds, chance, latest, loss_key, quality_key  # and the Agg backend
+
+import matplotlib.pyplot as plt  # noqa: E402  (after server.report chose the file backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 @dataclass
@@ -87,8 +88,9 @@ def write_comparison(groups: dict[str, dict[str, list[Path]]], folder: Path) -> 
             for label, values in groups.items()}
     first = next(iter(next(iter(runs.values())).values()))[0]
     quality, loss_name = quality_key(first), loss_key(first)
-    labelled = "accuracy" in quality  # then macro-F1 and the majority-class line too
-    f1 = quality.replace("accuracy", "macro_f1")
+    metric = headline_metric(quality)  # its figure beside it (macro-F1) and chance line
+    beside = quality.replace(metric.name, metric.beside) if metric and metric.beside else None
+    majority = quality.replace(metric.name, metric.chance) if metric and metric.chance else None
     chosen = {label: choose(values) for label, values in runs.items()}
     gridded = any(len(values) > 1 or next(iter(values)) for values in runs.values())
     private = any("epsilon" in rows[-1] for values in runs.values()
@@ -113,10 +115,12 @@ def write_comparison(groups: dict[str, dict[str, list[Path]]], folder: Path) -> 
 
     lines = [
         "| strategy |" + (" value |" if gridded else "") + f" seeds | rounds | final {quality} "
-        f"| 95 % CI |" + (f" final {f1} | majority class |" if labelled else "")
+        f"| 95 % CI |" + (f" final {beside} |" if beside else "")
+        + (" majority class |" if majority else "")
         + f" final {loss_name} | upload bytes | download bytes | seconds |"
         + (" epsilon (delta) |" if private else ""),
-        "|---|" + ("---|" if gridded else "") + "---|---|---|---|" + ("---|---|" if labelled else "")
+        "|---|" + ("---|" if gridded else "") + "---|---|---|---|"
+        + "---|" * (bool(beside) + bool(majority))
         + "---|---|---|---|" + ("---|" if private else ""),
     ]
     for label, values in runs.items():
@@ -127,9 +131,8 @@ def write_comparison(groups: dict[str, dict[str, list[Path]]], folder: Path) -> 
         lines.append(
             f"| {label} |" + (f" {value or '-'} |" if gridded else "")
             + f" {len(seed_rows)} | {last['round']} | {cell(accuracy, '.3f')} | {interval(accuracy)} "
-            + (f"| {cell(summary(seed_rows, f1), '.3f')} "
-               f"| {cell(summary(seed_rows, quality.replace('accuracy', 'majority_accuracy')), '.3f')} "
-               if labelled else "")
+            + (f"| {cell(summary(seed_rows, beside), '.3f')} " if beside else "")
+            + (f"| {cell(summary(seed_rows, majority), '.3f')} " if majority else "")
             + f"| {cell(summary(seed_rows, loss_name), '.4f')} "
             f"| {cell(summary(seed_rows, 'cumulative_bytes_up'), ',.0f')} "
             f"| {cell(summary(seed_rows, 'cumulative_bytes_down'), ',.0f')} "

@@ -350,7 +350,7 @@ class RunConfig:
             raise FedLoraError(
                 f"--min-clients {self.min_clients} exceeds --num-clients {self.num_clients}"
             )
-        if self.target_modules.strip() and not self.target_module_list:
+        if self.target_modules and not self.target_module_list:
             raise FedLoraError("--target-modules is empty; give e.g. q_proj,v_proj")
         if self.gradient_checkpointing and self.dp == "sample":
             raise FedLoraError("--gradient-checkpointing runs each layer's forward pass twice, "

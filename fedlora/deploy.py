@@ -37,7 +37,7 @@ from fedlora.errors import FedLoraError
 from fedlora.processes import (DeploymentFailed, Processes, flower_env, flower_tool, free_ports,
                                listening, wait_until)
 from fedlora.study import StudyRun, pending
-from server.outputs import run_dir
+from server.outputs import adopt_provenance, provenance, run_dir
 
 # The project folder: `flwr run` builds the Flower app from its pyproject.toml.
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[list[StudyRun], Federation]:
-    """The runs (as ``fedlora.simulate`` makes them) and the federation."""
+    """The runs (as ``fedlora.cli.study_from_args`` makes them) and the federation."""
     args = vars(build_parser().parse_args(argv))
     if args.pop("summarise", False):
         raise FedLoraError("--summarise runs nothing, so it needs no federation: give the same "
@@ -221,6 +221,7 @@ def run_once(config: RunConfig, federation: Federation, processes: Processes,
     """Submit ``config`` as a run, stream its log until it ends; return the run folder."""
     run_config = work / "run-config.toml"
     run_config.write_text(tomli_w.dumps(run_config_overrides(config)))
+    code = provenance()  # the checkout that flwr run bundles into the app
     begin = time.perf_counter()
     answer = flwr_json(processes, f"flwr-run-{len(processes.started)}",
                        ["run", str(ROOT), CONNECTION, "--run-config", str(run_config)])
@@ -261,6 +262,7 @@ def run_once(config: RunConfig, federation: Federation, processes: Processes,
     print(f"deploy: run {run_id} completed: {float(runs[0].get('elapsed', 0)):.1f}s running "
           f"(ServerApp {float(compute.get('serverapp-seconds', 0)):.1f}s, ClientApps "
           f"{float(compute.get('clientapp-seconds', 0)):.1f}s in all)", flush=True)
+    adopt_provenance(run_dir(config), code)
     return run_dir(config)
 
 

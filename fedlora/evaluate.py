@@ -152,12 +152,17 @@ class Metric:
     headline : int or None
         Its rank as a run's headline figure (the report's and the comparison's main
         panel, the figure a grid value is chosen on): the lowest rank a run has wins.
-    worst_client : Column or None
-        Federated evaluation also reports the worst client's figure (``..._min``), in
-        this column (False: reported, not shown; None: not reported).
+    bounds : (float, float)
+        The range the figure can take (its confidence intervals are cut to it).
+    worst_client : bool
+        Federated evaluation also reports the worst client's figure (``..._min``)...
+    worst_column : Column or None
+        ... shown in this round-table column.
     chance : str or None
         The figure that is its chance line on the report (accuracy: always answering the
-        most common label).
+        most common label), and a comparison's column beside it.
+    beside : str or None
+        A figure a comparison shows beside it (accuracy: macro-F1).
     """
 
     name: str
@@ -166,25 +171,29 @@ class Metric:
     task: str = "any"
     columns: dict[str, Column] = field(default_factory=dict)
     headline: int | None = None
-    worst_client: Column | bool | None = None
+    bounds: tuple[float, float] = (0.0, 1.0)
+    worst_client: bool = False
+    worst_column: Column | None = None
     chance: str | None = None
+    beside: str | None = None
 
 
 METRICS = (
     Metric("loss", lambda s: s.loss_sum / s.tokens if s.tokens else math.nan, False,
            columns={"eval_": ("eval loss", 9, ".4f"), "val_": ("val loss", 9, ".4f"),
-                    "fed_eval_": ("fed loss", 9, ".4f")}, headline=2),
+                    "fed_eval_": ("fed loss", 9, ".4f")}, headline=2, bounds=(0.0, math.inf)),
     Metric("accuracy", lambda s: sum(s.correct_counts) / s.examples if s.label_counts else None,
            True, "labels", {"eval_": ("accuracy", 8, ".3f"), "val_": ("val acc", 7, ".3f"),
                             "fed_eval_": ("fed acc", 7, ".3f")},
-           headline=0, worst_client=("fed min", 7, ".3f"), chance="majority_accuracy"),
+           headline=0, worst_client=True, worst_column=("fed min", 7, ".3f"),
+           chance="majority_accuracy", beside="macro_f1"),
     Metric("macro_f1", lambda s: macro_f1(s.label_counts, s.predicted_counts, s.correct_counts)
            if s.label_counts else None, True, "labels", {"eval_": ("macro-F1", 8, ".3f")}),
     Metric("majority_accuracy", lambda s: max(s.label_counts) / s.examples if s.label_counts
            else None, True, "labels"),
     Metric("exact_match", lambda s: s.exact_matches / s.generated if s.generated else None, True,
            "generation", {"eval_": ("exact match", 11, ".3f"), "val_": ("val exact", 9, ".3f"),
-                          "fed_eval_": ("fed exact", 9, ".3f")}, headline=1, worst_client=False),
+                          "fed_eval_": ("fed exact", 9, ".3f")}, headline=1, worst_client=True),
     Metric("numeric_match", lambda s: s.numeric_matches / s.numeric_examples
            if s.numeric_examples else None, True, "generation"),
 )
@@ -197,6 +206,11 @@ def headline_keys(prefixes: tuple[str, ...] = ("eval_", "fed_eval_")) -> list[tu
     return [(prefix + m.name, m) for m in ranked for prefix in prefixes]
 
 
+def headline_metric(key: str) -> Metric | None:
+    """The metric of a headline figure's key (``eval_accuracy``: accuracy), or None."""
+    return next((metric for headline, metric in headline_keys(PREFIXES) if headline == key), None)
+
+
 def metric_columns() -> list[tuple[str, str, Metric, Column]]:
     """The round table's evaluation columns: (key, prefix, metric, column), by prefix in
     :data:`PREFIXES` order, each prefix's metrics in table order, the worst client's
@@ -206,8 +220,8 @@ def metric_columns() -> list[tuple[str, str, Metric, Column]]:
         for metric in METRICS:
             if prefix in metric.columns:
                 out.append((prefix + metric.name, prefix, metric, metric.columns[prefix]))
-            if prefix == "fed_eval_" and isinstance(metric.worst_client, tuple):
-                out.append((f"{prefix}{metric.name}_min", prefix, metric, metric.worst_client))
+            if prefix == "fed_eval_" and metric.worst_column:
+                out.append((f"{prefix}{metric.name}_min", prefix, metric, metric.worst_column))
     return out
 
 

@@ -26,7 +26,6 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from fedlora.config import RunConfig, comma_list
 from fedlora.errors import FedLoraError
 
@@ -146,7 +145,7 @@ def to_do(runs: list[StudyRun]) -> list[RunConfig]:
     from its checkpoint, one that completed no round starts again. A run folder whose
     saved settings differ from the command's is refused (its figures would be mixed up
     with another study's)."""
-    from server.outputs import CHECKPOINT, METRICS, is_finished, read_rows, run_dir
+    from server.outputs import CHECKPOINT, METRICS_FILE, is_finished, read_rows, run_dir
     from strategies import unread_settings
 
     pending = []
@@ -168,7 +167,7 @@ def to_do(runs: list[StudyRun]) -> list[RunConfig]:
                                f"command gives {now[key]!r}: choose another --name")
         if is_finished(folder):
             continue
-        rounds = [row["round"] for row in read_rows(folder)] if (folder / METRICS).is_file() else []
+        rounds = [row["round"] for row in read_rows(folder)] if (folder / METRICS_FILE).is_file() else []
         if (folder / CHECKPOINT).is_file() and max(rounds, default=0) < run.config.rounds:
             pending.append(dataclasses.replace(run.config, resume=str(folder)))
         else:  # no round completed (or all did, and it stopped before its outputs): again

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -40,6 +41,7 @@ FROM = "from"  # the base-delta version a payload builds on (0: the whole delta)
 METRICS = "metrics"  # MetricRecord of a reply
 CLIENT = "client"  # ConfigRecord of a reply: CLIENT_ID
 CLIENT_ID = "client-id"
+LABEL_WORDS = "label-words"  # in a plan: the run's label set, JSON (null without labels)
 
 # ---- the metrics of a training reply ---------------------------------------------------------
 
@@ -125,19 +127,17 @@ class Plan:
     eval_examples: list[Example] | None = None
 
     def to_record(self) -> ConfigRecord:
-        """The plan as a ConfigRecord: the run config's keys (less the server's own
-        ``resume``), ``label-words`` (JSON), then this round's keys, dashed."""
-        record = {k: v for k, v in self.run.to_dict().items() if k != "resume"}
-        record["label-words"] = json.dumps(self.label_words)
-        for f in dataclasses.fields(self)[2:]:
-            value = getattr(self, f.name)
+        """The plan as a ConfigRecord: :func:`run_record`'s keys, then this round's, dashed."""
+        record = dict(run_record(self.run, self.label_words))
+        for name in ROUND_FIELDS:
+            value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, tuple):
                 value = ",".join(value)
-            elif f.name == "eval_examples":
+            elif name == "eval_examples":
                 value = json.dumps([[e.prompt, e.answer, e.label] for e in value])
-            record[f.name.replace("_", "-")] = value
+            record[name.replace("_", "-")] = value
         return ConfigRecord(record)
 
     @classmethod
@@ -145,26 +145,25 @@ class Plan:
         """The plan a message carries, or FedLoraError naming the key that is missing or
         of the wrong type. The run config is checked as values only (RunConfig.validate)."""
         record = dict(record)
-        run_keys = set(RunConfig.keys())
-        run = RunConfig.from_dict({k: v for k, v in record.items() if k in run_keys})
-        try:
-            words = json.loads(str(record.get("label-words", "null")))
-        except json.JSONDecodeError:
-            raise FedLoraError("the plan's 'label-words' is not JSON") from None
+        run, words = run_from_record(record)
+        types = typing.get_type_hints(cls)
         values = {}
-        for f in dataclasses.fields(cls)[2:]:
-            key = f.name.replace("_", "-")
+        for name in ROUND_FIELDS:
+            key = name.replace("_", "-")
             if key not in record:
+                if name in ("server_round", "task"):
+                    raise FedLoraError(f"the plan has no '{key}'")
                 continue
             value = record[key]
-            if f.name in ("trainable", "personal"):
-                value = tuple(name for name in str(value).split(",") if name)
-            elif f.name == "eval_examples":
-                value = [Example(*e) for e in json.loads(str(value))]
+            if name in ("trainable", "personal"):
+                value = tuple(part for part in str(value).split(",") if part)
+            elif name == "eval_examples":
+                value = _examples(key, value)
             else:
-                value = _typed(key, value, _TYPES[str(f.type).split(" ")[0]])
-            values[f.name] = value
-        plan = cls(run=run, label_words=words or None, **values)
+                value = _typed(key, value, typing.get_args(types[name])[0]
+                               if typing.get_args(types[name]) else types[name])
+            values[name] = value
+        plan = cls(run=run, label_words=words, **values)
         plan.check()
         return plan
 
@@ -177,7 +176,8 @@ class Plan:
                                    f"{', '.join(choices)}")
 
 
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+# The round's fields of a plan, in the order a record lists them (after the run's).
+ROUND_FIELDS = tuple(f.name for f in dataclasses.fields(Plan) if f.name not in ("run", "label_words"))
 
 
 def _typed(key: str, value, kind: type):
@@ -189,19 +189,33 @@ def _typed(key: str, value, kind: type):
     return value
 
 
+def _examples(key: str, value) -> list[Example]:
+    """Central evaluation's share of examples, from its JSON ``[prompt, answer, label]``
+    rows, or FedLoraError."""
+    try:
+        return [Example(str(prompt), str(answer), label) for prompt, answer, label in json.loads(str(value))]
+    except (json.JSONDecodeError, TypeError, ValueError):
+        raise FedLoraError(f"the plan's '{key}' is no JSON list of [prompt, answer, label] rows") from None
+
+
 def run_record(config: RunConfig, label_words: list[str] | None) -> ConfigRecord:
     """What every message tells the clients before a strategy adds its round: the run
-    config, less the server's own ``--resume`` path, and the label set. Flower's strategy
-    hooks take it as their ``config``."""
+    config, less the server's own ``--resume`` path, and the label set (JSON). Flower's
+    strategy hooks take it as their ``config``."""
     return ConfigRecord({**{k: v for k, v in config.to_dict().items() if k != "resume"},
-                         "label-words": json.dumps(label_words)})
+                         LABEL_WORDS: json.dumps(label_words)})
 
 
 def run_from_record(record) -> tuple[RunConfig, list[str] | None]:
-    """The run config and label set of :func:`run_record`'s record."""
-    plan = dict(record)
-    run = RunConfig.from_dict({k: v for k, v in plan.items() if k in set(RunConfig.keys())})
-    return run, json.loads(str(plan.get("label-words", "null"))) or None
+    """The run config and label set of :func:`run_record`'s record (a plan's too), or
+    FedLoraError."""
+    values = dict(record)
+    run = RunConfig.from_dict({k: v for k, v in values.items() if k in set(RunConfig.keys())})
+    try:
+        words = json.loads(str(values.get(LABEL_WORDS, "null")))
+    except json.JSONDecodeError:
+        raise FedLoraError(f"the plan's '{LABEL_WORDS}' is not JSON") from None
+    return run, words or None
 
 
 # ---- replies -----------------------------------------------------------------------------------

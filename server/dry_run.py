@@ -33,5 +33,5 @@ def dry_run() -> Iterator[None]:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     try:
         yield
-    finally:
+    finally:  # unset again (dry runs do not nest)
         TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None

@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
+from fedlora import wire
 from fedlora.adapters import add_to_weights, lora_applied
 from fedlora.config import RunConfig
 from fedlora.data import ServerData
@@ -36,7 +37,7 @@ class Evaluation:
         The run's strategy: its PEFT adapter, its kept base delta, its evaluate messages.
     config : RunConfig
         The run's settings (evaluation mode, batch sizes, model, device).
-    plan : ConfigRecord
+    record : ConfigRecord
         What every message tells the clients (fedlora.wire.run_record).
     data : ServerData
         The server's examples: central evaluation, validation, the label set
@@ -46,9 +47,9 @@ class Evaluation:
         clients' processes.
     """
 
-    def __init__(self, grid: Grid, strategy, config: RunConfig, plan: ConfigRecord,
+    def __init__(self, grid: Grid, strategy, config: RunConfig, record: ConfigRecord,
                  data: ServerData, simulation: bool = False) -> None:
-        self.grid, self.strategy, self.config, self.plan = grid, strategy, config, plan
+        self.grid, self.strategy, self.config, self.record = grid, strategy, config, record
         self.on_clients = config.central_eval_on == "clients" or (
             config.central_eval_on == "auto" and simulation)
         self.central, self.validation, self.label_words = data
@@ -73,7 +74,7 @@ class Evaluation:
             if not examples:
                 continue
             counts = central_evaluation_on_clients(
-                self.grid, self.strategy, arrays, self.plan, server_round,
+                self.grid, self.strategy, arrays, self.record, server_round,
                 self.config.round_timeout, examples, self.num_labels,
                 lambda share: self.scored_here(arrays, share),
             ) if self.on_clients else self.scored_here(arrays, examples)
@@ -81,7 +82,7 @@ class Evaluation:
         if self.central or self.validation:
             metrics["eval_seconds"] = time.perf_counter() - begin
         if self.federated:
-            metrics.update(federated_evaluation(self.grid, self.strategy, arrays, self.plan,
+            metrics.update(federated_evaluation(self.grid, self.strategy, arrays, self.record,
                                                 server_round, self.config.round_timeout,
                                                 self.num_labels))
         return metrics
@@ -108,12 +109,12 @@ class Evaluation:
                 yield adapted
 
 
-def federated_evaluation(grid: Grid, strategy, arrays: ArrayRecord, plan: ConfigRecord,
+def federated_evaluation(grid: Grid, strategy, arrays: ArrayRecord, record: ConfigRecord,
                          server_round: int, timeout: float, num_labels: int) -> dict:
     """Every client scores the global adapter on its held-out slice: the pooled
     ``fed_eval_*`` metrics, each client's, the seconds and the bytes it took."""
     begin = time.perf_counter()
-    messages = strategy.configure_evaluate(server_round, arrays, plan, grid)
+    messages = strategy.configure_evaluate(server_round, arrays, record, grid)
     replies = exchange(grid, messages, timeout, f"evaluation {server_round}")
     pooled = strategy.aggregate_evaluate(server_round, replies, num_labels)
     by_client = {client: {"examples": scores.examples, **scores.metrics("")}
@@ -123,23 +124,23 @@ def federated_evaluation(grid: Grid, strategy, arrays: ArrayRecord, plan: Config
             "eval_bytes_up": traffic(replies), "eval_bytes_down": traffic(messages)}
 
 
-def central_evaluation_on_clients(grid: Grid, strategy, arrays: ArrayRecord, plan: ConfigRecord,
+def central_evaluation_on_clients(grid: Grid, strategy, arrays: ArrayRecord, record: ConfigRecord,
                                   server_round: int, timeout: float, examples: list,
                                   num_labels: int, score_here) -> Scores:
     """Central evaluation in the clients' processes, on the model each already holds (no
     copy in this one): the connected clients score shares of ``examples``; a share whose
     reply is missing or unusable is scored here instead (``score_here(share)``), so the
     figures always cover every example."""
-    messages = strategy.configure_evaluate(server_round, arrays, plan, grid, examples=examples)
+    messages = strategy.configure_evaluate(server_round, arrays, record, grid, examples=examples)
     shares = example_shards(examples, len(messages))
     scored: dict[int, Scores] = {}
     for reply in exchange(grid, messages, timeout, f"central evaluation {server_round}"):
         try:
             check_no_error(reply)
             metrics = reply_metrics(reply)
-            shard = metrics.get("eval-shard")
+            shard = metrics.get(wire.EVAL_SHARD)
             if not isinstance(shard, int) or not 0 <= shard < len(shares) or shard in scored:
-                raise FedLoraError(f"'eval-shard' {shard!r} names no share still unscored")
+                raise FedLoraError(f"'{wire.EVAL_SHARD}' {shard!r} names no share still unscored")
             counts = Scores.from_record(metrics, num_labels)
             if counts.examples != len(shares[shard]):
                 raise FedLoraError(f"it scored {counts.examples} examples of a share of "

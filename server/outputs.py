@@ -1,6 +1,7 @@
 """A run's folder, ``<output>/<name>/``: what the server writes there and reads back.
 
-- ``config.toml``: the resolved run config, written when the run starts;
+- ``config.toml``: the resolved run config, written when the run starts (or resumes), with
+  a ``[provenance]`` table: the code that ran it (:func:`provenance`);
 - ``metrics.jsonl``: one JSON row per round, written as each round ends, with the table
   row printed for it (:class:`MetricsLog`);
 - ``checkpoint.pt``: the state after the last completed round (``--resume`` continues
@@ -11,7 +12,10 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
+import subprocess
+import tomllib
 from datetime import datetime
 from pathlib import Path
 
@@ -26,9 +30,10 @@ from fedlora.errors import FedLoraError
 from fedlora.evaluate import metric_columns
 from strategies import folder_name
 
-METRICS = "metrics.jsonl"  # one JSON row per round
+METRICS_FILE = "metrics.jsonl"  # one JSON row per round
 SUMMARY = "summary.json"  # how the run ended, written last
 CHECKPOINT = "checkpoint.pt"  # the state after the last completed round
+PROVENANCE = "provenance"  # config.toml's table, summary.json's key: the code that ran it
 
 # The round table: (metrics key, heading, width, format spec); the evaluation's columns come
 # from fedlora.evaluate.METRICS, after the training loss.
@@ -43,7 +48,8 @@ TAIL = [
 
 
 def run_dir(config: RunConfig) -> Path:
-    """The run's folder: the ``--resume`` folder, else ``<output>/<name>``."""
+    """The run's folder: the ``--resume`` folder, else ``<output>/<name>`` (a run without
+    ``--name`` gets its name in :func:`make_run_dir`; the commands always give one)."""
     return Path(config.resume) if config.resume else Path(config.output) / config.name
 
 
@@ -59,9 +65,66 @@ def make_run_dir(config: RunConfig) -> Path:
     else:
         check_unused(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    resolved = {**config.to_dict(), "name": config.name or folder.name, "resume": ""}
+    code = provenance()
+    if config.resume:  # the code of the rounds before, where it was other code
+        before = saved_provenance(folder)
+        parts = before.get("earlier", [])
+        if (before.get("commit"), before.get("code_changed")) != (code["commit"], code.get("code_changed")):
+            parts = [*parts, f"{before.get('commit', 'unknown')}"
+                             + (" with changes" if before.get("code_changed") else "")]
+        if parts:
+            code["earlier"] = parts
+    resolved = {**config.to_dict(), "name": config.name or folder.name, "resume": "",
+                PROVENANCE: code}
     (folder / "config.toml").write_text(tomli_w.dumps(resolved))
     return folder
+
+
+def provenance() -> dict:
+    """What produced a run: the git commit of this code and whether its Python files or
+    pyproject.toml differed from that commit (``code_changed``), and the versions of the
+    packages its figures depend on. The commit is "unknown" where the code is no git
+    checkout (an installed wheel; Flower's app bundle under ``flwr run``, where
+    ``fedlora.deploy`` records its own checkout's instead)."""
+    root = Path(__file__).resolve().parents[1]
+    code: dict = {"commit": "unknown"}
+    try:
+        head = git(root, "rev-parse", "HEAD")
+        changed = git(root, "status", "--porcelain", "--", "*.py", "pyproject.toml")
+        code = {"commit": head.strip(), "code_changed": bool(changed.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for package in ("fedlora", "torch", "transformers", "peft", "flwr", "opacus"):
+        try:
+            code[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            code[package] = "not installed"
+    return code
+
+
+def git(root: Path, *command: str) -> str:
+    """The output of ``git -C root COMMAND``; CalledProcessError where git fails."""
+    return subprocess.run(["git", "-C", str(root), *command], capture_output=True, text=True,
+                          timeout=30, check=True).stdout
+
+
+def adopt_provenance(folder: Path, code: dict) -> None:
+    """Record ``code`` as the run's provenance where the server could not tell its own
+    (commit "unknown": ``flwr run`` serves the app from a bundle of the checkout that
+    ``fedlora.deploy`` submitted, and that knows its commit)."""
+    if saved_provenance(folder).get("commit") != "unknown":
+        return
+    config = tomllib.loads((folder / "config.toml").read_text())
+    (folder / "config.toml").write_text(tomli_w.dumps({**config, PROVENANCE: code}))
+    if (folder / SUMMARY).is_file():
+        summary = json.loads((folder / SUMMARY).read_text())
+        (folder / SUMMARY).write_text(json.dumps({**summary, PROVENANCE: code}, indent=1) + "\n")
+
+
+def saved_provenance(folder: Path) -> dict:
+    """The ``[provenance]`` table of a run folder's config.toml ({} where it has none)."""
+    saved = folder / "config.toml"
+    return tomllib.loads(saved.read_text()).get(PROVENANCE, {}) if saved.is_file() else {}
 
 
 def default_name(strategy: str) -> str:
@@ -71,14 +134,14 @@ def default_name(strategy: str) -> str:
 
 def check_unused(folder: Path) -> None:
     """Raise FedLoraError if ``folder`` already holds a run."""
-    if (folder / METRICS).exists():
+    if (folder / METRICS_FILE).exists():
         raise FedLoraError(f"run folder {folder} already holds a run; choose another --name "
                            f"or continue it with --resume {folder}")
 
 
 def read_rows(folder: Path) -> list[dict]:
     """The rows of a run folder's metrics.jsonl, round 0 first."""
-    return [json.loads(line) for line in (folder / METRICS).open()]
+    return [json.loads(line) for line in (folder / METRICS_FILE).open()]
 
 
 def is_finished(folder: Path) -> bool:
@@ -126,7 +189,7 @@ def save_outputs(folder: Path, strategy, arrays: ArrayRecord, global_adapter,
     plot_report(rows, folder / "report.png")
     last = rows[-1]
     (folder / SUMMARY).write_text(json.dumps({  # written last: the run has ended
-        "ended": ended, "rounds": last["round"],
+        "ended": ended, "rounds": last["round"], PROVENANCE: saved_provenance(folder),
         "cumulative_bytes_up": last["cumulative_bytes_up"],
         "cumulative_bytes_down": last["cumulative_bytes_down"],
         "seconds": sum(row["seconds"] for row in rows)}, indent=1) + "\n")

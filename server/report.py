@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fedlora.evaluate import headline_keys  # noqa: E402
+from fedlora.evaluate import headline_keys, headline_metric  # noqa: E402
 
 
 def latest(rows: list[dict], key: str):
@@ -28,8 +28,9 @@ def quality_key(rows: list[dict]) -> str:
 
 
 def bounds(quality: str) -> tuple[float, float]:
-    """The range a headline figure can take: a loss has no upper bound."""
-    return (0.0, math.inf) if "loss" in quality else (0.0, 1.0)
+    """The range a headline figure can take (a loss has no upper bound)."""
+    metric = headline_metric(quality)
+    return metric.bounds if metric else (0.0, math.inf)
 
 
 def loss_key(rows: list[dict]) -> str:
@@ -39,10 +40,8 @@ def loss_key(rows: list[dict]) -> str:
 def chance(rows: list[dict], quality: str) -> float | None:
     """The chance line of a headline figure (accuracy: always answering the evaluation
     data's most common label), where its metric has one."""
-    for key, metric in headline_keys():
-        if key == quality and metric.chance:
-            return latest(rows, quality.replace(metric.name, metric.chance))
-    return None
+    metric = headline_metric(quality)
+    return latest(rows, quality.replace(metric.name, metric.chance)) if metric and metric.chance else None
 
 
 def plot_report(rows: list[dict], path: Path) -> None:

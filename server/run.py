@@ -21,8 +21,8 @@ from fedlora.data import server_data
 from fedlora.errors import FedLoraError
 from fedlora.wire import run_record
 from server.evaluation import Evaluation
-from server.outputs import (METRICS, MetricsLog, load_checkpoint, make_run_dir, save_checkpoint,
-                            save_outputs)
+from server.outputs import (METRICS_FILE, MetricsLog, load_checkpoint, make_run_dir,
+                            save_checkpoint, save_outputs)
 from server.preflight import preflight
 from server.transport import Tally, arrivals, traffic
 from strategies import ignored_settings
@@ -41,21 +41,22 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
         log.warning("--strategy %s does not use %s", config.strategy, setting)
     folder = make_run_dir(config)
     data = server_data(config)
-    plan = run_record(config, data.label_words)
-    evaluation = Evaluation(grid, strategy, config, plan, data, simulation)
+    record = run_record(config, data.label_words)  # what every message tells the clients
+    evaluation = Evaluation(grid, strategy, config, record, data, simulation)
     if evaluation.federated and strategy.privacy:
         log.warning("federated evaluation releases metrics of the clients' held-out data; "
                     "epsilon covers training only, not these figures (docs/privacy.md)")
-    metrics_log = MetricsLog(folder / METRICS, private=strategy.privacy is not None,
+    metrics_log = MetricsLog(folder / METRICS_FILE, private=strategy.privacy is not None,
                              central=evaluation.central is not None,
                              federated=evaluation.federated,
                              labelled=data.label_words is not None,
                              validated=bool(evaluation.validation))
+    start = time.perf_counter()  # round 0's seconds include the initial adapter's
     arrays = strategy.initialize(evaluation.model)
     if config.resume:
         arrays, done = load_checkpoint(folder, strategy, metrics_log, config.rounds)
     else:
-        arrays, row = initial_round(grid, strategy, config, plan, arrays, evaluation)
+        arrays, row = initial_round(grid, strategy, config, record, arrays, evaluation, start)
         metrics_log.write(row)
         done = 0
     ended = f"after all {config.rounds} rounds"
@@ -63,20 +64,21 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
         if over_budget(strategy, config, server_round):
             ended = f"before round {server_round}: --dp-max-epsilon {config.dp_max_epsilon:g} reached"
             break
-        arrays, row = train_round(grid, strategy, config, plan, arrays, server_round, evaluation,
-                                  folder)
+        arrays, row = train_round(grid, strategy, config, record, arrays, server_round,
+                                  evaluation, folder)
         metrics_log.write(row)
         save_checkpoint(folder, server_round, arrays, strategy)
     save_outputs(folder, strategy, arrays, evaluation.global_adapter, metrics_log.rows, ended)
     return folder
 
 
-def initial_round(grid: Grid, strategy, config: RunConfig, plan, arrays, evaluation):
+def initial_round(grid: Grid, strategy, config: RunConfig, record, arrays, evaluation,
+                  start: float):
     """Round 0: the strategy's initialisation round, if it has one, and the evaluation of
     the model clients start from (the base model with the initial adapter: zero for LoRA,
-    B R A for Fed-SB's gradient initialisation). Returns the global arrays and the row."""
-    start = time.perf_counter()
-    messages = strategy.configure_init(arrays, plan, grid)
+    B R A for Fed-SB's gradient initialisation). Returns the global arrays and the row,
+    whose seconds count from ``start``."""
+    messages = strategy.configure_init(arrays, record, grid)
     replies = Tally()  # folded as they arrive, like a round's
     if messages:
         arrays = strategy.aggregate_init(replies.count(arrivals(
@@ -89,14 +91,14 @@ def initial_round(grid: Grid, strategy, config: RunConfig, plan, arrays, evaluat
     }
 
 
-def train_round(grid: Grid, strategy, config: RunConfig, plan, arrays, server_round: int,
+def train_round(grid: Grid, strategy, config: RunConfig, record, arrays, server_round: int,
                 evaluation, folder: Path):
     """One round: send, fold the replies as they arrive, aggregate, and evaluate every
     ``--eval-every`` rounds and the last one (also where the DP budget ends the run).
     Returns the new global arrays and the round's row; FedLoraError when too few
     replies were usable (it names ``folder``, where the outputs so far are)."""
     start = time.perf_counter()
-    messages = list(strategy.configure_train(server_round, arrays, plan, grid))
+    messages = list(strategy.configure_train(server_round, arrays, record, grid))
     replies = Tally()  # handed to the strategy as they arrive, counted on the way
     new_arrays, train_metrics = strategy.aggregate_train(
         server_round, replies.count(arrivals(grid, messages, config.round_timeout,

@@ -159,15 +159,11 @@ class LoraStrategy(FedAvg):
         """``config`` with this method's own values where it leaves them to the strategy: a
         learning rate or rank of 0 and empty target modules (``default_lr_for(config)``,
         ``default_rank``, ``default_target_modules``: docs/strategies.md)."""
-        if config.lr and config.rank and config.target_modules.strip():
+        if config.lr and config.rank and config.target_modules:
             return config
-        return dataclasses.replace(
-            config,
-            lr=config.lr or cls.default_lr_for(config),
-            rank=config.rank or cls.default_rank,
-            target_modules=config.target_modules if config.target_modules.strip()
-            else cls.default_target_modules,
-        )
+        return dataclasses.replace(config, lr=config.lr or cls.default_lr_for(config),
+                                   rank=config.rank or cls.default_rank,
+                                   target_modules=config.target_modules or cls.default_target_modules)
 
     def __init__(
         self,

@@ -87,6 +87,6 @@ def pool_evaluations(server_round: int, replies: Iterable[Message], num_labels: 
     pooled = sum(reports[1:], reports[0])
     metrics = pooled.metrics("fed_eval_")
     for metric in METRICS:  # the worst client's figure, where the table asks for it
-        if metric.worst_client is not None and f"fed_eval_{metric.name}" in metrics:
+        if metric.worst_client and f"fed_eval_{metric.name}" in metrics:
             metrics[f"fed_eval_{metric.name}_min"] = min(r.metrics("")[metric.name] for r in reports)
     return MetricRecord({**metrics, "fed_eval_clients": len(reports)}), by_client

@@ -6,6 +6,7 @@ import dataclasses
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
+from fedlora import wire
 from fedlora.aggregate import State, concat_lora, delta_weights, stack_lora
 from fedlora.errors import FedLoraError
 from fedlora.wire import Plan
@@ -86,7 +87,7 @@ class FLoRA(LoraStrategy):
         return lora_shapes(self.module_shapes, announced_rank(metrics))
 
     def aggregate_states(self, states, weights, metrics) -> State:
-        scales = [self.client_scale(int(m["rank"])) for m in metrics]
+        scales = [self.client_scale(int(m[wire.RANK])) for m in metrics]
         stack = stack_lora(states, weights, scales)
         self.round_stacks.append(stack)
         self.kept.add_batch({f"merge/{k}": v for k, v in stack.items()})
@@ -100,7 +101,7 @@ class FLoRA(LoraStrategy):
         self.round_stacks = state["round_stacks"]
 
     def client_delta(self, state: State, metrics: MetricRecord) -> State:
-        return delta_weights(state, self.client_scale(int(metrics["rank"])))
+        return delta_weights(state, self.client_scale(int(metrics[wire.RANK])))
 
     def round_delta(self, new_state: State) -> State:
         return delta_weights(self.round_stacks[-1])

@@ -14,7 +14,8 @@ Two kinds of kept tensors, each sent to a node once:
   latest increment; one further behind (or new, or restarted) is sent the whole delta
   in fp32, so that every client holds bit for bit what the server holds.
 
-The server evaluates and saves the base delta with the global adapter (server/run.py).
+The server evaluates and saves the base delta with the global adapter (server/evaluation.py,
+server/outputs.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedlora import wire
 from fedlora.aggregate import State
-from fedlora.codec import Codec, Dense, decode_payload, encode_payload
+from fedlora.codec import FP32, Codec, decode_payload, encode_payload
 
 
 class KeptTensors:
@@ -90,7 +91,7 @@ class KeptTensors:
         none before the first increment."""
         if not self.base_version:
             return {}
-        payload, header = encode_payload(self.base_delta, Dense("fp32"))
+        payload, header = encode_payload(self.base_delta, FP32())
         return {wire.BASE_DELTA: ArrayRecord({k: Array(v) for k, v in payload.items()}),
                 wire.BASE_DELTA_CODEC: ConfigRecord({**header, wire.FROM: 0})}
 

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedlora.aggregate import State
-from fedlora.codec import Codec, Dense, TopK
+from fedlora.codec import Codec, TopK
 from fedlora.errors import FedLoraError
 from fedlora.wire import Plan
 from strategies.base import LoraStrategy
@@ -151,4 +151,4 @@ def sparse_form(given: Codec, density: float, direction: str) -> TopK:
 
 def at_density(form: TopK, density: float) -> Codec:
     """``form`` at ``density``: dense values of its type at 1.0."""
-    return Dense(form.values) if density >= 1.0 else dataclasses.replace(form, density=density)
+    return Codec.parse(form.values) if density >= 1.0 else dataclasses.replace(form, density=density)

@@ -7,6 +7,7 @@ import dataclasses
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
+from fedlora import wire
 from fedlora.aggregate import State, truncate_lora
 from fedlora.wire import Plan
 from strategies.base import LoraStrategy
@@ -67,5 +68,5 @@ class TruncatedRankLoRA(LoraStrategy):
     def accept(self, server_round, reply, expected_shapes):
         state = super().accept(server_round, reply, expected_shapes)
         if state is not None:
-            self.node_ranks[reply.metadata.src_node_id] = int(reply.content["metrics"]["rank"])
+            self.node_ranks[reply.metadata.src_node_id] = int(reply.content[wire.METRICS][wire.RANK])
         return state

@@ -120,8 +120,8 @@ def train_reply(node_id: int, tensors: dict, num_examples: int, loss: float = 1.
 
 
 def client_plan(config):
-    """The plan the server sends with every message of a run of ``config`` (server/run.py)
-    for a binary sentiment task."""
+    """What the server tells the clients with every message of a run of ``config``
+    (fedlora.wire.run_record), for a binary sentiment task."""
     from fedlora.wire import run_record
 
     return run_record(config, ["negative", "positive"])

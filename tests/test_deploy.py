@@ -24,6 +24,8 @@ from fedlora.config import RunConfig
 from strategies import resolved
 from strategies.fedavg import FedAvgLoRA
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # Seconds matter here: tiny model, tiny evaluation, Fed-SB without its gradient round.
 TINY = ["--model", "tiny-llama", "--local-steps", "2", "--batch-size", "4", "--max-length", "48"]
 FAST = [*TINY, "--strategy", "fedsb", "--fedsb-init", "random"]
@@ -122,6 +124,10 @@ def check_outputs(run_dir: Path, rounds: int, clients: int, evaluation=CENTRAL_K
     assert (run_dir / "report.png").is_file()
     config = tomllib.loads((run_dir / "config.toml").read_text())
     assert config["num-clients"] == clients and config["rounds"] == rounds
+    # flwr run serves the app from a bundle; the checkout deploy submitted is recorded
+    assert config["provenance"] == json.loads((run_dir / "summary.json").read_text())["provenance"]
+    assert config["provenance"]["commit"] == subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     for name in ("superlink", "supernode-0", "supernode-1", "server"):
         assert (run_dir / "logs" / f"{name}.log").is_file(), name
     return rows

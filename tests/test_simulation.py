@@ -1,9 +1,11 @@
 """End to end through Flower's real simulation engine: tiny-llama, 3 clients, 2 rounds."""
 
+import importlib.metadata
 import json
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ from peft import PeftModel
 
 from fedlora.config import RunConfig
 from fedlora.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ROUNDS, CLIENTS = 2, 3
 KEYS = {"round", "strategy", "clients", "dropped", "train_loss", "eval_loss", "eval_accuracy",
@@ -131,7 +135,8 @@ def test_federated_evaluation_pools_the_clients_held_out_slices(run_dir, data_fi
     # Majority class of the pooled slices: the mixes 0.8 / 0.5 / 0.2 pool to about half.
     assert 0.4 < last["fed_eval_majority_accuracy"] < 0.65
 
-    config = RunConfig.from_dict(tomllib.loads((run_dir / "config.toml").read_text()))
+    saved = tomllib.loads((run_dir / "config.toml").read_text())
+    config = RunConfig.from_dict({k: v for k, v in saved.items() if k != "provenance"})
     words = server_data(config).label_words
     assert words == ["negative", "positive"]
     base, tokenizer = load_model("tiny-llama", torch.device("cpu"))
@@ -147,9 +152,21 @@ def test_federated_evaluation_pools_the_clients_held_out_slices(run_dir, data_fi
 
 def test_config_is_saved_and_reloads(run_dir):
     saved = tomllib.loads((run_dir / "config.toml").read_text())
+    saved.pop("provenance")  # the code that ran it: test_a_run_records_the_code_that_produced_it
     config = RunConfig.from_dict(saved)
     assert (config.model, config.num_clients, config.rounds, config.name) == (
         "tiny-llama", CLIENTS + 1, ROUNDS, "e2e")  # one per file, the broken one too
+
+
+def test_a_run_records_the_code_that_produced_it(run_dir):
+    code = tomllib.loads((run_dir / "config.toml").read_text())["provenance"]
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "*.py",
+                              "pyproject.toml"], capture_output=True, text=True, check=True).stdout
+    assert code["commit"] == head and code["code_changed"] == bool(changed.strip())
+    assert code["torch"] == torch.__version__ and code["flwr"] == importlib.metadata.version("flwr")
+    assert json.loads((run_dir / "summary.json").read_text())["provenance"] == code
 
 
 def test_saved_adapter_loads_with_peft_and_changes_the_output(run_dir):
