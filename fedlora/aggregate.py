@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fedlora.errors import FedLoraError
@@ -135,6 +137,38 @@ def truncate_lora(state: State, rank: int) -> State:
         key: value[:rank] if key.endswith("lora_A.weight") else value[:, :rank]
         for key, value in state.items()
     }
+
+
+def keep_components(state: State, previous: State, held: int) -> State:
+    """LoRA factors whose components from ``held`` on (A's rows, B's columns) are
+    ``previous``'s, the first ``held`` ``state``'s (HetLoRA: components that no client of
+    the round trained keep their value)."""
+    return {key: torch.cat([value[:held], previous[key][held:]]) if key.endswith("lora_A.weight")
+            else torch.cat([value[:, :held], previous[key][:, held:]], dim=1)
+            for key, value in state.items()}
+
+
+def reinit_null_components(factors: State, scale: float, generator: torch.Generator) -> State:
+    """LoRA factors with every null component started again as a fresh LoRA's: A's row
+    drawn as peft draws it (Kaiming-uniform, a = sqrt(5): U(-1/sqrt(n), 1/sqrt(n))), B's
+    column zero (FlexLoRA: a component of zero singular value has zero A and B, whose
+    gradients are then zero for good). A component j is null when its singular value
+    S_j = scale |A_j|^2 is at most S_max max(m, n) eps(fp32), the tolerance numpy's
+    matrix_rank uses; the product B A then changes by at most that much per component."""
+    out = dict(factors)
+    for key_a in [k for k in factors if k.endswith("lora_A.weight")]:
+        key_b = key_a.replace("lora_A", "lora_B")
+        A, B = factors[key_a], factors[key_b]
+        singular = scale * A.double().square().sum(dim=1)
+        tolerance = float(singular.max()) * max(B.shape[0], A.shape[1]) * torch.finfo(torch.float32).eps
+        null = singular <= tolerance
+        if not null.any():
+            continue
+        bound = 1.0 / math.sqrt(A.shape[1])
+        fresh = (torch.rand(A.shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        out[key_a] = torch.where(null[:, None], fresh.float(), A)
+        out[key_b] = torch.where(null[None, :], torch.zeros_like(B), B)
+    return out
 
 
 def svd_lora(deltas: dict[str, torch.Tensor], rank: int, scale: float) -> State:

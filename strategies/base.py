@@ -193,7 +193,8 @@ class LoraStrategy(FedAvg):
         self.check_exactness = check_exactness
         self.upload_codec = Codec.parse(upload_codec)
         self.download_codec = Codec.parse(download_codec)
-        self.global_state: State = {}  # the dense global tensors of the round being run
+        self.server_round = 0  # the round being run
+        self.global_state: State = {}  # its dense global tensors
         self.sent_shapes: dict[str, tuple[int, ...]] = {}
         self.dropped: list[tuple[int, str]] = []  # (node id, reason) of the last round
         # Tensors every client keeps for the whole run, and what each node lacks of them.
@@ -207,6 +208,12 @@ class LoraStrategy(FedAvg):
             raise FedLoraError(
                 f"--dp user cannot protect --strategy {self.name}: its clients upload their "
                 "own adapters, not updates the server can clip, sum and noise; use --dp sample"
+            )
+        if self.upload == "weights" and self.upload_codec.kind == "topk":
+            raise FedLoraError(
+                f"--upload-codec {self.upload_codec.name}: --strategy {self.name}'s clients upload "
+                "their factors themselves, not an update, and the server would read every entry "
+                "a top-k leaves out as zero; valid choices: fp32, fp16, bf16, int8"
             )
         if privacy and privacy.mode == "user" and check_exactness:
             raise FedLoraError(
@@ -285,7 +292,7 @@ class LoraStrategy(FedAvg):
     ) -> Iterable[Message]:
         """Sample clients; send each the plan, the global arrays and the kept tensors it lacks."""
         node_ids = self.sample_train_nodes(server_round, grid)
-        self.sampled = len(node_ids)
+        self.server_round, self.sampled = server_round, len(node_ids)
         plan = self.plan(config, server_round, task="train")
         self.global_state = arrays.to_torch_state_dict() if arrays is not None else {}
         sent = self.arrays_to_send(arrays).to_torch_state_dict()
@@ -391,10 +398,13 @@ class LoraStrategy(FedAvg):
 
     def accept(self, server_round: int, reply: Message, expected_shapes) -> State | None:
         """The reply's decoded tensors, or None if it is unusable: then the reason is
-        logged and kept in ``dropped``, and the node is sent its kept tensors again."""
+        logged and kept in ``dropped``, and the node is sent its kept tensors again (a
+        usable reply confirms that the node holds what it was sent)."""
         try:
-            return decode_reply(reply, expected_shapes, self.weighted_by_key,
-                                dpsgd=bool(self.privacy and self.privacy.mode == "sample"))
+            state = decode_reply(reply, expected_shapes, self.weighted_by_key,
+                                 dpsgd=bool(self.privacy and self.privacy.mode == "sample"))
+            self.kept.confirm(reply.metadata.src_node_id)  # it holds what it was sent
+            return state
         except FedLoraError as err:
             node = reply.metadata.src_node_id
             self.dropped.append((node, str(err)))

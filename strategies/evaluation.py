@@ -77,6 +77,7 @@ def pool_evaluations(server_round: int, replies: Iterable[Message], num_labels: 
             if client in by_client:
                 raise FedLoraError(f"a second reply names itself client '{client}'")
             by_client[client] = Scores.from_record(metrics, num_labels)
+            kept.confirm(reply.metadata.src_node_id)  # it holds the base delta it was sent
         except FedLoraError as err:
             kept.forget(reply.metadata.src_node_id)  # it may have lost its base delta
             log.warning("round %d evaluation: left out node %d: %s", server_round,

@@ -3,7 +3,10 @@ back into factors by a truncated SVD."""
 
 from __future__ import annotations
 
-from fedlora.aggregate import State, delta_weights, svd_lora
+import torch
+
+from fedlora.aggregate import State, delta_weights, reinit_null_components, svd_lora
+from fedlora.seeds import stream_seed
 from strategies.truncated import TruncatedRankLoRA
 
 
@@ -20,6 +23,11 @@ class FlexLoRA(TruncatedRankLoRA):
     (``--check-exactness`` reports it; zero while sum_k r_k <= R). Each round starts from
     the factors of the last one, so the adapter holds the running model, as in the paper.
 
+    Components of zero singular value (Delta of rank below R: few clients, low ranks, a
+    module narrower than R) would be zero in A and B, whose gradients are then zero for
+    good; they start again as a fresh LoRA's (A seeded, B zero:
+    ``fedlora.aggregate.reinit_null_components``), which leaves B A as it is.
+
     Parameters: see TruncatedRankLoRA.
     """
 
@@ -29,4 +37,6 @@ class FlexLoRA(TruncatedRankLoRA):
         return delta_weights(state, self.scale)  # s B_k A_k by module: dense, out x in
 
     def aggregate_means(self, means, metrics) -> State:
-        return svd_lora(means, self.rank, self.scale)
+        generator = torch.Generator().manual_seed(
+            stream_seed(self.seed, self.server_round, "flexlora-null-components"))
+        return reinit_null_components(svd_lora(means, self.rank, self.scale), self.scale, generator)

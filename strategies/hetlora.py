@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fedlora.aggregate import State, pad_lora
+from fedlora import wire
+from fedlora.aggregate import State, keep_components, pad_lora
 from strategies.truncated import TruncatedRankLoRA
 
 
@@ -17,6 +18,12 @@ class HetLoRA(TruncatedRankLoRA):
     self-pruning (a client shrinking its rank when its last components' norm is small)
     and its sparsity-weighted aggregation are left out: clients keep their ranks.
 
+    A component that no aggregated client of the round holds (every reply's rank is below
+    it: partial participation, a drop, a timeout) keeps its previous global value. The
+    zero-padded mean would set its row of A and column of B to zero, whose gradients are
+    then zero for good: one round without the largest-rank client would cap the global
+    rank for the rest of the run.
+
     Parameters: see TruncatedRankLoRA.
     """
 
@@ -26,4 +33,5 @@ class HetLoRA(TruncatedRankLoRA):
         return pad_lora(state, self.rank)
 
     def aggregate_means(self, means, metrics) -> State:
-        return means
+        held = max(int(m[wire.RANK]) for m in metrics)  # the round's largest rank
+        return keep_components(means, self.global_state, held) if held < self.rank else means

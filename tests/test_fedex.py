@@ -143,6 +143,29 @@ def test_a_client_that_lost_its_base_delta_or_a_resumed_run_sends_all_of_it(tiny
     assert all(torch.equal(held[p], v) for p, v in strategy.kept.base_delta.items())
 
 
+def test_a_node_that_never_replied_is_sent_the_whole_delta_not_failed(tiny_model_dir):
+    """Round 2's message to node 2 is lost (no reply): its version was never confirmed, so
+    round 3 sends it the whole delta, which it can apply from what it holds (nothing)."""
+    model = load_model(str(tiny_model_dir), CPU)[0]
+    strategy = FedExLoRA(rank=4, alpha=8, target_modules=TARGETS)
+    shapes = strategy.adapted_shapes(model)
+    arrays = strategy.initialize(model)
+    config = RunConfig().to_dict()
+    for server_round, replying in ((1, [1, 2]), (2, [1])):  # node 2's round-2 reply never comes
+        strategy.configure_train(server_round, arrays, config, DryRunGrid([1, 2]))
+        received = arrays.to_torch_state_dict()
+        replies = [train_reply(node, {k: v - received[k] for k, v in random_lora(
+            shapes, 4, 10 * server_round + node).items()}, 50) for node in replying]
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+        3, arrays, config, DryRunGrid([1, 2]))}
+    assert messages[1].content["base-delta-codec"]["from"] == 1  # it replied: the increment
+    assert messages[2].content["base-delta-codec"]["from"] == 0  # unconfirmed: the whole delta
+    held = held_base_delta(node_context(2, 2), messages[2].content,
+                           int(messages[2].content["config"]["base-delta-version"]))
+    assert all(torch.equal(held[p], v) for p, v in strategy.kept.base_delta.items())
+
+
 def test_clients_train_and_evaluate_on_the_base_plus_the_residual(tiny_model_dir, tmp_path):
     """Real ClientApp calls: round 2 trains on W + R; federated evaluation scores
     W + R + s B A, as the test computes it; the saved residual loads back exactly."""

@@ -125,3 +125,74 @@ def test_a_reply_above_the_global_rank_is_dropped(base_model):
     new_arrays, _ = strategy.aggregate_train(1, replies)
     assert new_arrays is not None and [node for node, _ in strategy.dropped] == [2]
     assert "no valid 'rank' in [1, 8] (got 16)" in strategy.dropped[0][1]
+
+
+def test_hetlora_components_no_client_held_keep_their_value_and_train_again(tiny_model_dir):
+    """Round 1: only the rank-4 client of ranks (4, 16) replies. The zero-padded mean would
+    zero components 4-15 of A and B for good (zero factors get zero gradients); they keep
+    the global value instead, and in round 2 the rank-16 client's training moves them."""
+    import client.app
+    from conftest import client_plan, node_context
+    from strategies import resolved
+
+    config = resolved(RunConfig.from_dict({
+        "strategy": "hetlora", "model": str(tiny_model_dir), "num-clients": 2, "ranks": "4,16",
+        "alpha": 32.0, "local-steps": 3, "batch-size": 4, "max-length": 32, "lr": 0.05,
+        "eval-size": 8}))
+    strategy = HetLoRA.from_config(config)
+    plan = client_plan(config)
+    arrays = strategy.initialize(load_model(config.model, torch.device("cpu"))[0])
+    before = arrays.to_torch_state_dict()
+    contexts = {node: node_context(node, 2) for node in (1, 2)}
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, arrays, plan, DryRunGrid([1, 2]))}
+    arrays, _ = strategy.aggregate_train(1, [client.app.train(messages[1], contexts[1])])  # node 2: silent
+    after = arrays.to_torch_state_dict()
+    for key, value in after.items():
+        high = value[4:] if key.endswith("lora_A.weight") else value[:, 4:]
+        kept = before[key][4:] if key.endswith("lora_A.weight") else before[key][:, 4:]
+        assert torch.equal(high, kept), key  # A's fresh rows, B's zero columns
+        assert key.endswith("lora_B.weight") or high.abs().sum() > 0
+    message = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+        2, arrays, plan, DryRunGrid([1, 2]))}[2]
+    reply = client.app.train(message, contexts[2])
+    trained = decode_payload({k: a.numpy() for k, a in reply.content["arrays"].items()},
+                             dict(reply.content["codec"]))
+    assert all(value[:, 4:].abs().sum() > 0 for key, value in trained.items()
+               if key.endswith("lora_B.weight"))  # B's high columns left zero: they trained
+
+
+def test_flexlora_null_components_start_again_as_a_fresh_lora(base_model):
+    """One rank-4 client under a global rank of 16: the weighted change has rank 4, so
+    components 4-15 have zero singular values; they come back with A drawn as peft draws
+    it and B zero, the product B A unchanged."""
+    strategy = FlexLoRA(ranks=(4, 16), alpha=32, target_modules=TARGETS, seed=3)
+    arrays = strategy.initialize(base_model)
+    list(strategy.configure_train(1, arrays, RunConfig().to_dict(), DryRunGrid([1, 2])))
+    trained = trained_factors(strategy, 4, 0)
+    new_arrays, _ = strategy.aggregate_train(1, [train_reply(1, trained, 10, rank=4)])
+    state = new_arrays.to_torch_state_dict()
+    for path, (m, n) in strategy.module_shapes.items():
+        A = state[f"base_model.model.{path}.lora_A.weight"]
+        B = state[f"base_model.model.{path}.lora_B.weight"]
+        assert torch.equal(B[:, 4:], torch.zeros(m, 12))
+        assert A[4:].abs().min() > 0 and A[4:].abs().max() <= 1 / n ** 0.5  # U(-1/sqrt(n), 1/sqrt(n))
+        exact = strategy.scale * trained[f"base_model.model.{path}.lora_B.weight"].double() \
+            @ trained[f"base_model.model.{path}.lora_A.weight"].double()
+        got = strategy.scale * B.double() @ A.double()
+        assert float((got - exact).norm() / exact.norm()) < 1e-6
+    again = FlexLoRA(ranks=(4, 16), alpha=32, target_modules=TARGETS, seed=3)
+    again.initialize(base_model)
+    list(again.configure_train(1, again.initialize(base_model), RunConfig().to_dict(), DryRunGrid([1, 2])))
+    same, _ = again.aggregate_train(1, [train_reply(1, trained, 10, rank=4)])
+    assert all(torch.equal(v, same.to_torch_state_dict()[k]) for k, v in state.items())  # seeded
+
+
+@pytest.mark.parametrize("strategy", ["flora", "hetlora", "flexlora"])
+def test_a_topk_upload_of_factors_themselves_is_refused(strategy):
+    from fedlora.errors import FedLoraError
+    from strategies import build_strategy
+
+    with pytest.raises(FedLoraError, match=f"--upload-codec topk:0.1,fp32: --strategy {strategy}'s "
+                                           "clients upload their factors themselves"):
+        build_strategy(RunConfig.from_dict({"strategy": strategy, "upload-codec": "topk:0.1"}))
+    build_strategy(RunConfig.from_dict({"strategy": strategy, "upload-codec": "int8"}))  # dense: fine
