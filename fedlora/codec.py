@@ -329,14 +329,19 @@ def _typed(arrays: dict, key: str, dtype, size: int) -> np.ndarray:
 
 def encode_payload(state: State, codec: Codec) -> tuple[dict[str, np.ndarray], dict]:
     """``state`` as arrays plus the header that names the codec, the tensors and their shapes
-    (so the receiver decodes without guessing)."""
+    (so the receiver decodes without guessing). Nothing non-finite is sent: a NaN would
+    travel as a sign's -1 or an int8's clipped step (FedLoraError)."""
+    for name, tensor in state.items():  # an fp64 sum of finite values cannot overflow
+        if not torch.isfinite(tensor.detach().sum(dtype=torch.float64)):
+            raise FedLoraError(f"tensor {name} holds NaN or Inf; nothing non-finite is sent")
+    return codec.encode(state), payload_header(state, codec)
+
+
+def payload_header(state: State, codec: Codec) -> dict:
+    """The header of ``state``'s payload: the codec's name, the tensors' names and shapes."""
     names = sorted(state)
-    header = {
-        "codec": codec.name,
-        "keys": names,
-        "shapes": ["x".join(map(str, state[n].shape)) for n in names],
-    }
-    return codec.encode(state), header
+    return {"codec": codec.name, "keys": names,
+            "shapes": ["x".join(map(str, state[n].shape)) for n in names]}
 
 
 def decode_payload(arrays: dict[str, np.ndarray], header: dict,

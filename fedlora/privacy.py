@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib
 import logging
 import math
@@ -76,6 +77,12 @@ def noised_mean(total: State, clip: float, noise: float, denominator: float,
     }
 
 
+@functools.lru_cache(maxsize=4096)
+def budget_noise(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """``noise_for_budget``, remembered: the server checks every DP-SGD reply against it."""
+    return noise_for_budget(epsilon, delta, sample_rate, steps)
+
+
 def noise_for_budget(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The smallest noise multiplier whose ``steps`` events at ``sample_rate`` stay within
     (epsilon, delta), by Opacus' RDP accountant."""
@@ -110,6 +117,10 @@ class Privacy:
         sampling, LoraStrategy.sample_train_nodes).
     clients : int
         The number of clients in the federation (user level's n).
+    batch_size, local_steps, rounds : int
+        Sample level: the DP-SGD plan every client follows (its Poisson rate is
+        batch_size / its examples; its steps local_steps a round, over ``rounds``), which
+        the server holds each reply's DP-SGD settings to (``dpsgd_terms``).
     noise_seed : int
         Seed of the noise and of DP-SGD's sampling, or -1 for a fresh one from the OS
         (each stream derives its own seed from it: fedlora.seeds). A
@@ -125,6 +136,9 @@ class Privacy:
     max_epsilon: float = 0.0
     sample_rate: float = 1.0
     clients: int = 1
+    batch_size: int = 8
+    local_steps: int = 10
+    rounds: int = 1
     noise_seed: int = -1
 
     @classmethod
@@ -137,6 +151,7 @@ class Privacy:
             mode=config.dp, clip=config.dp_clip, noise=config.dp_noise, delta=config.dp_delta,
             target_epsilon=config.dp_target_epsilon, max_epsilon=config.dp_max_epsilon,
             sample_rate=min(1.0, sampled / config.num_clients), clients=config.num_clients,
+            batch_size=config.batch_size, local_steps=config.local_steps, rounds=config.rounds,
             noise_seed=config.dp_noise_seed,
         )
         if privacy.mode == "user" and privacy.target_epsilon:
@@ -154,17 +169,24 @@ class Privacy:
         """A client's DP-SGD settings: Poisson rate batch_size / n_k, the noise that meets
         ``target_epsilon`` if the client trains in every round, and the seeds of its
         sampling and noise in this round (from ``noise_seed``, else from the OS)."""
-        sample_rate = min(1.0, config.batch_size / num_examples)
-        noise = self.noise
-        if self.target_epsilon:
-            steps = config.rounds * config.local_steps
-            noise = noise_for_budget(self.target_epsilon, self.delta_for(num_examples),
-                                     sample_rate, steps)
+        noise, sample_rate = self.dpsgd_terms(config.batch_size, config.local_steps,
+                                              config.rounds, num_examples)
         return DPSGD(
             noise=noise, clip=self.clip, sample_rate=sample_rate,
             sampling_seed=self.seed(server_round, partition, "dp-sgd-sampling"),
             noise_seed=self.seed(server_round, partition, "dp-sgd-noise"),
         )
+
+    def dpsgd_terms(self, batch_size: int, local_steps: int, rounds: int,
+                    num_examples: int) -> tuple[float, float]:
+        """(noise multiplier, Poisson rate) of the DP-SGD of a client with ``num_examples``
+        examples: rate batch_size / n_k, and ``noise``, or with ``target_epsilon`` the
+        noise that meets it if the client trains ``local_steps`` in each of ``rounds``."""
+        sample_rate = min(1.0, batch_size / num_examples)
+        if not self.target_epsilon:
+            return self.noise, sample_rate
+        return budget_noise(self.target_epsilon, self.delta_for(num_examples), sample_rate,
+                            rounds * local_steps), sample_rate
 
     def delta_for(self, records: int) -> float:
         """delta of a party holding ``records`` records: ``--dp-delta``, else the default."""
@@ -227,9 +249,11 @@ class PrivacyAccountant:
         which holds ``records`` records."""
         if party not in self.accountants:
             self.accountants[party] = opacus("accountants").RDPAccountant()
-        accountant = self.accountants[party]
-        for _ in range(steps):  # the accountant merges equal events into one entry
-            accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
+        history = self.accountants[party].history  # (noise, rate, steps) entries, as Opacus'
+        if history and history[-1][:2] == (noise, sample_rate):  # step() merges equal events
+            history[-1] = (noise, sample_rate, history[-1][2] + steps)
+        elif steps:
+            history.append((noise, sample_rate, steps))
         self.records[party] = records
         self.last_round[party] = (party, noise, sample_rate, steps, records)
 

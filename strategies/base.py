@@ -396,21 +396,28 @@ class LoraStrategy(FedAvg):
         unknown (sample level, before the first round)."""
         return self.dp.epsilon_after_next_round() if self.dp else None
 
-    def accept(self, server_round: int, reply: Message, expected_shapes) -> State | None:
+    def accept(self, server_round: int, reply: Message, expected_shapes,
+               codec: Codec | None = None) -> State | None:
         """The reply's decoded tensors, or None if it is unusable: then the reason is
         logged and kept in ``dropped``, and the node is sent its kept tensors again (a
-        usable reply confirms that the node holds what it was sent)."""
+        usable reply confirms that the node holds what it was sent). ``codec``: the one the
+        plan named for the reply (default: the round's upload codec)."""
         try:
-            state = decode_reply(reply, expected_shapes, self.weighted_by_key,
-                                 dpsgd=bool(self.privacy and self.privacy.mode == "sample"))
+            sample_level = self.privacy if self.privacy and self.privacy.mode == "sample" else None
+            state = decode_reply(reply, expected_shapes, codec or self.upload_codec,
+                                 self.weighted_by_key, dpsgd=sample_level)
             self.kept.confirm(reply.metadata.src_node_id)  # it holds what it was sent
             return state
         except FedLoraError as err:
-            node = reply.metadata.src_node_id
-            self.dropped.append((node, str(err)))
-            self.kept.forget(node)  # it may have lost its kept tensors: resend
-            log.warning("round %d: dropped the reply of node %d: %s", server_round, node, err)
+            self.drop(server_round, reply.metadata.src_node_id, str(err))
             return None
+
+    def drop(self, server_round: int, node: int, reason: str) -> None:
+        """Leave a node's reply out of the round: the reason is logged and kept in
+        ``dropped``, and the node is sent its kept tensors again."""
+        self.dropped.append((node, reason))
+        self.kept.forget(node)  # it may have lost its kept tensors: resend
+        log.warning("round %d: dropped the reply of node %d: %s", server_round, node, reason)
 
     def client_weight(self, metrics: MetricRecord) -> float:
         """A client's weight before normalisation (p_k = w_k / sum w): its examples."""

@@ -161,7 +161,7 @@ class FedSB(LoraStrategy):
         shapes = self.init_reply_shapes()
         self.dropped, sums = [], {}
         for reply in replies:
-            gradients = self.accept(0, reply, lambda _: shapes)
+            gradients = self.accept(0, reply, lambda _: shapes, self.init_codec)
             for key, gradient in (gradients or {}).items():
                 if key in sums:
                     sums[key].add_(gradient.double())

@@ -84,7 +84,8 @@ class FLoRA(LoraStrategy):
         return plan
 
     def expected_shapes(self, metrics: MetricRecord) -> dict[str, tuple[int, ...]]:
-        return lora_shapes(self.module_shapes, announced_rank(metrics))
+        # At most the plan's largest rank: every stack is kept and sent for the whole run.
+        return lora_shapes(self.module_shapes, announced_rank(metrics, max(self.ranks)))
 
     def aggregate_states(self, states, weights, metrics) -> State:
         scales = [self.client_scale(int(m[wire.RANK])) for m in metrics]

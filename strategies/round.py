@@ -43,11 +43,17 @@ class Round:
         if state is None:
             return
         metrics = reply.content[wire.METRICS]
+        privacy = strategy.privacy
+        if privacy and privacy.mode == "sample":  # each identity gets an accountant
+            client = client_identity(reply)
+            if not strategy.dp.admits(client, self.clients):
+                strategy.drop(self.server_round, reply.metadata.src_node_id,
+                              f"'{wire.CLIENT_ID}' {client!r} would be a client beyond the "
+                              f"plan's {privacy.clients} (--num-clients)")
+                return
+            self.clients.append(client)
         self.nodes.append(reply.metadata.src_node_id)
         self.metrics.append(metrics)
-        privacy = strategy.privacy
-        if privacy and privacy.mode == "sample":
-            self.clients.append(client_identity(reply))
         if privacy and privacy.mode == "user":  # only the clipped sum is released
             self.clipped.add(clip_update(state, privacy.clip), 1.0)
             return

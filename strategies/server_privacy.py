@@ -53,6 +53,14 @@ class ServerPrivacy:
         return noised_mean(total, self.privacy.clip, self.privacy.noise,
                            self.privacy.sample_rate * available, self.noise_generator)
 
+    def admits(self, client: str, this_round: list[str]) -> bool:
+        """Whether a sample-level reply of ``client`` can be accounted: a known identity, or
+        a new one while fewer than the federation's clients are known (``this_round``:
+        the identities of the round so far). A client naming itself anew each round would
+        otherwise start a fresh accountant each time, without bound."""
+        known = set(self.accountant.accountants) | set(this_round)
+        return client in known or len(known) < self.privacy.clients
+
     def record_round(self, clients: list[str], metrics: list[MetricRecord],
                      weighted_by_key: str) -> None:
         """Record what this round released: one Gaussian event for the federation (user

@@ -65,8 +65,8 @@ class TruncatedRankLoRA(LoraStrategy):
     def expected_shapes(self, metrics: MetricRecord) -> dict[str, tuple[int, ...]]:
         return lora_shapes(self.module_shapes, announced_rank(metrics, self.rank))
 
-    def accept(self, server_round, reply, expected_shapes):
-        state = super().accept(server_round, reply, expected_shapes)
+    def accept(self, server_round, reply, expected_shapes, codec=None):
+        state = super().accept(server_round, reply, expected_shapes, codec)
         if state is not None:
             self.node_ranks[reply.metadata.src_node_id] = int(reply.content[wire.METRICS][wire.RANK])
         return state

@@ -103,15 +103,17 @@ def make_reply(node_id: int, content=None, error: str | None = None):
 def train_reply(node_id: int, tensors: dict, num_examples: int, loss: float = 1.0, rank: int = 8,
                 codec: str = "fp32"):
     """A well-formed reply, as the client builds it, carrying ``tensors`` (an update or
-    weights) encoded by ``codec``."""
+    weights) encoded by ``codec``: what any client may send, so the encoder's own refusal
+    of non-finite values is skipped (a hostile client skips it too)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-    from fedlora.codec import Codec, encode_payload
+    from fedlora.codec import Codec, payload_header
 
     metrics = MetricRecord(
         {"num-examples": num_examples, "train-loss": loss, "train-seconds": 0.1, "rank": rank}
     )
-    payload, header = encode_payload(tensors, Codec.parse(codec))
+    codec = Codec.parse(codec)
+    payload, header = codec.encode(tensors), payload_header(tensors, codec)
     return make_reply(node_id, RecordDict({
         "arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
         "codec": ConfigRecord(header),

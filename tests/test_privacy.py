@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
 
+from fedlora.codec import Codec
 from fedlora.config import RunConfig
 from fedlora.data import Example
 from fedlora.errors import FedLoraError
@@ -87,6 +88,7 @@ def test_user_level_dp_releases_the_plain_mean_of_clipped_updates(strategy_name)
     # whatever the example counts; the sparse strategy clips what was sent (its top-k).
     strategy, updates = server_with_replies(strategy_name, dp="user", **{"dp-noise": 0.0, "dp-clip": 0.3})
     codec = "topk:0.5,fp32" if strategy_name == "sparse" else "fp32"
+    strategy.upload_codec = Codec.parse(codec)  # the round's, as configure_train sets it
     replies = [train_reply(1, updates[0], 10, codec=codec), train_reply(2, updates[1], 990, codec=codec)]
     sent = [strategy.accept(1, reply, strategy.expected_shapes) for reply in replies]
     arrays, metrics = strategy.aggregate_train(1, replies)
@@ -166,15 +168,17 @@ def dpsgd_reply(node, update, num_examples, noise, rate, steps, client_id="auto"
 
 
 def test_sample_level_epsilon_is_the_largest_over_clients_at_the_default_delta():
-    strategy, updates = server_with_replies("fedavg", dp="sample")
+    # The plan: batch 160 (rates 160 / n_k), 10 steps, noise 0.9; client 2 adds more noise.
+    strategy, updates = server_with_replies("fedavg", dp="sample", **{"dp-noise": 0.9, "batch-size": 160})
     for server_round in (1, 2):
-        replies = [dpsgd_reply(1, updates[0], 100, 0.9, 0.08, 10),
-                   dpsgd_reply(2, updates[1], 20_000, 1.2, 0.02, 10)]
+        replies = [dpsgd_reply(1, updates[0], 2_000, 0.9, 0.08, 10),
+                   dpsgd_reply(2, updates[1], 20_000, 1.2, 0.008, 10)]
         _, metrics = strategy.aggregate_train(server_round, replies)
+        assert not strategy.dropped, strategy.dropped
         steps = 10 * server_round
-        # delta = min(1e-5, 1 / (10 n_k)): 1e-5 for 100 examples, 5e-6 for 20,000
+        # delta = min(1e-5, 1 / (10 n_k)): 1e-5 for 2,000 examples, 5e-6 for 20,000
         expected = max(independent_epsilon(0.9, 0.08, steps, 1e-5),
-                       independent_epsilon(1.2, 0.02, steps, 5e-6))
+                       independent_epsilon(1.2, 0.008, steps, 5e-6))
         assert metrics["epsilon"] == pytest.approx(expected, rel=1e-9)
         assert metrics["delta"] == 1e-5
 
@@ -182,9 +186,9 @@ def test_sample_level_epsilon_is_the_largest_over_clients_at_the_default_delta()
 def test_sample_level_accounting_follows_the_client_not_its_node_id():
     """A restarted client (new node id, same client-id) composes with its past rounds,
     also across a checkpoint and resume; a new client-id starts its own accountant."""
-    strategy, updates = server_with_replies("fedavg", dp="sample")
+    strategy, updates = server_with_replies("fedavg", dp="sample", **{"dp-noise": 0.9})
     strategy.aggregate_train(1, [dpsgd_reply(1, updates[0], 100, 0.9, 0.08, 10, "hospital-a")])
-    resumed = build_strategy(config(strategy="fedavg", dp="sample"))
+    resumed = build_strategy(config(strategy="fedavg", dp="sample", **{"dp-noise": 0.9}))
     resumed.load_state_dict(strategy.state_dict())
     resumed.global_state, resumed.sent_shapes = strategy.global_state, strategy.sent_shapes
     _, metrics = resumed.aggregate_train(2, [dpsgd_reply(77, updates[0], 100, 0.9, 0.08, 10, "hospital-a"),
@@ -193,18 +197,27 @@ def test_sample_level_accounting_follows_the_client_not_its_node_id():
 
 
 def test_a_dpsgd_reply_without_its_settings_or_identity_is_dropped():
-    strategy, updates = server_with_replies("fedavg", dp="sample")
+    strategy, updates = server_with_replies("fedavg", dp="sample", **{"dp-noise": 0.9})
     replies = [dpsgd_reply(1, updates[0], 100, 0.9, 0.08, 10), train_reply(2, updates[1], 100),
                dpsgd_reply(3, updates[1], 100, 0.9, 1.5, 10),
                dpsgd_reply(4, updates[1], 100, 0.9, 0.08, 10, client_id=None),
-               dpsgd_reply(5, updates[1], 100, 0.9, 0.08, 10, client_id="")]
+               dpsgd_reply(5, updates[1], 100, 0.9, 0.08, 10, client_id=""),
+               # held to the plan (batch 8, 10 steps, noise 0.9): what a client claims is checked
+               dpsgd_reply(6, updates[1], 100, 0.9, 0.08, 2**62),
+               dpsgd_reply(7, updates[1], 100, 0.0, 0.08, 10),
+               dpsgd_reply(8, updates[1], 100, 0.9, 0.5, 10),
+               dpsgd_reply(9, updates[1], 100, 5.0, 0.08, 10)]  # more noise than planned: fine
     valid = [r for r in replies if strategy.accept(1, r, strategy.expected_shapes) is not None]
-    assert [r.metadata.src_node_id for r in valid] == [1]
+    assert [r.metadata.src_node_id for r in valid] == [1, 9]
     reasons = dict(strategy.dropped)
     assert "'dp-noise' must be a finite float" in reasons[2]
     assert "'dp-sample-rate' must be a float in (0, 1]" in reasons[3]
     assert reasons[4] == "the reply names no 'client-id' of 1 to 200 characters (got None)"
     assert reasons[5] == "the reply names no 'client-id' of 1 to 200 characters (got '')"
+    assert reasons[6] == f"'dp-steps' {2**62} differs from the plan's 10 (--local-steps)"
+    assert reasons[7] == "'dp-noise' 0.0 is below the plan's 0.9"
+    assert reasons[8] == ("'dp-sample-rate' 0.5 differs from the plan's 0.08 (--batch-size 8 "
+                          "over its 100 examples)")
 
 
 def test_the_budget_stops_a_run_before_the_round_that_would_exceed_it():

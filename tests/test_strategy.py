@@ -140,8 +140,9 @@ def test_hostile_codec_headers_are_dropped():
     assert arrays is not None
     reasons = dict(strategy.dropped)
     assert sorted(reasons) == [2, 3, 4, 5, 6]
-    assert "unknown codec 'zip'" in reasons[2]
+    # Held to its plan: a header naming another codec than the plan's is refused first.
+    assert reasons[2] == "'codec' 'zip' differs from the plan's 'fp32'"
     assert "2 tensors but 1 shapes" in reasons[3]
     assert "malformed shape" in reasons[4]
     assert "has shape (500000, 200000), expected (5, 2)" in reasons[5]
-    assert "payload keys differ" in reasons[6]
+    assert reasons[6] == "'codec' 'topk:0.5' differs from the plan's 'fp32'"
