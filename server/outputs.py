@@ -150,10 +150,13 @@ def is_finished(folder: Path) -> bool:
     return (folder / SUMMARY).is_file()
 
 
-def save_checkpoint(folder: Path, server_round: int, arrays: ArrayRecord, strategy) -> None:
-    """Save what the next round needs, replacing the previous round's checkpoint whole."""
+def save_checkpoint(folder: Path, server_round: int, arrays: ArrayRecord, strategy,
+                    row: dict | None = None) -> None:
+    """Save what the next round needs, replacing the previous round's checkpoint whole;
+    ``row``: the round's metrics row before its evaluation, which a resumed run completes
+    if the run stopped before writing it."""
     checkpoint = {"round": server_round, "arrays": arrays.to_torch_state_dict(),
-                  "strategy": strategy.state_dict()}
+                  "strategy": strategy.state_dict(), "row": row}
     partial = folder / f"{CHECKPOINT}.partial"
     torch.save(checkpoint, partial)
     partial.replace(folder / CHECKPOINT)  # atomic: a crash leaves the old one or the new one
@@ -161,16 +164,19 @@ def save_checkpoint(folder: Path, server_round: int, arrays: ArrayRecord, strate
 
 def load_checkpoint(folder: Path, strategy, metrics_log: MetricsLog, rounds: int):
     """Restore the strategy and the metrics of the last completed round; return the global
-    arrays and that round."""
+    arrays, that round and its row if metrics.jsonl lacks it (the run stopped between the
+    checkpoint and the row: while it evaluated), else None."""
     checkpoint = torch.load(folder / CHECKPOINT, weights_only=True)  # tensors and plain values
     done = checkpoint["round"]
-    if done >= rounds:
+    rows = [row for row in read_rows(folder) if row["round"] <= done]
+    unfinished = checkpoint.get("row") if done not in {row["round"] for row in rows} else None
+    if done >= rounds and unfinished is None:
         raise FedLoraError(f"--resume {folder}: all {done} rounds are done; give --rounds above "
                            f"{done} to continue")
     strategy.load_state_dict(checkpoint["strategy"])
-    metrics_log.restore([row for row in read_rows(folder) if row["round"] <= done])
+    metrics_log.restore(rows)
     tqdm.write(f"resuming {folder} after round {done}")
-    return ArrayRecord(checkpoint["arrays"]), done
+    return ArrayRecord(checkpoint["arrays"]), done, unfinished
 
 
 def save_outputs(folder: Path, strategy, arrays: ArrayRecord, global_adapter,

@@ -54,7 +54,9 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
     start = time.perf_counter()  # round 0's seconds include the initial adapter's
     arrays = strategy.initialize(evaluation.model)
     if config.resume:
-        arrays, done = load_checkpoint(folder, strategy, metrics_log, config.rounds)
+        arrays, done, unfinished = load_checkpoint(folder, strategy, metrics_log, config.rounds)
+        if unfinished:  # checkpointed, then cut short: the same aggregate is scored now
+            metrics_log.write(evaluated_row(unfinished, evaluation, arrays))
     else:
         arrays, row = initial_round(grid, strategy, config, record, arrays, evaluation, start)
         metrics_log.write(row)
@@ -64,10 +66,12 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
         if over_budget(strategy, config, server_round):
             ended = f"before round {server_round}: --dp-max-epsilon {config.dp_max_epsilon:g} reached"
             break
-        arrays, row = train_round(grid, strategy, config, record, arrays, server_round,
-                                  evaluation, folder)
-        metrics_log.write(row)
-        save_checkpoint(folder, server_round, arrays, strategy)
+        arrays, row = train_round(grid, strategy, config, record, arrays, server_round, folder)
+        # Checkpointed before the new aggregate leaves the server (its evaluation sends it to
+        # the clients): after a crash the run resumes with this round done, so a noised
+        # aggregate is drawn, released and counted once, never drawn again.
+        save_checkpoint(folder, server_round, arrays, strategy, row)
+        metrics_log.write(evaluated_row(row, evaluation, arrays))
     save_outputs(folder, strategy, arrays, evaluation.global_adapter, metrics_log.rows, ended)
     return folder
 
@@ -92,11 +96,12 @@ def initial_round(grid: Grid, strategy, config: RunConfig, record, arrays, evalu
 
 
 def train_round(grid: Grid, strategy, config: RunConfig, record, arrays, server_round: int,
-                evaluation, folder: Path):
-    """One round: send, fold the replies as they arrive, aggregate, and evaluate every
-    ``--eval-every`` rounds and the last one (also where the DP budget ends the run).
-    Returns the new global arrays and the round's row; FedLoraError when too few
-    replies were usable (it names ``folder``, where the outputs so far are)."""
+                folder: Path):
+    """One round: send, fold the replies as they arrive, aggregate. Returns the new global
+    arrays and the round's row, whose ``evaluate`` says whether the round is evaluated
+    (every ``--eval-every`` rounds and the last one, also where the DP budget ends the
+    run: :func:`evaluated_row`); FedLoraError when too few replies were usable (it names
+    ``folder``, where the outputs so far are)."""
     start = time.perf_counter()
     messages = list(strategy.configure_train(server_round, arrays, record, grid))
     replies = Tally()  # handed to the strategy as they arrive, counted on the way
@@ -112,13 +117,13 @@ def train_round(grid: Grid, strategy, config: RunConfig, record, arrays, server_
     evaluated = (server_round % config.eval_every == 0 or server_round == config.rounds
                  or projected_over_budget(strategy, config) is not None)
     row = {
+        "evaluate": evaluated,
         "round": server_round,
         "strategy": config.strategy,
         "clients": replies.replies - len(strategy.dropped),
         # sampled, but no usable reply: missing, failed or refused
         "dropped": len(messages) - replies.replies + len(strategy.dropped),
         **({"train_loss": float(train_metrics["train-loss"])} if "train-loss" in train_metrics else {}),
-        **(evaluation(new_arrays, server_round) if evaluated else {}),
         "bytes_up": replies.bytes,
         "bytes_down": traffic(messages),
         "client_train_seconds": float(train_metrics["train-seconds"]),
@@ -127,6 +132,17 @@ def train_round(grid: Grid, strategy, config: RunConfig, record, arrays, server_
         if key in train_metrics:
             row[key.replace("-", "_")] = float(train_metrics[key])
     return new_arrays, {**row, "seconds": time.perf_counter() - start}
+
+
+def evaluated_row(row: dict, evaluation, arrays) -> dict:
+    """A round's row as metrics.jsonl has it: with its evaluation's figures where the round
+    is evaluated, in their place before the bytes, its seconds counting the evaluation."""
+    row, begin = dict(row), time.perf_counter()
+    figures = evaluation(arrays, row["round"]) if row.pop("evaluate") else {}
+    keys = list(row)
+    at = keys.index("bytes_up")
+    return {**{k: row[k] for k in keys[:at]}, **figures, **{k: row[k] for k in keys[at:]},
+            "seconds": row["seconds"] + time.perf_counter() - begin}
 
 
 def over_budget(strategy, config: RunConfig, server_round: int) -> bool:

@@ -92,5 +92,10 @@ class ServerPrivacy:
                 "noise_generator": self.noise_generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint. The noise generator continues where it was only with
+        ``--dp-noise-seed`` (a reproducible experiment); otherwise the resumed run draws
+        fresh noise from the OS: noise drawn twice would cancel in the difference of two
+        releases."""
         self.accountant.load_state_dict(state["accountant"])
-        self.noise_generator.set_state(state["noise_generator"])
+        if self.privacy.noise_seed >= 0:
+            self.noise_generator.set_state(state["noise_generator"])

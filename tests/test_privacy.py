@@ -1,6 +1,7 @@
 """Differential privacy: the Gaussian mechanism, DP-SGD's loss, accounting, and refusals.
 (A DP-SGD simulation that learns, and whose clients' epsilon survives a restart: tests/test_study.py.)"""
 
+import json
 import math
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from conftest import train_reply
 from flwr.app import ConfigRecord
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
+from safetensors.torch import load_file
 
 from fedlora.codec import Codec
 from fedlora.config import RunConfig
@@ -306,6 +308,55 @@ def test_noise_is_fresh_from_the_os_unless_a_noise_seed_is_given():
     dpsgd = seeded.client_dpsgd(config(), 100, server_round=2, partition=5)
     assert dpsgd.sampling_seed == stream_seed(3, 2, 5, "dp-sgd-sampling") == seeded.seed(2, 5, "dp-sgd-sampling")
     assert dpsgd.noise_seed == stream_seed(3, 2, 5, "dp-sgd-noise") != dpsgd.sampling_seed
+
+
+def test_a_resumed_run_draws_fresh_noise_unless_a_noise_seed_is_given():
+    # The same noise drawn twice cancels in the difference of two releases.
+    for seed, same in ((-1, False), (7, True)):
+        run = build_strategy(config(dp="user", **{"dp-noise-seed": seed}))
+        torch.randn(8, generator=run.dp.noise_generator)  # round 1's noise
+        state = run.state_dict()
+        resumed = build_strategy(config(dp="user", **{"dp-noise-seed": seed}))
+        resumed.load_state_dict(state)
+        assert torch.equal(torch.randn(8, generator=run.dp.noise_generator),
+                           torch.randn(8, generator=resumed.dp.noise_generator)) == same
+
+
+def test_a_crash_after_the_noised_aggregate_left_resumes_without_drawing_it_again(tmp_path, monkeypatch):
+    """Round 2's aggregate is checkpointed before its evaluation sends it to the clients;
+    the server dies during that evaluation. The resumed run does not train round 2 again
+    (a second noised release of a fresh client draw, with the first never charged): it
+    scores the checkpointed aggregate and writes the row, and epsilon counts 2 rounds."""
+    from fedlora.simulate import main
+    from server.evaluation import Evaluation
+
+    flags = ["--model", "tiny-llama", "--num-clients", "2", "--rounds", "2", "--local-steps", "2",
+             "--max-length", "48", "--eval-size", "16", "--dp", "user", "--dp-noise", "1.5",
+             "--central-eval-on", "server", "--output", str(tmp_path), "--name", "crash"]
+    score = Evaluation.__call__
+
+    def crash_in_round_2(self, arrays, server_round):
+        if server_round == 2:
+            raise RuntimeError("the server died while the clients scored round 2")
+        return score(self, arrays, server_round)
+
+    monkeypatch.setattr(Evaluation, "__call__", crash_in_round_2)
+    with pytest.raises(RuntimeError, match="died while the clients scored round 2"):
+        main(flags)
+    folder = tmp_path / "crash"
+    assert [json.loads(line)["round"] for line in (folder / "metrics.jsonl").open()] == [0, 1]
+    checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert checkpoint["round"] == 2  # written before the release
+    monkeypatch.setattr(Evaluation, "__call__", score)
+    assert main(["--resume", str(folder)]) == 0
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").open()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and "eval_accuracy" in rows[2]
+    # q = 1 (both clients each round), two events, not three
+    assert rows[2]["epsilon"] == pytest.approx(independent_epsilon(1.5, 1.0, 2, default_delta(2)), rel=1e-9)
+    saved = load_file(folder / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == checkpoint["arrays"].keys()
+    for key, value in checkpoint["arrays"].items():  # the checkpointed aggregate, not a new one
+        assert torch.equal(saved[key], value), key
 
 
 def test_per_client_per_round_seeds_never_collide():
