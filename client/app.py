@@ -156,7 +156,10 @@ def run_plan(msg: Message, context: Context, plan: Plan, model, tokenizer,
         upload = {k: v - received[k] for k, v in upload.items()}
     metrics = train_metrics(len(examples), stats, rank, dpsgd, config.local_steps)
     codec = Codec.parse(config.upload_codec)
-    if config.error_feedback:
+    drills = faults.faults_for(partition_id, plan.server_round, config.name)  # drills only
+    if set(drills) & set(faults.HOSTILE):
+        payload, header, metrics = faults.hostile(drills, upload, codec, metrics)
+    elif config.error_feedback:
         payload, header = encode_with_feedback(
             context, upload, codec, plan.server_round, plan.aggregated_round or 0
         )

@@ -163,6 +163,13 @@ class RunConfig:
         default=False,
         metadata={"method": "sparse", "help": "sparse: clients keep what they did not send and add it next round"},
     )
+    max_update_norm: float = field(
+        default=0.0,
+        metadata={"bounds": (0.0, 1e6, True), "help": "bound each client's update to this L2 "
+                  "norm before it is aggregated (the robust-aggregation baseline: one client "
+                  "cannot move the average further than this); 0: no bound. For the methods "
+                  "that average updates; under --dp user, --dp-clip does it"},
+    )
     dp: str = field(
         default="off",
         metadata={"choices": ("off", "user", "sample"), "help": "differential privacy: off, user (clip and noise client updates at "

@@ -111,6 +111,10 @@ class LoraStrategy(FedAvg):
         to it.
     weighted_by_key : str (default: "num-examples")
         The reply metric that holds a client's number of training examples.
+    max_update_norm : float (default: 0.0)
+        Bound each client's update to this L2 norm (all its tensors together) before it
+        is aggregated, the robust-aggregation baseline against a scaled update; 0: none.
+        Only for methods that upload updates; under user-level DP the clip does it.
     privacy : Privacy or None (default: None)
         Differential privacy (fedlora.privacy). "user": each round the server releases
         only the mean of the clients' updates clipped to C, plus N(0, (zC)^2) noise on their
@@ -179,6 +183,7 @@ class LoraStrategy(FedAvg):
         download_codec: str = "fp32",
         weighted_by_key: str = wire.NUM_EXAMPLES,
         privacy: Privacy | None = None,
+        max_update_norm: float = 0.0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -209,6 +214,13 @@ class LoraStrategy(FedAvg):
                 f"--dp user cannot protect --strategy {self.name}: its clients upload their "
                 "own adapters, not updates the server can clip, sum and noise; use --dp sample"
             )
+        self.max_update_norm = max_update_norm
+        if max_update_norm and self.upload != "delta":
+            raise FedLoraError(f"--max-update-norm bounds updates, and --strategy {self.name}'s "
+                               "clients upload their factors themselves; drop --max-update-norm")
+        if max_update_norm and privacy and privacy.mode == "user":
+            raise FedLoraError("--max-update-norm with --dp user: --dp-clip bounds every update "
+                               "already; drop --max-update-norm")
         if self.upload == "weights" and self.upload_codec.kind == "topk":
             raise FedLoraError(
                 f"--upload-codec {self.upload_codec.name}: --strategy {self.name}'s clients upload "
@@ -246,6 +258,7 @@ class LoraStrategy(FedAvg):
             upload_codec=config.upload_codec,
             download_codec=config.download_codec,
             privacy=Privacy.from_config(config),
+            max_update_norm=config.max_update_norm,
         )
 
     @property

@@ -57,6 +57,8 @@ class Round:
         if privacy and privacy.mode == "user":  # only the clipped sum is released
             self.clipped.add(clip_update(state, privacy.clip), 1.0)
             return
+        if strategy.max_update_norm:  # no client moves the average further than this
+            state = {k: v.float() for k, v in clip_update(state, strategy.max_update_norm).items()}
         weight = strategy.client_weight(metrics)
         if strategy.folds_updates:  # sum_k p_k u_k: finish() adds the global state once
             self.terms.add(state, weight)

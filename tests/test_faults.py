@@ -73,3 +73,26 @@ def test_a_client_that_hangs_is_passed_by_at_the_round_timeout(caplog):
 def test_bad_resume_is_a_one_line_error(flags, message, capsys):
     assert main(flags) == 2
     assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_attack_drills_are_dropped_with_their_reason_and_the_run_goes_on(tmp_path):
+    """The hostile kinds of FEDLORA_INJECT_FAULTS, each against the check that stops it:
+    round 1 of a DP-SGD federation has a client lying in its header, one sending a NaN,
+    one claiming 2^62 steps without noise, one scaling its update by 1,000 (bounded by
+    --max-update-norm, not dropped); a FLoRA client announcing rank 4096."""
+    result = simulate("--num-clients", "4", "--rounds", "2", "--dp", "sample",
+                      "--max-update-norm", "1.0", "--output", str(tmp_path), "--name", "drills",
+                      faults="header:0@1,nan:1@1,dp-lie:2@1,scale:3@1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = rows_of(tmp_path / "drills")
+    assert [(r["clients"], r["dropped"]) for r in rows[1:]] == [(1, 3), (4, 0)]
+    assert "'codec' 'fp16' differs from the plan's 'fp32'" in result.stderr
+    assert "holds NaN or Inf" in result.stderr
+    assert f"'dp-steps' {2**62} differs from the plan's 5 (--local-steps)" in result.stderr
+    assert rows[-1]["epsilon"] < 100  # the liar's zero noise never reached the accountant
+
+    result = simulate("--strategy", "flora", "--ranks", "4", "--num-clients", "2", "--rounds", "1",
+                      "--output", str(tmp_path), "--name", "rank", faults="rank:0@1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [(r["clients"], r["dropped"]) for r in rows_of(tmp_path / "rank")[1:]] == [(1, 1)]
+    assert "no valid 'rank' in [1, 4] (got 4096)" in result.stderr

@@ -1,5 +1,6 @@
 """The strategy's handling of replies: aggregate the good ones, drop the bad ones."""
 
+import pytest
 import torch
 from conftest import make_reply, train_reply
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -146,3 +147,33 @@ def test_hostile_codec_headers_are_dropped():
     assert "malformed shape" in reasons[4]
     assert "has shape (500000, 200000), expected (5, 2)" in reasons[5]
     assert reasons[6] == "'codec' 'topk:0.5' differs from the plan's 'fp32'"
+
+
+def test_max_update_norm_bounds_each_update_before_the_average():
+    """A client that scales its update by 1,000 moves the average by at most the bound."""
+    from fedlora.privacy import clip_update, update_norm
+
+    template = states(1)[0]
+    honest, scaled = states(2, seed=3)
+    scaled = {k: 1000 * v for k, v in scaled.items()}
+    strategy = strategy_after_sending(template)
+    strategy.max_update_norm = 1.0
+    arrays, _ = strategy.aggregate_train(1, [train_reply(1, honest, 10), train_reply(2, scaled, 10)])
+    result = arrays.to_torch_state_dict()
+    bounded = [clip_update(u, 1.0) for u in (honest, scaled)]
+    for key in template:
+        torch.testing.assert_close(result[key], (0.5 * bounded[0][key] + 0.5 * bounded[1][key]).float())
+    assert update_norm(bounded[1]) == pytest.approx(1.0)  # the attacker's weight: at most 1.0
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"strategy": "flora", "max-update-norm": 1.0}, "--max-update-norm bounds updates, and --strategy flora"),
+    ({"dp": "user", "max-update-norm": 1.0}, "--max-update-norm with --dp user: --dp-clip bounds"),
+])
+def test_max_update_norm_is_refused_where_it_cannot_apply(values, message):
+    from fedlora.config import RunConfig
+    from fedlora.errors import FedLoraError
+    from strategies import build_strategy
+
+    with pytest.raises(FedLoraError, match=message):
+        build_strategy(RunConfig.from_dict(values))
