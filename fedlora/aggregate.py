@@ -187,6 +187,26 @@ def svd_lora(deltas: dict[str, torch.Tensor], rank: int, scale: float) -> State:
     return pad_lora(factors, rank)  # a module narrower than the rank: zero components
 
 
+def svd_refactor(state: State) -> State:
+    """LoRA factors with the same product B A, refactored: B A = U S V^T (its SVD), A = V_r^T
+    (orthonormal rows), B = U_r S_r (FedSVD). The SVD is taken without forming the m x n
+    product: with QR factorisations B = Q_B R_B and A^T = Q_A R_A, B A = Q_B (R_B R_A^T)
+    Q_A^T, and the r x r middle's SVD U' S V'^T gives U = Q_B U', V = Q_A V': O((m + n) r^2),
+    in fp64, returned in fp32 (the product then changes only by fp32 rounding). A module
+    narrower than the rank gets zero components beyond its width. Keys are peft's,
+    ``...lora_{A,B}.weight``."""
+    out = {}
+    for key_a in [k for k in state if k.endswith("lora_A.weight")]:
+        key_b = key_a.replace("lora_A.weight", "lora_B.weight")
+        q_b, r_b = torch.linalg.qr(state[key_b].double())  # m x r, r x r
+        q_a, r_a = torch.linalg.qr(state[key_a].double().T)  # n x r, r x r
+        u, singular, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+        out[key_a] = (vh @ q_a.T).float()  # V^T: r x n, orthonormal rows
+        out[key_b] = (q_b @ u * singular).float()  # U S: m x r
+    rank = next(iter(state.values())).shape[0] if state else 0
+    return pad_lora(out, rank)  # a module narrower than the rank: zero components
+
+
 def fedex_residual(mean_delta: State, average: State, scale: float) -> State:
     """FedEx-LoRA's residual, by module path: s sum_k p_k B_k A_k (``mean_delta``, the
     weighted mean of the clients' weight changes) minus s B A of the averaged factors

@@ -18,6 +18,7 @@ from strategies.fedavg import FedAvgLoRA
 from strategies.fedex import FedExLoRA
 from strategies.fedsa import FedSALoRA
 from strategies.fedsb import FedSB
+from strategies.fedsvd import FedSVD
 from strategies.ffa import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
@@ -27,7 +28,7 @@ from strategies.sparse import SparseLoRA
 STRATEGIES: dict[str, type[LoraStrategy]] = {
     cls.name: cls
     for cls in (FedAvgLoRA, FFALoRA, FLoRA, FedSB, SparseLoRA, HetLoRA, FlexLoRA, FedExLoRA,
-                FedSALoRA)
+                FedSALoRA, FedSVD)
 }
 
 
