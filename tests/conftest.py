@@ -20,7 +20,7 @@ torch.set_num_threads(2)
 # instead of one of them running a long module alone at the end. xdist keeps this order with
 # --no-loadscope-reorder.
 LONGEST_FIRST = ("test_deploy.py", "test_study.py", "test_comparison.py", "test_simulation.py",
-                 "test_faults.py", "test_flower_app.py")
+                 "test_faults.py", "test_flower_app.py", "test_privacy.py", "test_reproduce.py")
 
 
 def pytest_collection_modifyitems(items):
