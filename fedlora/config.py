@@ -38,7 +38,7 @@ class RunConfig:
 
     strategy: str = field(
         default="fedavg",
-        metadata={"help": "fedavg, ffa, flora, fedsb, sparse, hetlora, flexlora, fedex, fedsa, fedsvd, an entry point of the group "
+        metadata={"help": "fedavg, ffa, flora, fedsb, sparse, hetlora, flexlora, fedex, fedsa, fedsvd, rolora, an entry point of the group "
                           "fedlora.strategies, or module:Class; a,b,c compares them"},
     )
     model: str = field(

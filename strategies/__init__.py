@@ -23,12 +23,13 @@ from strategies.ffa import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
 from strategies.hetlora import HetLoRA
+from strategies.rolora import RoLoRA
 from strategies.sparse import SparseLoRA
 
 STRATEGIES: dict[str, type[LoraStrategy]] = {
     cls.name: cls
     for cls in (FedAvgLoRA, FFALoRA, FLoRA, FedSB, SparseLoRA, HetLoRA, FlexLoRA, FedExLoRA,
-                FedSALoRA, FedSVD)
+                FedSALoRA, FedSVD, RoLoRA)
 }
 
 

@@ -353,8 +353,14 @@ class LoraStrategy(FedAvg):
                                   target_modules=",".join(self.target_modules), seed=self.seed,
                                   upload_codec=self.upload_codec.name)
         return Plan(run, label_words, server_round, task, adapter=self.adapter,
-                    trainable=self.trainable, personal=self.personal, upload=self.upload,
-                    kept_batches=len(self.kept.batches), base_delta_version=self.kept.base_version)
+                    trainable=self.trained(server_round), personal=self.personal,
+                    upload=self.upload, kept_batches=len(self.kept.batches),
+                    base_delta_version=self.kept.base_version)
+
+    def trained(self, server_round: int) -> tuple[str, ...]:
+        """What the clients train and upload in ``server_round`` (default: ``trainable``;
+        a method that alternates factors, RoLoRA, changes it by round)."""
+        return self.trainable
 
     def message(self, node_id: int, plan: Plan, payload: dict, header: dict) -> Message:
         """One node's message: plan, encoded global tensors and the kept tensors it lacks."""
@@ -437,8 +443,11 @@ class LoraStrategy(FedAvg):
         return float(metrics[self.weighted_by_key])
 
     def expected_shapes(self, metrics: MetricRecord) -> dict[str, tuple[int, ...]]:
-        """Keys and shapes a client's reply must have: by default, those sent."""
-        return self.sent_shapes
+        """Keys and shapes a client's reply must have: by default, those sent that the
+        round trains (all of them, for a method that sends only what it trains)."""
+        trained = self.trained(self.server_round)
+        return {k: shape for k, shape in self.sent_shapes.items()
+                if any(f".{name}." in k for name in trained)}
 
     # ---- federated evaluation ---------------------------------------------------------
 

@@ -28,9 +28,6 @@ class FedSVD(LoraStrategy):
     name = "fedsvd"
     trainable = ("lora_B",)
 
-    def expected_shapes(self, metrics) -> dict[str, tuple[int, ...]]:
-        return {k: s for k, s in self.sent_shapes.items() if ".lora_B." in k}  # B alone
-
     def aggregate_means(self, means, metrics) -> State:
         return svd_refactor({**self.global_state, **means})  # the round's A, the mean B
 

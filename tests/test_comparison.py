@@ -16,7 +16,7 @@ from fedlora.models import load_model
 
 EXAMPLE = "examples.trimmed_mean:TrimmedMean"  # a strategy written outside the package
 STRATEGIES = ["fedavg", "ffa", "flora", "fedsb", "hetlora", "flexlora", "fedex", "fedsa", "fedsvd",
-              EXAMPLE]
+              "rolora", EXAMPLE]
 FOLDERS = [s.replace(":", "-") for s in STRATEGIES]  # a folder name has no ':'
 GLOBAL = [f for f in FOLDERS if f != "fedsa"]  # fedsa's adapter is personalised: no global one
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_the_planner_predicts_every_strategys_bytes_to_the_byte(comparison, exam
 
 def test_exact_methods_are_exact_and_fedavg_is_not(comparison):
     _, rows, _, _ = comparison
-    for strategy in ("ffa", "flora", "fedsb", "fedex", "fedsvd"):
+    for strategy in ("ffa", "flora", "fedsb", "fedex", "fedsvd", "rolora"):
         errors = [r["aggregation_error"] for r in rows[strategy][1:]]
         assert max(errors) < 1e-5, (strategy, errors)
     assert min(r["aggregation_error"] for r in rows["fedavg"][1:]) > 1e-4

@@ -138,7 +138,7 @@ def test_missing_config_file_and_bad_toml(tmp_path):
 @pytest.mark.parametrize(
     "flags, expected",
     [  # a whole interpreter: nothing else reaches the terminal (imports, warnings)
-        (["--strategy", "nope"], "error: unknown strategy 'nope'; valid choices: fedavg, ffa, flora, fedsb, sparse, hetlora, flexlora, fedex, fedsa, fedsvd"),
+        (["--strategy", "nope"], "error: unknown strategy 'nope'; valid choices: fedavg, ffa, flora, fedsb, sparse, hetlora, flexlora, fedex, fedsa, fedsvd, rolora"),
         (["--no-such-flag", "1"], "error: unrecognized arguments: --no-such-flag 1"),
     ],
 )

@@ -76,7 +76,9 @@ def config(**values):
 
 def server_with_replies(strategy_name, **values):
     strategy = build_strategy(config(strategy=strategy_name, **values))
-    keys = ["m.lora_R.weight"] if strategy_name == "fedsb" else ["m.lora_A.weight", "m.lora_B.weight"]
+    # what the strategy sends and trains each round: R (fedsb), B (ffa; A is kept), A and B
+    keys = {"fedsb": ["m.lora_R.weight"], "ffa": ["m.lora_B.weight"]}.get(
+        strategy_name, ["m.lora_A.weight", "m.lora_B.weight"])
     strategy.global_state = random_update(9, keys=keys)
     strategy.sent_shapes = {k: tuple(v.shape) for k, v in strategy.global_state.items()}
     strategy.sampled = strategy.available = 2
