@@ -67,3 +67,34 @@ def test_b_alone_travels_up_the_average_is_exact_and_a_follows_the_updates(tiny_
         assert float((got[path] - value).norm() / value.norm()) < 1e-6
         a_key = next(k for k in new if path in k and ".lora_A." in k)
         assert not torch.allclose(new[a_key], sent[a_key])  # A moved to the updates' span
+
+
+@pytest.mark.parametrize("strategy_name", ["fedsvd", "rolora"])
+def test_user_level_dp_and_a_lossy_codec_compose_with_the_one_factor_methods(tiny_model_dir, strategy_name):
+    """--dp user at z = 0 releases the mean of the clipped updates of the round's factor
+    (B in round 1), sent in fp16: the new product is (B + that mean) A."""
+    from fedlora.privacy import clip_update
+    from strategies import build_strategy
+
+    config = RunConfig.from_dict({"strategy": strategy_name, "model": str(tiny_model_dir),
+                                  "num-clients": 2, "rank": 4, "target-modules": "q_proj,v_proj",
+                                  "dp": "user", "dp-noise": 0.0, "dp-clip": 0.5,
+                                  "upload-codec": "fp16", "download-codec": "fp16"})
+    strategy = build_strategy(config)
+    arrays = strategy.initialize(load_model(config.model, torch.device("cpu"))[0])
+    strategy.configure_train(1, arrays, RunConfig().to_dict(), DryRunGrid([1, 2]))
+    sent = strategy.global_state
+    b_keys = [k for k in sent if ".lora_B." in k]
+    g = torch.Generator().manual_seed(2)
+    updates = [{k: torch.randn(sent[k].shape, generator=g) for k in b_keys} for _ in range(2)]
+    replies = [train_reply(node, u, 10, codec="fp16") for node, u in zip((1, 2), updates)]
+    decoded = [strategy.accept(1, r, strategy.expected_shapes) for r in replies]  # fp16-rounded
+    strategy.dropped = []
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert not strategy.dropped and metrics["epsilon"] == float("inf")  # z = 0
+    clipped = [clip_update(d, 0.5) for d in decoded]
+    mean_b = {k: sent[k].double() + (clipped[0][k] + clipped[1][k]) / 2 for k in b_keys}
+    expected = delta_weights({**sent, **{k: v.float() for k, v in mean_b.items()}}, strategy.scale)
+    got = delta_weights(arrays.to_torch_state_dict(), strategy.scale)
+    for path, value in expected.items():
+        assert float((got[path] - value).norm() / value.norm()) < 1e-5
