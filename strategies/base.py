@@ -71,7 +71,10 @@ class LoraStrategy(FedAvg):
     - ``initialize(model)``: the global state before round 1 (default: a fresh seeded LoRA).
     - ``configure_init`` / ``aggregate_init``: an initialisation round (default: none).
     - ``arrays_to_send(arrays)``: what of the global state is sent each round (default: all).
-    - ``expected_shapes(metrics)``: keys and shapes of a valid reply (default: those sent).
+    - ``trained(server_round)``: what the clients train and upload that round (default:
+      ``trainable``; RoLoRA alternates).
+    - ``expected_shapes(metrics)``: keys and shapes of a valid reply (default: those sent
+      that the round trains).
     - ``client_weight(metrics)``: a client's weight before p_k = w_k / sum w (default:
       its examples).
     - ``complete(state)``: the frozen tensors that make a state a whole adapter (default: none).
