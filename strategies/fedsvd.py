@@ -27,6 +27,9 @@ class FedSVD(LoraStrategy):
 
     name = "fedsvd"
     trainable = ("lora_B",)
+    # simulations/tune-lr.toml: 1e-2 validates 0.798 ± 0.051 over 3 seeds, against 0.770 at
+    # 3e-3 and 0.550 at 3e-2 (B alone takes a larger step, as FFA's)
+    default_lr = 1e-2
 
     def aggregate_means(self, means, metrics) -> State:
         return svd_refactor({**self.global_state, **means})  # the round's A, the mean B
