@@ -139,7 +139,7 @@ def run_plan(msg: Message, context: Context, plan: Plan, model, tokenizer,
     dpsgd = None  # user-level DP is the server's alone (and finding its noise takes a second)
     if config.dp == "sample":
         privacy = Privacy.from_config(config)
-        dpsgd = privacy.client_dpsgd(config, len(examples), plan.server_round, partition_id)
+        dpsgd = privacy.client_dpsgd(len(examples), plan.server_round, partition_id)
     stats = train_local(
         adapted, tokenizer, examples,
         steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from datetime import datetime
 from pathlib import Path
 
 for _name, _value in {
@@ -99,13 +98,15 @@ def study_from_args(args: dict) -> list[StudyRun]:
     for key, field in GRID_FIELDS.items():
         if key in study_flags and field in args:
             raise FedLoraError(f"--{field} and --{key} both given; keep one")
+    from server.outputs import PROVENANCE, default_name  # Flower, after the environment
+    from strategies import STRATEGIES
+
     values = RunConfig.from_toml(file) if file else {}
-    values.pop("provenance", None)  # a saved run's record of its code: no setting
+    values.pop(PROVENANCE, None)  # a saved run's record of its code: no setting
     study_file = pop_study_keys(values)
     tables = {k: values.pop(k) for k in list(values) if isinstance(values[k], dict)}
     strategy = str(args.get("strategy", values.get("strategy", "fedavg")))
     strategies = comma_list(strategy)
-    from strategies import STRATEGIES, folder_name
 
     # A table of a built-in strategy that is not run is kept for when it is (one file can
     # serve several runs); any other stray table is a typo.
@@ -116,9 +117,7 @@ def study_from_args(args: dict) -> list[StudyRun]:
             f"{', '.join(dict.fromkeys([*strategies, *STRATEGIES]))}"
         )
 
-    name = args.get("name", values.get("name", "")) or default_run_name(
-        [folder_name(s) for s in strategies]  # "module:Class" has a ':'
-    )
+    name = args.get("name", values.get("name", "")) or default_name(",".join(strategies))
     runs = []
     for each in strategies:
         table = dict(tables.get(each, {}))
@@ -129,10 +128,6 @@ def study_from_args(args: dict) -> list[StudyRun]:
         merged = {**values, **table, **args, "strategy": each}
         runs += expand(merged, study, each, name, multi=len(strategies) > 1)
     return runs
-
-
-def default_run_name(strategies: list[str]) -> str:
-    return f"{'-'.join(strategies)}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def preflight_runs(configs: list[RunConfig]) -> list[RunConfig]:

@@ -70,12 +70,10 @@ class Federation:
 
 def build_parser() -> argparse.ArgumentParser:
     """``python -m fedlora.simulate``'s flags plus the deployment flags."""
-    parser = build_simulate_parser()
-    parser.prog = "python -m fedlora.deploy"
-    parser.description = (
-        "Federated LoRA fine-tuning with real Flower processes on this machine: "
-        "one SuperLink and N SuperNodes on 127.0.0.1."
-    )
+    parser = build_simulate_parser(
+        "python -m fedlora.deploy",
+        "Federated LoRA fine-tuning with real Flower processes on this machine: one "
+        "SuperLink and N SuperNodes on 127.0.0.1.")
     group = parser.add_argument_group("deployment")
     group.add_argument(
         "--clients", type=int, metavar="N", default=None,

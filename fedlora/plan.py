@@ -92,7 +92,7 @@ def stand_in_reply(message, strategy, examples: dict[int, int], generator):
         shapes, codec = strategy.init_reply_shapes(), Codec.parse(str(plan.gradient_codec))
     else:
         privacy = Privacy.from_config(config)
-        dpsgd = (privacy.client_dpsgd(config, examples[partition], plan.server_round, partition)
+        dpsgd = (privacy.client_dpsgd(examples[partition], plan.server_round, partition)
                  if privacy and privacy.mode == "sample" else None)
         stats = {"train_loss": 1.0 + generator.random(), "train_seconds": 1.0 + generator.random()}
         metrics = train_metrics(examples[partition], stats, client_rank(plan, {}, partition),
@@ -190,13 +190,12 @@ def table(config, rounds: list[RoundBytes]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """``python -m fedlora.simulate``'s flags; ``--model`` also takes a config.json."""
-    parser = build_command_parser()
-    parser.prog = "python -m fedlora.plan"
-    parser.description = ("The exact bytes each client uploads and downloads per round and in "
-                          "the initialisation, for every strategy of --strategy, without "
-                          "loading the model's weights (it is built on the meta device from "
-                          "its config: --model NAME, FOLDER or config.json).")
-    return parser
+    return build_command_parser(
+        "python -m fedlora.plan",
+        "The exact bytes each client uploads and downloads per round and in the "
+        "initialisation, for every strategy of --strategy, without loading the model's "
+        "weights (it is built on the meta device from its config: --model NAME, FOLDER or "
+        "config.json).")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -165,28 +165,26 @@ class Privacy:
         derived from ``noise_seed`` and the stream's name, or fresh from the OS."""
         return stream_seed(self.noise_seed, *stream) if self.noise_seed >= 0 else secrets.randbits(63)
 
-    def client_dpsgd(self, config, num_examples: int, server_round: int, partition: int) -> DPSGD:
+    def client_dpsgd(self, num_examples: int, server_round: int, partition: int) -> DPSGD:
         """A client's DP-SGD settings: Poisson rate batch_size / n_k, the noise that meets
         ``target_epsilon`` if the client trains in every round, and the seeds of its
         sampling and noise in this round (from ``noise_seed``, else from the OS)."""
-        noise, sample_rate = self.dpsgd_terms(config.batch_size, config.local_steps,
-                                              config.rounds, num_examples)
+        noise, sample_rate = self.dpsgd_terms(num_examples)
         return DPSGD(
             noise=noise, clip=self.clip, sample_rate=sample_rate,
             sampling_seed=self.seed(server_round, partition, "dp-sgd-sampling"),
             noise_seed=self.seed(server_round, partition, "dp-sgd-noise"),
         )
 
-    def dpsgd_terms(self, batch_size: int, local_steps: int, rounds: int,
-                    num_examples: int) -> tuple[float, float]:
+    def dpsgd_terms(self, num_examples: int) -> tuple[float, float]:
         """(noise multiplier, Poisson rate) of the DP-SGD of a client with ``num_examples``
         examples: rate batch_size / n_k, and ``noise``, or with ``target_epsilon`` the
         noise that meets it if the client trains ``local_steps`` in each of ``rounds``."""
-        sample_rate = min(1.0, batch_size / num_examples)
+        sample_rate = min(1.0, self.batch_size / num_examples)
         if not self.target_epsilon:
             return self.noise, sample_rate
         return budget_noise(self.target_epsilon, self.delta_for(num_examples), sample_rate,
-                            rounds * local_steps), sample_rate
+                            self.rounds * self.local_steps), sample_rate
 
     def delta_for(self, records: int) -> float:
         """delta of a party holding ``records`` records: ``--dp-delta``, else the default."""

@@ -209,8 +209,8 @@ def run_record(config: RunConfig, label_words: list[str] | None) -> ConfigRecord
 def run_from_record(record) -> tuple[RunConfig, list[str] | None]:
     """The run config and label set of :func:`run_record`'s record (a plan's too), or
     FedLoraError."""
-    values = dict(record)
-    run = RunConfig.from_dict({k: v for k, v in values.items() if k in set(RunConfig.keys())})
+    values, keys = dict(record), set(RunConfig.keys())
+    run = RunConfig.from_dict({k: v for k, v in values.items() if k in keys})
     try:
         words = json.loads(str(values.get(LABEL_WORDS, "null")))
     except json.JSONDecodeError:

@@ -128,7 +128,8 @@ def saved_provenance(folder: Path) -> dict:
 
 
 def default_name(strategy: str) -> str:
-    """A run folder's name when ``--name`` is not given: the strategy and the time."""
+    """A run folder's name when ``--name`` is not given: the strategy (or ``a,b`` of a
+    comparison: ``a-b``) and the time."""
     return f"{folder_name(strategy)}-{datetime.now():%Y%m%d-%H%M%S}"
 
 

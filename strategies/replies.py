@@ -49,8 +49,7 @@ def check_dpsgd_metrics(metrics: MetricRecord, privacy: Privacy, num_examples: i
         raise FedLoraError(f"'{wire.DP_SAMPLE_RATE}' must be a float in (0, 1], got {rate!r}")
     if not isinstance(steps, int) or steps < 0:
         raise FedLoraError(f"'{wire.DP_STEPS}' must be an int >= 0, got {steps!r}")
-    planned_noise, planned_rate = privacy.dpsgd_terms(privacy.batch_size, privacy.local_steps,
-                                                      privacy.rounds, num_examples)
+    planned_noise, planned_rate = privacy.dpsgd_terms(num_examples)
     if steps != privacy.local_steps:
         raise FedLoraError(f"'{wire.DP_STEPS}' {steps} differs from the plan's "
                            f"{privacy.local_steps} (--local-steps)")

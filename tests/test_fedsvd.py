@@ -4,7 +4,6 @@ restart keeps B A and gives A orthonormal rows; only B travels up."""
 import pytest
 import torch
 from conftest import train_reply
-from flwr.app import ArrayRecord
 
 from fedlora.aggregate import delta_weights, svd_refactor
 from fedlora.codec import Codec

@@ -257,8 +257,7 @@ def test_target_epsilon_sets_the_noise_that_ends_the_run_there():
     privacy = Privacy.from_config(config(dp="user", rounds=5, **{"dp-target-epsilon": 3.0}))
     assert independent_epsilon(privacy.noise, 1.0, 5, 1e-5) == pytest.approx(3.0, abs=0.03)
     client = Privacy.from_config(config(dp="sample", **{"dp-target-epsilon": 3.0, "local-steps": 7}))
-    dpsgd = client.client_dpsgd(config(**{"local-steps": 7}), num_examples=500, server_round=1,
-                                partition=0)
+    dpsgd = client.client_dpsgd(num_examples=500, server_round=1, partition=0)
     assert dpsgd.sample_rate == 8 / 500
     assert independent_epsilon(dpsgd.noise, 8 / 500, 3 * 7, 1e-5) == pytest.approx(3.0, abs=0.03)
 
@@ -307,7 +306,7 @@ def test_noise_is_fresh_from_the_os_unless_a_noise_seed_is_given():
     assert not torch.equal(torch.randn(8, generator=one.dp.noise_generator),
                            torch.randn(8, generator=two.dp.noise_generator))
     seeded = Privacy.from_config(config(dp="sample", **{"dp-noise-seed": 3}))
-    dpsgd = seeded.client_dpsgd(config(), 100, server_round=2, partition=5)
+    dpsgd = seeded.client_dpsgd(100, server_round=2, partition=5)
     assert dpsgd.sampling_seed == stream_seed(3, 2, 5, "dp-sgd-sampling") == seeded.seed(2, 5, "dp-sgd-sampling")
     assert dpsgd.noise_seed == stream_seed(3, 2, 5, "dp-sgd-noise") != dpsgd.sampling_seed
 
