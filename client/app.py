@@ -50,11 +50,11 @@ from fedlora.adapters import (
     adapter_state,
     attach_lora,
     attach_lora_sb,
+    differentiable_linears,
     load_adapter_state,
     lora_applied,
     lora_sb_state,
     merge_lora,
-    target_linears,
 )
 from fedlora.aggregate import truncate_lora
 from fedlora.codec import Codec, decode_payload, encode_payload
@@ -89,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config["partition-id"])
     faults.inject(partition_id, plan.server_round, config.name)  # tests only
     join_run(context, config.name)
-    with borrowed_model(config.model, device, config.dtype) as (model, tokenizer):
+    with borrowed_model(config.model, device, config.dtype, config.quantize) as (model, tokenizer):
         return run_plan(msg, context, plan, model, tokenizer, device)
 
 
@@ -106,7 +106,7 @@ def run_plan(msg: Message, context: Context, plan: Plan, model, tokenizer,
     if plan.task == "gradient":
         arrays = weight_gradients(
             model, tokenizer, examples[: plan.gradient_examples],
-            target_linears(model, config.target_module_list),
+            differentiable_linears(model, config.target_module_list),
             batch_size=config.batch_size, max_length=config.max_length, device=device,
         )
         metrics = {wire.NUM_EXAMPLES: min(len(examples), plan.gradient_examples)}
@@ -187,7 +187,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             raise FedLoraError("federated evaluation asked, but this client holds no examples out")
         base_delta = held_base_delta(context, msg.content, plan.base_delta_version)
     state = {k: torch.from_numpy(a.numpy().copy()) for k, a in msg.content[wire.ARRAYS].items()}
-    with borrowed_model(config.model, device, config.dtype) as (model, tokenizer):
+    with borrowed_model(config.model, device, config.dtype, config.quantize) as (model, tokenizer):
         add_to_weights(model, base_delta)
         with lora_applied(model, state, plan.eval_rank, plan.eval_alpha,
                           config.target_module_list) if state else nullcontext(model) as evaluated:

@@ -260,27 +260,54 @@ def lora_sb_to_peft(factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 class Fp32Linear(torch.nn.Linear):
     """An fp32 copy of a linear layer that merged deltas go into: in a bf16 (or fp16) model,
-    deltas below the model dtype's resolution (2^-9 |W| in bf16) are kept. Inputs are cast
-    up, outputs back to the input's dtype."""
+    deltas below the model dtype's resolution (2^-9 |W| in bf16) are kept, and in a
+    quantised model (``--quantize``) the copy holds the dequantised weights, which a
+    4- or 8-bit layer could not take a delta into. Inputs are cast up, outputs back to the
+    input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.to(self.weight.dtype)).to(x.dtype)
 
 
+def is_quantized(linear: torch.nn.Linear) -> bool:
+    """Whether bitsandbytes holds the layer's weight in 4 or 8 bits (integer storage)."""
+    return not linear.weight.is_floating_point()
+
+
+def dense_weight(linear: torch.nn.Linear) -> torch.Tensor:
+    """The layer's weight as a dense fp32 tensor: dequantised from 4 or 8 bits where
+    bitsandbytes stores it (exactly the weight the layer computes with)."""
+    if not is_quantized(linear):
+        return linear.weight.detach().float()
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    return dequantize_bnb_weight(linear.weight, getattr(linear, "state", None)).float()
+
+
 def fp32_linear(model, path: str) -> torch.nn.Linear:
     """The linear layer at ``path`` as an Fp32Linear: the first time, the layer is replaced
-    (in place) by an fp32 copy, so the original weights are never written to (a cached
-    base model stays as loaded: fedlora.models.borrowed_model)."""
+    (in place) by an fp32 copy of its (dequantised) weights, so the original weights are
+    never written to (a cached base model stays as loaded: fedlora.models.borrowed_model)."""
     linear = model.get_submodule(path)
     if isinstance(linear, Fp32Linear):
         return linear
     wide = Fp32Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                       device=linear.weight.device, dtype=torch.float32)
-    wide.load_state_dict({k: v.float() for k, v in linear.state_dict().items()})
+    with torch.no_grad():
+        wide.weight.copy_(dense_weight(linear))
+        if linear.bias is not None:
+            wide.bias.copy_(linear.bias)
     wide.requires_grad_(False)
     parent_path, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent_path), name, wide)
     return wide
+
+
+def differentiable_linears(model, target_modules: list[str]) -> dict[str, torch.nn.Linear]:
+    """:func:`target_linears`, a quantised one replaced by its fp32 copy
+    (:func:`fp32_linear`): a 4- or 8-bit weight has no gradient, its dense copy does."""
+    return {path: fp32_linear(model, path) if is_quantized(linear) else linear
+            for path, linear in target_linears(model, target_modules).items()}
 
 
 @torch.no_grad()
@@ -303,8 +330,9 @@ def merge_lora(model, factors: dict[str, torch.Tensor]) -> None:
     """W <- W + B @ A for every (lora_A, lora_B) pair of ``factors`` (keys as module_path
     reads them): FLoRA's merge of a round's stacked delta. The merged layers are fp32
     copies whatever the model's dtype (see Fp32Linear), so merges accumulate exactly to
-    fp32 rounding on a bf16 GPU model too, every client trains on the base the server
-    evaluates, and the model's own layers are left as they were."""
+    fp32 rounding on a bf16 GPU model too, and on a quantised one relative to its
+    dequantised weights; every client trains on the base the server evaluates, and the
+    model's own layers are left as they were."""
     device = next(model.parameters()).device  # the products on the model's device
     for key, A in factors.items():
         if key.endswith(".lora_A.weight"):

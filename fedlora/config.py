@@ -252,6 +252,12 @@ class RunConfig:
                           "but evaluates slower and peaks higher than float32 "
                           "(docs/results.md, 'Simulation layout')"},
     )
+    quantize: str = field(
+        default="none",
+        metadata={"choices": ("none", "nf4", "int8"), "help": "load the frozen base model in 4 bits (nf4: QLoRA's NormalFloat) "
+                          "or 8 bits (int8: LLM.int8) through bitsandbytes, on a GPU or the CPU; "
+                          "adapters stay in fp32 (docs/quantization.md)"},
+    )
     client_cpus: int = field(
         default=1,
         metadata={"bounds": (1, 1024, True), "help": "simulation: CPU cores (and torch threads) of each client actor; "

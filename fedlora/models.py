@@ -1,4 +1,5 @@
-"""Base model and tokenizer loading: a Hugging Face folder, a GGUF file or a packaged name.
+"""Base model and tokenizer loading: a Hugging Face folder, a GGUF file or a packaged name,
+optionally quantised to 4 or 8 bits by bitsandbytes as it loads (``--quantize``).
 
 GGUF files and the packaged models are converted once into a plain Hugging Face folder
 (safetensors) under the cache, so that every later load, in every client process, takes a
@@ -83,9 +84,11 @@ def resolve_model(name: str) -> Path:
     return path
 
 
-def load_model(name: str, device: torch.device, dtype: str = "auto"):
+def load_model(name: str, device: torch.device, dtype: str = "auto", quantize: str = "none"):
     """Load (model, tokenizer) for ``name`` on ``device`` in ``dtype`` (see
-    :func:`model_dtype`), in eval mode, weights frozen."""
+    :func:`model_dtype`), in eval mode, weights frozen; with ``quantize`` (``nf4`` or
+    ``int8``) the linear layers of the transformer blocks in 4 or 8 bits, quantised from the
+    cached weights as they load (:func:`quantized_load`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -94,22 +97,73 @@ def load_model(name: str, device: torch.device, dtype: str = "auto"):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=model_dtype(device, dtype))
-    model.to(device).eval()
+    if quantize == "none":
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=model_dtype(device, dtype))
+        model.to(device)
+    else:
+        model = quantized_load(folder, device, model_dtype(device, dtype), quantize)
+    model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model, tokenizer
 
 
-# The base models this process has loaded, by (name, device): a cache, never state (in
-# deployment every message is a fresh process and finds it empty).
-_LOADED: dict[tuple[str, str, str], tuple] = {}
+QUANTIZE_PACKAGE = "bitsandbytes"
+
+
+def check_quantize(quantize: str) -> None:
+    """Raise FedLoraError, in one line, if ``--quantize`` asks for a library that is
+    missing."""
+    if quantize != "none" and importlib.util.find_spec(QUANTIZE_PACKAGE) is None:
+        raise FedLoraError(f"--quantize {quantize} needs {QUANTIZE_PACKAGE}: "
+                           "pip install 'fedlora[quantize]'")
+
+
+def quantized_load(folder: Path, device: torch.device, dtype: torch.dtype, quantize: str):
+    """The model of ``folder`` with its linear layers (all but the output head) in
+    bitsandbytes' 4-bit NF4 (``nf4``) or LLM.int8 (``int8``), prepared for training
+    adapters on it by peft's ``prepare_model_for_kbit_training``.
+
+    The weights load in ``dtype`` and are quantised from it. peft's preparation puts what
+    stays unquantised (embeddings, norms, the output head) in fp32, as QLoRA does for
+    stable training, and a 4-bit layer computes in the dtype of its input (bitsandbytes'
+    rule): fp32 throughout, on a GPU too. On a CPU with AVX-512 BF16, bitsandbytes would
+    switch a 4-bit layer, at its first forward pass in eval mode, to a packed layout and a
+    bf16 kernel, for good: training forward passes after an evaluation would then run that
+    kernel, which passes no gradient back to the layers below, and evaluation would round
+    to bf16. That switch is turned off, so every pass dequantises the weights, and the
+    stored weights are never rewritten (``borrowed_model`` restores modules, not weights).
+    """
+    check_quantize(quantize)
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quantize == "nf4":
+        settings = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=dtype)
+    else:
+        settings = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, quantization_config=settings, device_map={"": device})
+    # Gradient checkpointing stays the run's own choice (--gradient-checkpointing).
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+# The base models this process has loaded, by (name, device, dtype, quantize): a cache, never
+# state (in deployment every message is a fresh process and finds it empty).
+_LOADED: dict[tuple[str, str, str, str], tuple] = {}
 
 
 @contextmanager
-def borrowed_model(name: str, device: torch.device, dtype: str = "auto") -> Iterator[tuple]:
-    """(model, tokenizer) for ``name`` on ``device`` in ``dtype``, loaded once per process and, after
-    each ``with``, restored to exactly what was loaded.
+def borrowed_model(name: str, device: torch.device, dtype: str = "auto",
+                   quantize: str = "none") -> Iterator[tuple]:
+    """(model, tokenizer) for ``name`` on ``device`` in ``dtype``, quantised as ``quantize``
+    says (:func:`load_model`), loaded once per process and, after each ``with``, restored to
+    exactly what was loaded.
 
     A simulation's client actor serves many messages, for many virtual clients: loading
     the frozen base once saves a load per message (a fraction of a second for 135M
@@ -120,9 +174,9 @@ def borrowed_model(name: str, device: torch.device, dtype: str = "auto") -> Iter
     borrower must not write into the base weights themselves (FLoRA merges into copies);
     tests/test_model_cache.py holds every kind of message to bit-identical results.
     """
-    key = (name, str(device), dtype)
+    key = (name, str(device), dtype, quantize)
     if key not in _LOADED:
-        _LOADED[key] = load_model(name, device, dtype)
+        _LOADED[key] = load_model(name, device, dtype, quantize)
     model, tokenizer = _LOADED[key]
     with restored(model):
         yield model, tokenizer

@@ -60,7 +60,8 @@ class Evaluation:
         self.device = pick_device(config.device)
         if (self.central is None and not self.validation) or self.on_clients:
             self.device = torch.device("cpu")
-        self.model, self.tokenizer = load_model(config.model, self.device, config.dtype)
+        self.model, self.tokenizer = load_model(config.model, self.device, config.dtype,
+                                               config.quantize)
 
     @property
     def num_labels(self) -> int:

@@ -11,7 +11,7 @@ import dataclasses
 from fedlora.config import RunConfig
 from fedlora.data import check_data_file, check_dataset_name, declared_label_words
 from fedlora.errors import FedLoraError
-from fedlora.models import check_model_name
+from fedlora.models import check_model_name, check_quantize
 from strategies import LoraStrategy, build_strategy, resolved
 
 
@@ -20,20 +20,27 @@ def preflight(config: RunConfig, model: bool = True) -> tuple[LoraStrategy, RunC
     filled in and the evaluation settled for it; FedLoraError on the first mistake.
 
     Checks: the strategy is known and accepts the settings; the model is a known name, a
-    Hugging Face folder or a .gguf file; the dataset (unless each client reads its own
-    files: their errors are theirs) and ``--eval-dataset`` exist; ``--labels`` and
-    ``--label-names`` parse. ``model=False`` leaves the model to the caller (the planner
-    reads a config.json alone).
+    Hugging Face folder or a .gguf file; ``--quantize`` finds its library and suits the
+    strategy; the dataset (unless each client reads its own files: their errors are
+    theirs) and ``--eval-dataset`` exist; ``--labels`` and ``--label-names`` parse.
+    ``model=False`` leaves the model to the caller (the planner reads a config.json alone).
     """
     config = resolved(config)
     if model:
         check_model_name(config.model)
+    check_quantize(config.quantize)
     if not config.client_data:
         check_dataset_name(config.dataset)
     if config.eval_dataset:
         check_data_file(config.eval_dataset, "--eval-dataset")
     declared_label_words(config)
     strategy = build_strategy(config)
+    if strategy.changes_base and config.quantize == "int8":
+        raise FedLoraError(
+            f"--strategy {strategy.name} adds to the base weights, which on a quantised base "
+            "go into dense copies of the adapted layers; LLM.int8 also rounds each layer's "
+            "inputs to 8 bits, so no dense copy computes what the int8 base does: use "
+            "--quantize nf4")
     return strategy, evaluation_for(strategy, config)
 
 

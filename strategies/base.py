@@ -133,6 +133,9 @@ class LoraStrategy(FedAvg):
     upload = "delta"  # clients send trained - received ("delta") or what they trained
     heterogeneous_ranks = False  # whether clients may use different ranks
     personal: tuple[str, ...] = ()  # trained tensors each client keeps, never uploaded
+    # Whether clients add to the base weights (kept merges, a base delta): on a quantised
+    # base that goes into dense fp32 copies of the adapted layers (docs/quantization.md).
+    changes_base = False
     # What --lr, --rank and --target-modules are when not given (docs/strategies.md says
     # where each built-in's come from; the learning rates from simulations/tune-lr.toml).
     # 3e-3 is what tune-lr chose for fedavg, flora, sparse, hetlora, flexlora and fedex

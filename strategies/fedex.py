@@ -30,6 +30,7 @@ class FedExLoRA(LoraStrategy):
     """
 
     name = "fedex"
+    changes_base = True
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

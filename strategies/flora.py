@@ -44,6 +44,7 @@ class FLoRA(LoraStrategy):
     name = "flora"
     heterogeneous_ranks = True
     upload = "weights"  # each client's fresh LoRA, whose initial state the server never saw
+    changes_base = True
 
     def __init__(self, ranks: tuple[int, ...] = (8,), scale: str = "per-rank", **kwargs) -> None:
         super().__init__(**kwargs)
