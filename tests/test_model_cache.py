@@ -22,8 +22,8 @@ pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: messages need
 
 
 @contextmanager
-def fresh_model(name, device, dtype):
-    yield load_model(name, device, dtype)
+def fresh_model(name, device, dtype, quantize):
+    yield load_model(name, device, dtype, quantize)
 
 
 def run_rounds(config: RunConfig, rounds: int = 2) -> dict[tuple[int, int], dict[str, np.ndarray]]:
@@ -34,7 +34,7 @@ def run_rounds(config: RunConfig, rounds: int = 2) -> dict[tuple[int, int], dict
     contexts = {node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
                               node_config={"partition-id": node - 1, "num-partitions": 2})
                 for node in (1, 2)}
-    model, _ = load_model(config.model, CPU)
+    model, _ = load_model(config.model, CPU, config.dtype, config.quantize)
     arrays = strategy.initialize(model)
     payloads = {}
 
@@ -62,15 +62,20 @@ def run_rounds(config: RunConfig, rounds: int = 2) -> dict[tuple[int, int], dict
     {"strategy": "flora", "ranks": "4,2"},  # merged stacks, fresh LoRAs of two ranks
     {"strategy": "fedsb"},  # the gradient round, then LoRA-SB layers
     {"strategy": "fedavg", "dp": "sample", "dp-noise-seed": 1},  # Opacus' hooks
-], ids=["fedavg", "ffa", "flora", "fedsb", "dpsgd"])
+    {"strategy": "flora", "ranks": "4,2", "quantize": "nf4"},  # dense copies of 4-bit layers
+    {"strategy": "fedsb", "quantize": "nf4"},  # gradients of dense copies, LoRA-SB on 4 bits
+    {"strategy": "fedex", "quantize": "nf4"},  # a base delta on 4 bits
+    {"strategy": "fedavg", "quantize": "int8"},  # peft on 8-bit layers
+], ids=["fedavg", "ffa", "flora", "fedsb", "dpsgd", "flora-nf4", "fedsb-nf4", "fedex-nf4",
+        "fedavg-int8"])
 def test_a_cached_model_serves_clients_in_turn_exactly_as_fresh_loads(tiny_model_dir, values, monkeypatch):
     config = RunConfig.from_dict({
         "model": str(tiny_model_dir), "num-clients": 2, "rank": 4, "local-steps": 2,
         "batch-size": 4, "max-length": 32, "lr": 0.05, "fedsb-init-examples": 8, **values,
     })
     cached = run_rounds(config)
-    with borrowed_model(config.model, CPU) as (model, _):  # the cache, after all messages
-        loaded = load_model(config.model, CPU)[0]
+    with borrowed_model(config.model, CPU, config.dtype, config.quantize) as (model, _):
+        loaded = load_model(config.model, CPU, config.dtype, config.quantize)[0]  # vs the cache
         assert [type(m) for m in model.modules()] == [type(m) for m in loaded.modules()]
         after = model.state_dict()
         for key, value in loaded.state_dict().items():
