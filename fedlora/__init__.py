@@ -12,10 +12,9 @@ import logging
 
 from fedlora.errors import FedLoraError
 
-# bitsandbytes' CPU backend, imported by peft wherever it is installed, tries to fetch a
-# kernel from the Hugging Face hub (offline here) and logs a warning each time it falls
-# back to its own, in every process: a line that says nothing about the run.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-__all__ = ["FedLoraError"]
-__version__ = "0.1.0"
+# bitsandbytes' CPU backend, imported by peft wherever it is installed, tries in every
+# process to fetch a kernel from the Hugging Face hub (through the `kernels` package, where
+# installed) and logs warnings when it falls back to its own: lines that say nothing about
+# the run.
+for _logger in ("bitsandbytes.backends.cpu.ops", "kernels"):
+    logging.getLogger(_logger).setLevel(logging.ERROR)
