@@ -12,6 +12,9 @@ import logging
 
 from fedlora.errors import FedLoraError
 
+__all__ = ["FedLoraError"]
+__version__ = "0.1.0"
+
 # bitsandbytes' CPU backend, imported by peft wherever it is installed, tries in every
 # process to fetch a kernel from the Hugging Face hub (through the `kernels` package, where
 # installed) and logs warnings when it falls back to its own: lines that say nothing about
