@@ -15,9 +15,10 @@ from fedlora.errors import FedLoraError
 __all__ = ["FedLoraError"]
 __version__ = "0.1.0"
 
-# bitsandbytes' CPU backend, imported by peft wherever it is installed, tries in every
-# process to fetch a kernel from the Hugging Face hub (through the `kernels` package, where
-# installed) and logs warnings when it falls back to its own: lines that say nothing about
-# the run.
-for _logger in ("bitsandbytes.backends.cpu.ops", "kernels"):
+# Lines that say nothing about the run, silenced: bitsandbytes' CPU backend, imported by
+# peft wherever it is installed, tries in every process to fetch a kernel from the Hugging
+# Face hub (through the `kernels` package, where installed) and warns when it falls back to
+# its own; its LLM.int8 warns at every layer call that fp32 inputs are cast to fp16
+# (docs/quantization.md says it once).
+for _logger in ("bitsandbytes.backends.cpu.ops", "kernels", "bitsandbytes.autograd._functions"):
     logging.getLogger(_logger).setLevel(logging.ERROR)
