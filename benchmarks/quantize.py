@@ -11,7 +11,7 @@ uncounted warm-up step and then ``--steps`` steps, score ``--eval-examples`` eva
 examples as a round's evaluation does. The modes alternate, ``--repeats`` times, so that
 they share the machine's state. Prints, per mode, the median seconds per training step
 and per evaluated example, the bytes of the model's tensors, and the process's peak
-memory, sampled every 0.1 s: resident (RSS) and proportional (PSS). The fp32 base is read
+memory, sampled every 0.5 s: resident (RSS) and proportional (PSS). The fp32 base is read
 from the cache through a memory map, whose pages count in the RSS of every client process
 that touches them but are one copy for all of them; PSS divides shared pages among the
 processes that share them, so it is what a client process takes from the machine.
@@ -73,7 +73,8 @@ def measure(quantize: str, steps: int, eval_examples: int) -> dict:
 
 
 def peak_memory(command: list[str]) -> tuple[str, float, float]:
-    """Run ``command``; its output, and its peak RSS and PSS in MB (sampled every 0.1 s)."""
+    """Run ``command``; its output, and its peak RSS and PSS in MB (sampled every 0.5 s:
+    reading a process's PSS walks its memory map, which costs CPU the child shares)."""
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     process, rss, pss = psutil.Process(child.pid), 0.0, 0.0
     while child.poll() is None:
@@ -82,7 +83,7 @@ def peak_memory(command: list[str]) -> tuple[str, float, float]:
             rss, pss = max(rss, memory.rss / 2**20), max(pss, memory.pss / 2**20)
         except psutil.Error:  # it has just ended
             pass
-        time.sleep(0.1)
+        time.sleep(0.5)
     if child.returncode:
         raise SystemExit(f"{' '.join(command)} failed ({child.returncode})")
     return child.stdout.read(), rss, pss
