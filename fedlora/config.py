@@ -29,6 +29,8 @@ from fedlora.errors import FedLoraError
 from fedlora.privacy import check_settings
 
 ALL_LINEAR = "all-linear"  # --target-modules' name for every linear layer but the output head
+# --data-format's choices (fedlora.data reads each)
+DATA_FORMATS = ("auto", "classification", "prompt-response", "messages", "sharegpt", "alpaca")
 
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -69,10 +71,26 @@ class RunConfig:
     text_column: str = field(default="text", metadata={"help": "input text column of a user file"})
     label_column: str = field(default="label", metadata={"help": "label column of a user file"})
     prompt_column: str = field(
-        default="", metadata={"help": "prompt column of a user file (instead of text/label)"}
+        default="", metadata={"help": "prompt column of a user file (instead of text/label; "
+                                      "default with --data-format prompt-response: prompt)"}
     )
     response_column: str = field(
-        default="", metadata={"help": "response column of a user file (with --prompt-column)"}
+        default="", metadata={"help": "response column of a user file (with --prompt-column; "
+                                      "default with --data-format prompt-response: response)"}
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={"choices": DATA_FORMATS,
+                  "help": "the data files' rows: auto (recognised from the columns: messages, "
+                          "conversations (ShareGPT), instruction and output (Alpaca), "
+                          "--prompt-column, else text and label), classification, "
+                          "prompt-response, messages, sharegpt or alpaca"},
+    )
+    chat_template: bool = field(
+        default=False,
+        metadata={"help": "classification and prompt/response examples through the model's "
+                          "chat template (prompt as the user's turn, label word or response "
+                          "as the assistant's); conversations always are"},
     )
     num_clients: int = field(default=4, metadata={"bounds": (1, 10_000, True), "help": "number of clients (data partitions)"})
     rounds: int = field(default=3, metadata={"bounds": (1, 100_000, True), "help": "federated rounds"})
@@ -379,6 +397,9 @@ class RunConfig:
         check_settings(self)
         if bool(self.prompt_column) != bool(self.response_column):
             raise FedLoraError("--prompt-column and --response-column go together; give both")
+        if self.prompt_column and self.data_format not in ("auto", "prompt-response"):
+            raise FedLoraError(f"--prompt-column names prompt/response data, but --data-format "
+                               f"is {self.data_format}")
 
     @property
     def rank_list(self) -> list[int]:

@@ -85,6 +85,10 @@ def decode_reply(reply: Message, expected_shapes: Callable[[MetricRecord], dict]
         value = metrics.get(key, 0.0)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise FedLoraError(f"'{key}' must be a finite number, got {value!r}")
+    for key in (wire.EXAMPLES_CUT, wire.EXAMPLES_LEFT_OUT):
+        value = metrics.get(key, 0)
+        if not isinstance(value, int) or value < 0:
+            raise FedLoraError(f"'{key}' must be a count (an int >= 0), got {value!r}")
     if dpsgd:
         check_dpsgd_metrics(metrics, dpsgd, num_examples)
         client_identity(reply)

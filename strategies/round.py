@@ -91,6 +91,9 @@ class Round:
         if metrics:  # a user-level DP round may have drawn no client: no loss to report
             aggregated["train-loss"] = sum(w * float(m.get(wire.TRAIN_LOSS, 0.0))
                                            for m, w in zip(metrics, weights))
+        for key in (wire.EXAMPLES_CUT, wire.EXAMPLES_LEFT_OUT):
+            if any(key in m for m in metrics):
+                aggregated[key] = sum(int(m.get(key, 0)) for m in metrics)
         if strategy.dp:
             strategy.dp.record_round(self.clients, metrics, strategy.weighted_by_key)
             aggregated["epsilon"], aggregated["delta"] = strategy.dp.accountant.spent()

@@ -190,7 +190,8 @@ def test_clients_train_and_evaluate_on_the_base_plus_the_residual(tiny_model_dir
     evaluation = sorted(strategy.configure_evaluate(2, arrays, plan, DryRunGrid()),
                         key=lambda m: m.metadata.dst_node_id)[0]
     got = client.app.evaluate(evaluation, contexts[1]).content["metrics"]
-    _, held_out = client.app.node_examples(Plan.from_record(evaluation.content["config"]), contexts[1])
+    _, held_out, _ = client.app.node_examples(Plan.from_record(evaluation.content["config"]),
+                                              contexts[1], tokenizer)
     state, rank, alpha = strategy.peft_adapter(arrays)
 
     def scored():

@@ -161,7 +161,7 @@ def test_label_scores_are_compared_in_fp32_on_a_bf16_model(tiny_model_dir):
             with torch.no_grad():
                 out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             position_ids=batch.position_ids, output_hidden_states=True)
-            at = -int(batch.answer_lengths[0]) - 1
+            at = -int((batch.labels[0] != -100).sum()) - 1
             states.append((out.hidden_states[-1][0, at], out.logits[0, at]))
         return states
 

@@ -50,7 +50,7 @@ def test_a_field_left_none_is_not_sent():
     ({"lora-scale": "2"}, "the plan's 'lora-scale' must be a float, got '2'"),
     ({"rank": -2}, "--rank must be in [1, 4096], got -2"),
     ({"task": None}, "the plan has no 'task'"),
-    ({"eval-examples": '[["a prompt"]]'}, "the plan's 'eval-examples' is no JSON list of [prompt, answer, label] rows"),
+    ({"eval-examples": '[["a prompt"]]'}, "the plan's 'eval-examples' is no JSON list of [prompt, answer, label, turns] rows"),
     ({"label-words": "[neg"}, "the plan's 'label-words' is not JSON"),
 ])
 def test_a_malformed_plan_is_refused_in_one_line(change, message):
