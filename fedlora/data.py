@@ -278,7 +278,7 @@ def message_turns(value, role_key: str, content_key: str, roles: dict[str, str])
         try:
             value = json.loads(value)
         except ValueError:
-            raise BadRow(f"'{value[:40]}' is not a JSON list of messages") from None
+            raise BadRow("the cell is not a JSON list of messages") from None
     if hasattr(value, "tolist"):  # parquet and datasets give arrays
         value = value.tolist()
     if not isinstance(value, list) or not value:

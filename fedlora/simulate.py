@@ -49,6 +49,7 @@ def simulate(configs: list[RunConfig]) -> list[Path]:
     if first.client_cpus > cores:
         raise FedLoraError(f"--client-cpus {first.client_cpus} exceeds this machine's {cores} "
                            "cores: no client could be scheduled")
+    report_client_files(first)
     outcome: dict = {"run_dirs": []}
     server_app = ServerApp()
 
@@ -93,6 +94,20 @@ def simulate(configs: list[RunConfig]) -> list[Path]:
     if len(outcome["run_dirs"]) < len(configs):  # a run failed without a FedLoraError
         raise RuntimeError("the simulation ended without finishing the run; see the log above")
     return outcome["run_dirs"]
+
+
+def report_client_files(config: RunConfig) -> None:
+    """Read the clients' files once, before the run, so that their bad rows and unusable
+    files are reported here: a simulated client's log is not shown (Ray's workers keep
+    theirs). The run goes on; a client whose file is unusable fails its rounds with the
+    same reason."""
+    from fedlora.data import declared_label_words, read_examples
+
+    for name in dict.fromkeys(config.client_data_list):
+        try:
+            read_examples(name, config, declared_label_words(config))
+        except FedLoraError as err:
+            logging.getLogger("fedlora").warning("%s", err)
 
 
 def _drop_run_simulation_notice(record: logging.LogRecord) -> bool:
