@@ -72,7 +72,7 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
         # aggregate is drawn, released and counted once, never drawn again.
         save_checkpoint(folder, server_round, arrays, strategy, row)
         metrics_log.write(evaluated_row(row, evaluation, arrays))
-    save_outputs(folder, strategy, arrays, evaluation.global_adapter, metrics_log.rows, ended)
+    save_outputs(folder, config, strategy, arrays, evaluation, metrics_log.rows, ended)
     return folder
 
 

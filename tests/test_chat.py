@@ -249,3 +249,22 @@ def test_a_federation_of_chat_clients_learns_and_scores_generations(tmp_path):
     # row 6 is counted where it falls in the training part, else it is left out of the
     # held-out slice (and not counted)
     assert {r.get("examples_left_out", 0) for r in rows[1:]} <= {0, 1}
+
+
+def test_the_saved_adapter_has_a_model_card_that_says_what_it_is(tmp_path):
+    from server.outputs import model_card
+
+    config = RunConfig(strategy="fedsb", client_data="a.jsonl,b.jsonl", num_clients=2, dp="user",
+                       name="run", chat_template=True)
+    rows = [{"round": 0, "fed_eval_loss": 2.5}, {"round": 1, "epsilon": 3.21, "delta": 1e-5}]
+    adapter = {"base_model_name_or_path": "/models/base", "r": 32, "lora_alpha": 16.0,
+               "target_modules": ["v_proj", "q_proj"]}
+    card = model_card(config, rows, adapter, base_delta=True, chat_template=False)
+    assert "More Information Needed" not in card
+    for text in ("- **Method**: fedsb; rounds: 1; clients: 2,",
+                 "- **LoRA**: rank 32, alpha 16, modules q_proj, v_proj (the base weights changed",
+                 "fedlora's plain chat template (fedlora.prompts.PLAIN_TEMPLATE)",
+                 "- **Evaluation** (round 0): fed_eval_loss 2.5",
+                 "- **Privacy**: --dp user: epsilon 3.21 at delta 1e-05 after round 1",
+                 "base = apply_base_delta(base, 'adapter')"):
+        assert text in card
