@@ -275,6 +275,13 @@ class RunConfig:
         metadata={"bounds": (1, 1024, True), "help": "simulation: CPU cores (and torch threads) of each client actor; "
                           "cores / client-cpus clients train at once"},
     )
+    client_gpus: float = field(
+        default=0.0,
+        metadata={"bounds": (0.0, 64.0, True), "help": "simulation: GPUs of each client actor, "
+                          "fractions allowed (0.25: four clients share one GPU; a fraction is "
+                          "no memory cap: size it by the planner's client memory); 0: one "
+                          "whole GPU per client where the clients use CUDA, none on the CPU"},
+    )
     output: str = field(default="runs", metadata={"help": "folder that holds run folders"})
     name: str = field(
         default="", metadata={"help": "run folder name (default: strategy and a timestamp)"}

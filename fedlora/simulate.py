@@ -38,17 +38,23 @@ def simulate(configs: list[RunConfig]) -> list[Path]:
 
     first = configs[0]
     for config in configs[1:]:
-        for key in ("num_clients", "client_cpus", "device"):
+        for key in ("num_clients", "client_cpus", "client_gpus", "device"):
             if getattr(config, key) != getattr(first, key):
                 raise FedLoraError(
                     f"--strategy {config.strategy} sets {key.replace('_', '-')} "
                     f"{getattr(config, key)!r}, {first.strategy} {getattr(first, key)!r}: the "
                     "strategies of a comparison share one federation"
                 )
+    cluster = os.environ.get("RAY_ADDRESS")  # a running Ray cluster to attach to
     cores = os.cpu_count() or 1
-    if first.client_cpus > cores:
+    if first.client_cpus > cores and not cluster:
         raise FedLoraError(f"--client-cpus {first.client_cpus} exceeds this machine's {cores} "
                            "cores: no client could be scheduled")
+    gpu = first.device != "cpu" and torch.cuda.is_available()
+    if first.client_gpus and not gpu and not cluster:
+        raise FedLoraError(f"--client-gpus {first.client_gpus:g}: this machine has no CUDA GPU "
+                           "(or --device cpu): no client could be scheduled; drop it, or attach "
+                           "to a Ray cluster with GPUs (RAY_ADDRESS, docs: README)")
     report_client_files(first)
     outcome: dict = {"run_dirs": []}
     server_app = ServerApp()
@@ -72,7 +78,6 @@ def simulate(configs: list[RunConfig]) -> list[Path]:
         except BaseException as err:  # the engine would log and swallow it
             outcome["error"] = err
 
-    gpu = first.device != "cpu" and torch.cuda.is_available()
     flower_log = logging.getLogger("flwr")
     flower_log.addFilter(_drop_run_simulation_notice)
     try:
@@ -83,8 +88,10 @@ def simulate(configs: list[RunConfig]) -> list[Path]:
             backend_config={
                 # Ray gives each actor OMP_NUM_THREADS = its CPUs: torch's threads follow.
                 "client_resources": {"num_cpus": first.client_cpus,
-                                     "num_gpus": 1.0 if gpu else 0.0},
-                "init_args": {"num_cpus": cores, "log_to_driver": False},
+                                     "num_gpus": first.client_gpus or (1.0 if gpu else 0.0)},
+                # A cluster brings its own resources: Ray refuses them given on attaching.
+                "init_args": ({"address": cluster} if cluster else {"num_cpus": cores})
+                | {"log_to_driver": False},
             },
         )
     finally:
