@@ -181,6 +181,13 @@ class RunConfig:
         default=False,
         metadata={"method": "sparse", "help": "sparse: clients keep what they did not send and add it next round"},
     )
+    supernode_auth: bool = field(
+        default=False,
+        metadata={"help": "the SuperLink authenticates its SuperNodes (python -m fedlora.deploy "
+                          "--auth, or your own SuperLink with --enable-supernode-auth): the DP "
+                          "accountant keys each client by its node id, which it cannot choose, "
+                          "not by the client-id it reports"},
+    )
     max_update_norm: float = field(
         default=0.0,
         metadata={"bounds": (0.0, 1e6, True), "help": "bound each client's update to this L2 "

@@ -276,9 +276,13 @@ def reply_metrics(reply: Message) -> MetricRecord:
     return metrics
 
 
-def client_identity(reply: Message) -> str:
+def client_identity(reply: Message, node_identities: bool = False) -> str:
     """The ``client-id`` a reply names its sender by (its own word: the partition id in
-    simulation, a node-config value in deployment), or FedLoraError."""
+    simulation, a node-config value in deployment), or FedLoraError; with
+    ``node_identities``, its node id instead (``node-<id>``: what an authenticated
+    SuperNode cannot choose)."""
+    if node_identities:
+        return f"node-{reply.metadata.src_node_id}"
     record = reply.content.get(CLIENT)
     client_id = record.get(CLIENT_ID) if isinstance(record, ConfigRecord) else None
     if not isinstance(client_id, str) or not 0 < len(client_id) <= 200:

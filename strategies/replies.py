@@ -91,7 +91,7 @@ def decode_reply(reply: Message, expected_shapes: Callable[[MetricRecord], dict]
             raise FedLoraError(f"'{key}' must be a count (an int >= 0), got {value!r}")
     if dpsgd:
         check_dpsgd_metrics(metrics, dpsgd, num_examples)
-        client_identity(reply)
+        client_identity(reply, dpsgd.node_identities)
     if not isinstance(content.get(wire.CODEC), ConfigRecord):
         raise FedLoraError(f"the reply has no ConfigRecord '{wire.CODEC}'")
     named = str(content[wire.CODEC].get("codec", ""))

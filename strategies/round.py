@@ -45,7 +45,7 @@ class Round:
         metrics = reply.content[wire.METRICS]
         privacy = strategy.privacy
         if privacy and privacy.mode == "sample":  # each identity gets an accountant
-            client = client_identity(reply)
+            client = client_identity(reply, privacy.node_identities)
             if not strategy.dp.admits(client, self.clients):
                 strategy.drop(self.server_round, reply.metadata.src_node_id,
                               f"'{wire.CLIENT_ID}' {client!r} would be a client beyond the "

@@ -90,3 +90,17 @@ def test_a_client_without_the_servers_evaluation_file_trains_and_evaluates(tmp_p
                     if m.metadata.dst_node_id == 1]
     scores = client.app.evaluate(evaluation, context).content["metrics"]
     assert scores["examples"] == 4
+
+
+def test_an_authenticated_node_is_known_by_its_node_id_not_its_word():
+    from flwr.app import ConfigRecord, RecordDict
+
+    from conftest import make_reply
+    from fedlora.privacy import Privacy
+
+    reply = make_reply(7, RecordDict({wire.CLIENT: ConfigRecord({wire.CLIENT_ID: "hospital-a"})}))
+    assert wire.client_identity(reply) == "hospital-a"
+    assert wire.client_identity(reply, node_identities=True) == "node-7"
+    config = RunConfig(dp="sample", supernode_auth=True)
+    assert Privacy.from_config(config).node_identities
+    assert not Privacy.from_config(RunConfig(dp="sample")).node_identities
