@@ -28,6 +28,8 @@ and it is what the client says it is.
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -147,6 +149,7 @@ def run_plan(msg: Message, context: Context, plan: Plan, model, tokenizer,
         steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
         max_length=config.max_length, device=device, dpsgd=dpsgd,
         gradient_checkpointing=config.gradient_checkpointing, chat=config.chat_template,
+        micro_batch_size=config.micro_batch_size,
         seed=stream_seed(config.seed, plan.server_round, partition_id, "batches"),
     )
     state = lora_sb_state(adapted) if plan.adapter == "lorasb" else adapter_state(adapted)
@@ -200,6 +203,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                            device=device, max_new_tokens=config.eval_max_new_tokens,
                            chat=config.chat_template)
     metrics = {**scores.to_record(), **({wire.EVAL_SHARD: plan.eval_shard} if central else {})}
+    give_back_memory(device)
     return Message(content=evaluation_content(metrics, node_client_id(context)), reply_to=msg)
 
 
@@ -239,9 +243,21 @@ def node_client_id(context: Context) -> str:
 
 def reply(msg: Message, payload: dict, header: dict, metrics: dict, client_id: str,
           device: torch.device) -> Message:
-    """The reply to ``msg`` (fedlora.wire.reply_content). GPU memory is given back before
-    the process waits for the next message."""
+    """The reply to ``msg`` (fedlora.wire.reply_content). Memory is given back before the
+    process waits for the next message (:func:`give_back_memory`)."""
     content = reply_content(payload, header, metrics, client_id)
+    give_back_memory(device)
+    return Message(content=content, reply_to=msg)
+
+
+def give_back_memory(device: torch.device) -> None:
+    """Return the memory a message freed: torch's cached GPU blocks, or on the CPU what
+    glibc's allocator keeps of the freed activations (``malloc_trim``), which an actor
+    waiting for its next message would otherwise hold at its training peak."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Message(content=content, reply_to=msg)
+    elif sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # another C library: nothing to trim
+            pass

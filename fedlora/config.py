@@ -119,6 +119,13 @@ class RunConfig:
                           "'Learning rates', says where each comes from)"},
     )
     max_length: int = field(default=96, metadata={"bounds": (8, 32_768, True), "help": "max tokens of a prompt and answer"})
+    micro_batch_size: int = field(
+        default=0,
+        metadata={"bounds": (0, 65_536, True), "help": "split each batch into micro-batches of "
+                          "this many examples and accumulate their gradients: the same update "
+                          "(up to float rounding) with the activations of a micro-batch only; "
+                          "0: the whole batch at once; not with --dp sample"},
+    )
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "recompute each layer's activations in the backward pass instead of "
@@ -391,6 +398,10 @@ class RunConfig:
             )
         if self.target_modules and not self.target_module_list:
             raise FedLoraError("--target-modules is empty; give e.g. q_proj,v_proj")
+        if self.micro_batch_size and self.dp == "sample":
+            raise FedLoraError("--micro-batch-size with --dp sample: Opacus clips the per-example "
+                               "gradients of a whole Poisson batch in one step; drop it, or use "
+                               "--dp user")
         if self.gradient_checkpointing and self.dp == "sample":
             raise FedLoraError("--gradient-checkpointing runs each layer's forward pass twice, "
                                "which Opacus' per-example gradient hooks would record twice: "

@@ -50,6 +50,11 @@ class Batch:
     def packed(self) -> bool:
         return self.attention_mask is None
 
+    @property
+    def answer_tokens(self) -> int:
+        """How many tokens the loss covers."""
+        return int((self.labels != -100).sum())
+
     def to(self, device: torch.device) -> Batch:
         return Batch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in vars(self).items()})
 
@@ -182,15 +187,24 @@ def answer_logits(model, batch: Batch, fp32_head: bool = False) -> tuple[torch.T
     return out.logits[:, :-1], batch.labels[:, -batch.keep + 1 :]
 
 
-def answer_loss(model, batch: Batch, per_example: bool = False) -> torch.Tensor:
-    """Mean cross-entropy over the batch's answer tokens; with ``per_example``, the mean
-    over examples of each example's mean, so that the batch loss is a mean of per-example
-    losses, as per-example gradient clipping (DP-SGD) needs (and a padded batch)."""
+def check_finite(loss: torch.Tensor, lr: float) -> None:
+    """Raise FedLoraError if training diverged."""
+    if not math.isfinite(loss.item()):
+        raise FedLoraError(f"training loss became {loss.item()}; lower --lr (now {lr})")
+
+
+def answer_loss(model, batch: Batch, per_example: bool = False,
+                reduction: str = "mean") -> torch.Tensor:
+    """Mean cross-entropy over the batch's answer tokens (``reduction="sum"``: their sum);
+    with ``per_example``, the mean over examples of each example's mean, so that the batch
+    loss is a mean of per-example losses, as per-example gradient clipping (DP-SGD) needs
+    (and a padded batch)."""
     if per_example and batch.packed:
         raise ValueError("per-example losses need a padded batch (one row per example)")
     logits, targets = answer_logits(model, batch)
     if not per_example:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               reduction=reduction)
     losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # 0 at -100
     answer_tokens = (targets != -100).sum(dim=1)
     return (losses.sum(dim=1) / answer_tokens).mean()
@@ -210,6 +224,7 @@ def train_local(
     dpsgd: DPSGD | None = None,
     gradient_checkpointing: bool = False,
     chat: bool = False,
+    micro_batch_size: int = 0,
 ) -> dict[str, float]:
     """Train the model's trainable tensors for ``steps`` AdamW steps on ``examples``.
 
@@ -222,7 +237,11 @@ def train_local(
     the server knows. With ``gradient_checkpointing``, each layer's activations are
     recomputed in the backward pass instead of kept (Hugging Face's, non-reentrant: the
     frozen base needs no input gradients), and checkpointing is switched off again after.
-    ``chat``: single-turn examples through the chat template (:func:`make_batch`).
+    ``chat``: single-turn examples through the chat template (:func:`make_batch`). With
+    ``micro_batch_size``, a batch's examples go through the model that many at a time and
+    their gradients add up (each micro-batch's loss summed over its answer tokens, divided
+    by the whole batch's): the same step up to float rounding, with one micro-batch's
+    activations held at a time.
     Returns the mean, first and last batch loss and the seconds spent.
     """
     if not examples:
@@ -257,16 +276,28 @@ def train_local(
                     parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
                 optimizer.step()
                 continue
-            batch = make_batch([examples[i] for i in chosen], tokenizer, max_length, packed, chat)
-            batch = batch.to(device)
-            with warnings.catch_warnings():  # Opacus' hooks on layers whose inputs need no grad
-                warnings.filterwarnings("ignore", "Full backward hook is firing")
-                loss = answer_loss(model, batch, per_example=dpsgd is not None)
-                if not math.isfinite(loss.item()):
-                    raise FedLoraError(f"training loss became {loss.item()}; lower --lr (now {lr})")
-                loss.backward()
+            chosen = [examples[i] for i in chosen]
+            if dpsgd is not None:
+                with warnings.catch_warnings():  # Opacus' hooks on layers whose inputs need no grad
+                    warnings.filterwarnings("ignore", "Full backward hook is firing")
+                    loss = answer_loss(model, make_batch(chosen, tokenizer, max_length, False, chat)
+                                       .to(device), per_example=True)
+                    check_finite(loss, lr)
+                    loss.backward()
+            else:
+                step = micro_batch_size or len(chosen)
+                batches = [make_batch(chosen[i : i + step], tokenizer, max_length, packed, chat)
+                           for i in range(0, len(chosen), step)]
+                tokens = sum(b.answer_tokens for b in batches)
+                loss = 0.0
+                for batch in batches:  # one batch: its mean, as torch computes it
+                    part = (answer_loss(model, batch.to(device)) if len(batches) == 1 else
+                            answer_loss(model, batch.to(device), reduction="sum") / tokens)
+                    check_finite(part, lr)
+                    part.backward()
+                    loss += part.detach()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(float(loss))
     finally:
         if dpsgd is not None:
             model.remove_hooks()
