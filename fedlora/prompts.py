@@ -122,11 +122,12 @@ def encode(example: Example, tokenizer, max_length: int, chat: bool = False) -> 
         if not fitting:
             return None
         return Encoded(whole.ids[: fitting[-1][1]], fitting, cut=True)
-    prompt = prompt_ids(example, tokenizer, max_length, chat)
-    if chat:
-        answer = rendered_ids(tokenizer, chat_turns(example, with_answer=True))[len(prompt):]
+    if chat:  # the template's rendering, its answer span checked like a conversation's
+        whole = conversation_tokens(tokenizer, chat_turns(example, with_answer=True))
+        [(begin, end)] = whole.answers
+        prompt, answer = whole.ids[:begin], whole.ids[begin:end]
     else:
-        answer = answer_ids(tokenizer, example.answer)
+        prompt, answer = prompt_ids(example, tokenizer, max_length), answer_ids(tokenizer, example.answer)
     answer = answer[: max_length // 2]
     prompt = prompt[-(max_length - len(answer)) :]  # keep the question at the prompt's end
     return Encoded(prompt + answer, [(len(prompt), len(prompt) + len(answer))])
