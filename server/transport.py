@@ -1,14 +1,22 @@
 """Messages to and from the clients: sending a round's messages, handing each reply on as
-it arrives, and counting every message's bytes exactly as Flower sends them."""
+it arrives, and counting every message's bytes exactly as Flower sends them, from the
+message itself or (``shaped_bytes``) from the shapes of its arrays alone."""
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
-from flwr.app import Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE, SType
+from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from tqdm import tqdm
@@ -29,6 +37,72 @@ def serialized_bytes(record) -> int:
     without the ~1 KB of message metadata.
     """
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
+
+
+class Shaped(NamedTuple):
+    """An array known by its dtype and shape alone, whose content is unlike any other
+    array's and repeats no chunk (a trained or random tensor's)."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+def array_bytes(array: Shaped) -> int:
+    """Exact serialized size of the Flower Array that would hold ``array``, with its
+    chunks, computed without the data.
+
+    Flower stores an array as ``np.save``'s bytes (a header, then the values) cut into
+    chunks of at most FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE bytes; each chunk is an object
+    ("ArrayChunk", its length, the bytes) and the Array an object that lists its chunks'
+    ids (64 hex digits each) and a JSON of dtype, shape and chunk order
+    (flwr.app.message.array, .arraychunk). ``tests/test_plan.py`` holds this to Flower's own
+    count.
+    """
+    header = io.BytesIO()
+    view = np.lib.stride_tricks.as_strided(np.zeros(1, array.dtype), array.shape,
+                                           [0] * len(array.shape))  # no data: np.save's header
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(view))
+    data = header.tell() + math.prod(array.shape) * array.dtype.itemsize
+    chunks = [min(FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE, data - start)
+              for start in range(0, data, FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)]
+    chunk_bytes = sum(_object_bytes("ArrayChunk", 0, size) for size in chunks)
+    body = json.dumps({"dtype": str(array.dtype), "shape": list(array.shape),
+                       "stype": SType.NUMPY, "arraychunk_ids": list(range(len(chunks)))})
+    return chunk_bytes + _object_bytes("Array", len(chunks), len(body.encode()))
+
+
+def _object_bytes(kind: str, children: int, body: int) -> int:
+    """Bytes of a deflated Flower object: its head (type, its children's 64-digit ids
+    joined by commas, the body's length), a divider and the body."""
+    ids = max(0, 65 * children - 1)
+    head = len(kind) + 2 * len(HEAD_VALUE_DIVIDER) + ids + len(str(body))
+    return head + len(HEAD_BODY_DIVIDER) + body
+
+
+def shaped_bytes(records: dict) -> int:
+    """Exact serialized size of a message's content, as :func:`payload_bytes` counts it,
+    where some arrays are known by shape alone.
+
+    ``records`` maps each record's name to a Flower record, or to a dict of arrays (an
+    ArrayRecord's content) whose values are numpy arrays or :class:`Shaped`. The records
+    and real arrays are serialized by Flower (an array that occurs twice counts once);
+    each Shaped array stands in the message as a distinct one-value array, whose bytes
+    are swapped for :func:`array_bytes`.
+    """
+    stand_ins, content = [], {}
+    for name, record in records.items():
+        if isinstance(record, dict):
+            arrays = {}
+            for key, value in record.items():
+                if isinstance(value, Shaped):
+                    stand_ins.append((Array(np.array([len(stand_ins)], np.int64)), value))
+                    arrays[key] = stand_ins[-1][0]
+                else:
+                    arrays[key] = Array(value)
+            record = ArrayRecord(arrays)
+        content[name] = record
+    return (serialized_bytes(RecordDict(content))
+            + sum(array_bytes(shaped) - serialized_bytes(stand_in) for stand_in, shaped in stand_ins))
 
 
 def traffic(messages: list[Message]) -> int:
