@@ -67,6 +67,13 @@ class Codec:
         """The canonical text, as the payload carries it: ``parse(name)`` gives it back."""
         return self.kind
 
+    @property
+    def separate(self) -> bool:
+        """Whether each tensor encodes to arrays of its own (so two zero tensors of one
+        shape encode to equal arrays, which Flower sends once: the planner counts a fresh
+        LoRA's B so); a global top-k mixes all tensors into one pair of arrays."""
+        return True
+
     def encode(self, state: State) -> dict[str, np.ndarray]:
         """The arrays that carry ``state`` (keys sorted, so both ends agree)."""
         raise NotImplementedError
@@ -211,6 +218,10 @@ class TopK(Codec):
         ``parse(name)`` gives back the very same float and both ends count the same
         k = ceil(density * n)."""
         return f"topk:{float(self.density)!r},{self.values}" + (",per-tensor" if self.per_tensor else "")
+
+    @property
+    def separate(self) -> bool:
+        return self.per_tensor
 
     @property
     def value_type(self) -> type:

@@ -40,11 +40,19 @@ def serialized_bytes(record) -> int:
 
 
 class Shaped(NamedTuple):
-    """An array known by its dtype and shape alone, whose content is unlike any other
-    array's and repeats no chunk (a trained or random tensor's)."""
+    """An array known by its dtype and shape alone.
+
+    Its content is unlike any other array's and repeats no chunk (a trained or random
+    tensor's), unless ``same`` is given: arrays with equal ``same`` are one array (Flower
+    sends it once per message), a zero tensor's encoding, taken to be one value repeated,
+    so that its equal-length chunks after the first (which holds np.save's header) repeat.
+    (A per-tensor top-k's indices of a zero tensor are not one value; they would be
+    miscounted past two chunks, 2.6 million kept entries: no LoRA factor is that large.)
+    """
 
     dtype: np.dtype
     shape: tuple[int, ...]
+    same: tuple | None = None
 
 
 def array_bytes(array: Shaped) -> int:
@@ -65,10 +73,13 @@ def array_bytes(array: Shaped) -> int:
     data = header.tell() + math.prod(array.shape) * array.dtype.itemsize
     chunks = [min(FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE, data - start)
               for start in range(0, data, FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)]
-    chunk_bytes = sum(_object_bytes("ArrayChunk", 0, size) for size in chunks)
-    body = json.dumps({"dtype": str(array.dtype), "shape": list(array.shape),
-                       "stype": SType.NUMPY, "arraychunk_ids": list(range(len(chunks)))})
-    return chunk_bytes + _object_bytes("Array", len(chunks), len(body.encode()))
+    # Each chunk's content, as far as it decides which chunks are equal.
+    contents = [(0, size) if array.same is not None and n else n for n, size in enumerate(chunks)]
+    distinct = list(dict.fromkeys(contents))
+    chunk_bytes = sum(_object_bytes("ArrayChunk", 0, chunks[contents.index(c)]) for c in distinct)
+    body = json.dumps({"dtype": str(array.dtype), "shape": list(array.shape), "stype": SType.NUMPY,
+                       "arraychunk_ids": [distinct.index(c) for c in contents]})
+    return chunk_bytes + _object_bytes("Array", len(distinct), len(body.encode()))
 
 
 def _object_bytes(kind: str, children: int, body: int) -> int:
@@ -86,23 +97,27 @@ def shaped_bytes(records: dict) -> int:
     ``records`` maps each record's name to a Flower record, or to a dict of arrays (an
     ArrayRecord's content) whose values are numpy arrays or :class:`Shaped`. The records
     and real arrays are serialized by Flower (an array that occurs twice counts once);
-    each Shaped array stands in the message as a distinct one-value array, whose bytes
-    are swapped for :func:`array_bytes`.
+    each Shaped array stands in the message as a one-value array, distinct unless their
+    ``same`` is equal, whose bytes are swapped for :func:`array_bytes`.
     """
-    stand_ins, content = [], {}
+    stand_ins: dict = {}  # a Shaped's ``same`` (or a number) -> its stand-in and itself
+    content = {}
     for name, record in records.items():
         if isinstance(record, dict):
             arrays = {}
             for key, value in record.items():
                 if isinstance(value, Shaped):
-                    stand_ins.append((Array(np.array([len(stand_ins)], np.int64)), value))
-                    arrays[key] = stand_ins[-1][0]
+                    identity = value.same if value.same is not None else len(stand_ins)
+                    if identity not in stand_ins:
+                        stand_ins[identity] = (Array(np.array([len(stand_ins)], np.int64)), value)
+                    arrays[key] = stand_ins[identity][0]
                 else:
                     arrays[key] = Array(value)
             record = ArrayRecord(arrays)
         content[name] = record
     return (serialized_bytes(RecordDict(content))
-            + sum(array_bytes(shaped) - serialized_bytes(stand_in) for stand_in, shaped in stand_ins))
+            + sum(array_bytes(shaped) - serialized_bytes(stand_in)
+                  for stand_in, shaped in stand_ins.values()))
 
 
 def traffic(messages: list[Message]) -> int:
