@@ -3,8 +3,8 @@
 
 A client process holds, at its peak (the start of a training step's backward pass):
 
-- the runtime: Python, torch, transformers, peft and Flower, imported
-  (:data:`RUNTIME_BYTES`, measured on this project's machine);
+- the runtime: Python, torch, transformers, peft and Flower, imported, and the model's
+  tokenizer and config loaded (:data:`RUNTIME_BYTES`, measured on this project's machine);
 - the base weights: the blocks' linear layers at the model's dtype, or as ``--quantize``
   stores them (:func:`linear_weight_bytes`); embeddings, an untied output head and the norms
   at the model's dtype;
@@ -13,7 +13,12 @@ A client process holds, at its peak (the start of a training step's backward pas
 - what the node keeps between rounds (fp32): frozen factors (FFA, Fed-SB), FLoRA's stacks
   and FedEx-LoRA's base delta, and the fp32 copies of the adapted layers that FLoRA's
   merges and FedEx-LoRA's residuals are added to (``fedlora.adapters.add_to_weights``);
-- the activations autograd keeps for the backward pass (:func:`activation_bytes`).
+- the activations autograd keeps for the backward pass (:func:`activation_bytes`);
+- on the CPU, the heap's retention: glibc's malloc keeps the freed temporaries of the
+  forward pass resident (its mmap threshold rises to the size of the tensors freed, so
+  later ones come from a heap it does not return), :data:`HEAP_RETENTION` of the
+  activations. ``MALLOC_MMAP_THRESHOLD_=131072`` in a client's environment removes it
+  (measured: the forward pass's growth then equals the saved activations to the MiB).
 
 A method with a gradient initialisation round (Fed-SB) peaks either there (a full-weight
 fp32 gradient of every adapted layer) or in training, whichever is higher.
@@ -26,10 +31,14 @@ from dataclasses import dataclass, fields
 
 from fedlora.errors import FedLoraError
 
-# RSS of a client process once torch, transformers, peft and Flower are imported, before
-# the model is loaded: 525 MB on this project's CPU machine (benchmarks/plan_memory.py
-# measures it).
-RUNTIME_BYTES = 525 * 2**20
+# RSS of a client process with torch, transformers, peft and Flower imported and its
+# model loaded, less the model's weights: 524 MiB after the imports, 65 more with the
+# tokenizer, config and peft (SmolLM2 on this project's CPU machine).
+RUNTIME_BYTES = 590 * 2**20
+# What glibc's heap keeps resident beyond the saved activations, as a share of them:
+# SmolLM2, fp32, LoRA on q and v, 512 and 1,024 tokens: +39 % and +41 %
+# (benchmarks/plan_memory.py; docs/results.md, "Planning a run").
+HEAP_RETENTION = 0.4
 
 QUANTIZE = ("none", "nf4", "int8")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -107,11 +116,12 @@ class ClientMemory:
     initialisation: int
     kept: int
     activations: int
+    heap: int
 
     @property
     def total(self) -> int:
         training = max(self.adapter + self.gradients + self.optimizer, self.initialisation)
-        return self.runtime + self.base_weights + training + self.kept + self.activations
+        return self.runtime + self.base_weights + training + self.kept + self.activations + self.heap
 
     def as_dict(self) -> dict[str, int]:
         return {**{f.name: getattr(self, f.name) for f in fields(self)}, "total": self.total}
@@ -184,7 +194,8 @@ def activation_bytes(arch: Architecture, tokens: int, keep: int, adapted: list[s
 def client_memory(arch: Architecture, *, dtype: str, quantize: str, adapter_params: int,
                   trained_params: int, kept_params: int, adapted_params: int,
                   copies_adapted: bool, gradient_params: int, tokens: int, keep: int,
-                  adapted: list[str], rank: int, gradient_checkpointing: bool) -> ClientMemory:
+                  adapted: list[str], rank: int, gradient_checkpointing: bool,
+                  cpu: bool) -> ClientMemory:
     """The peak of one training client (see the module docstring).
 
     Parameters
@@ -204,11 +215,16 @@ def client_memory(arch: Architecture, *, dtype: str, quantize: str, adapter_para
     copies_adapted : bool
         Whether the client adds to fp32 copies of the adapted layers (FLoRA, FedEx-LoRA).
     gradient_params : int
-        Values of the initialisation round's full-weight gradient (Fed-SB's), kept at the
-        model's dtype and copied to fp32 for the reply; 0: no such round.
+        Values of the initialisation round's full-weight gradient (Fed-SB's), at the
+        model's dtype and copied to fp32 for the reply where that differs; 0: no such
+        round.
     tokens, keep, adapted, rank, gradient_checkpointing
         As :func:`activation_bytes`.
+    cpu : bool
+        Whether the client trains on the CPU (glibc's heap retention counts there).
     """
+    s = DTYPE_BYTES[dtype]
+    activations = activation_bytes(arch, tokens, keep, adapted, rank, dtype, gradient_checkpointing)
     return ClientMemory(
         runtime=RUNTIME_BYTES,
         base_weights=(linear_weight_bytes(arch.linear_params, arch.linear_rows, dtype, quantize)
@@ -216,7 +232,8 @@ def client_memory(arch: Architecture, *, dtype: str, quantize: str, adapter_para
         adapter=4 * adapter_params,
         gradients=4 * trained_params,
         optimizer=8 * trained_params,
-        initialisation=(DTYPE_BYTES[dtype] + 4) * gradient_params,
+        initialisation=(s + 4 * (s != 4)) * gradient_params,
         kept=4 * (kept_params + adapted_params * copies_adapted),
-        activations=activation_bytes(arch, tokens, keep, adapted, rank, dtype, gradient_checkpointing),
+        activations=activations,
+        heap=round(HEAP_RETENTION * activations) if cpu else 0,
     )

@@ -345,7 +345,7 @@ def client_peak(config, strategy, model, shapes, batches: list[dict],
         gradient_params=values(shapes.gradient), tokens=config.batch_size * config.max_length,
         keep=config.batch_size * ANSWER_TOKENS,
         adapted=sorted({path.rsplit(".", 1)[-1] for path in module_shapes}), rank=rank,
-        gradient_checkpointing=gradient_checkpointing)
+        gradient_checkpointing=gradient_checkpointing, cpu=device.type == "cpu")
 
 
 def values(shapes: dict) -> int:
