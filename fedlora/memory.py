@@ -14,11 +14,12 @@ A client process holds, at its peak (the start of a training step's backward pas
   and FedEx-LoRA's base delta, and the fp32 copies of the adapted layers that FLoRA's
   merges and FedEx-LoRA's residuals are added to (``fedlora.adapters.add_to_weights``);
 - the activations autograd keeps for the backward pass (:func:`activation_bytes`);
-- on the CPU, the heap's retention: glibc's malloc keeps the freed temporaries of the
-  forward pass resident (its mmap threshold rises to the size of the tensors freed, so
-  later ones come from a heap it does not return), :data:`HEAP_RETENTION` of the
-  activations. ``MALLOC_MMAP_THRESHOLD_=131072`` in a client's environment removes it
-  (measured: the forward pass's growth then equals the saved activations to the MiB).
+- on the CPU, the heap's retention: glibc's malloc keeps freed temporaries resident (its
+  mmap threshold rises to the size of the tensors freed, so later ones come from a heap
+  it does not return), :data:`HEAP_RETENTION` of the activations a step saves without
+  checkpointing (the same temporaries pass through the heap with it: checkpointing
+  recomputes them). ``MALLOC_MMAP_THRESHOLD_=131072`` in a client's environment removes
+  it (measured: the forward pass's growth then equals the saved activations to the MiB).
 
 A method with a gradient initialisation round (Fed-SB) peaks either there (a full-weight
 fp32 gradient of every adapted layer) or in training, whichever is higher.
@@ -36,8 +37,8 @@ from fedlora.errors import FedLoraError
 # tokenizer, config and peft (SmolLM2 on this project's CPU machine).
 RUNTIME_BYTES = 590 * 2**20
 # What glibc's heap keeps resident beyond the saved activations, as a share of them:
-# SmolLM2, fp32, LoRA on q and v, 512 and 1,024 tokens: +39 % and +41 %
-# (benchmarks/plan_memory.py; docs/results.md, "Planning a run").
+# SmolLM2, fp32, LoRA on q and v, 512 and 1,024 tokens, one forward pass: +39 % and +41 %
+# (docs/results.md, "Planning a run"; benchmarks/plan_memory.py measures whole steps).
 HEAP_RETENTION = 0.4
 
 QUANTIZE = ("none", "nf4", "int8")
@@ -224,7 +225,7 @@ def client_memory(arch: Architecture, *, dtype: str, quantize: str, adapter_para
         Whether the client trains on the CPU (glibc's heap retention counts there).
     """
     s = DTYPE_BYTES[dtype]
-    activations = activation_bytes(arch, tokens, keep, adapted, rank, dtype, gradient_checkpointing)
+    saved = activation_bytes(arch, tokens, keep, adapted, rank, dtype)  # without checkpointing
     return ClientMemory(
         runtime=RUNTIME_BYTES,
         base_weights=(linear_weight_bytes(arch.linear_params, arch.linear_rows, dtype, quantize)
@@ -234,6 +235,7 @@ def client_memory(arch: Architecture, *, dtype: str, quantize: str, adapter_para
         optimizer=8 * trained_params,
         initialisation=(s + 4 * (s != 4)) * gradient_params,
         kept=4 * (kept_params + adapted_params * copies_adapted),
-        activations=activations,
-        heap=round(HEAP_RETENTION * activations) if cpu else 0,
+        activations=(activation_bytes(arch, tokens, keep, adapted, rank, dtype, True)
+                     if gradient_checkpointing else saved),
+        heap=round(HEAP_RETENTION * saved) if cpu else 0,
     )
