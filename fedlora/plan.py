@@ -251,6 +251,8 @@ def plan_run(config, model=None) -> RunPlan:
     from fedlora.codec import FP32
     from strategies.replies import lora_shapes
 
+    # --quantize where the run config has it (added beside this planner), else none
+    quantize = getattr(config, "quantize", "none")
     strategy, config, model, examples, record, grid = prepared(config, model, stored=False)
     generator = np.random.default_rng(config.seed)
     shapes = strategy.initialize_shapes(model)
@@ -306,8 +308,8 @@ def plan_run(config, model=None) -> RunPlan:
                                 for k, s in lora_shapes(module_shapes, sum(ranks)).items()})
             version += bool(shapes.residual)
             rounds.append(row)
-    return RunPlan(rounds, *(client_peak(config, strategy, model, shapes, batches, checkpointing)
-                             for checkpointing in (False, True)))
+    return RunPlan(rounds, *(client_peak(config, strategy, model, shapes, batches, quantize,
+                                         checkpointing) for checkpointing in (False, True)))
 
 
 def reply_bytes(plan, strategy, examples, partition, generator, ranks=None) -> int:
@@ -320,7 +322,7 @@ def reply_bytes(plan, strategy, examples, partition, generator, ranks=None) -> i
     return shaped_bytes({**reply_content({}, header, metrics, str(partition)), wire.ARRAYS: arrays})
 
 
-def client_peak(config, strategy, model, shapes, batches: list[dict],
+def client_peak(config, strategy, model, shapes, batches: list[dict], quantize: str,
                 gradient_checkpointing: bool) -> ClientMemory:
     """One training client's peak memory (fedlora.memory) in this run: its adapter at its
     rank (the largest of --ranks), what it keeps by the run's end (every kept batch, the
@@ -338,7 +340,7 @@ def client_peak(config, strategy, model, shapes, batches: list[dict],
     device = torch.device("cuda") if config.device == "cuda" else pick_device(config.device)
     dtype = str(model_dtype(device, config.dtype)).removeprefix("torch.")
     return client_memory(
-        Architecture.of(model), dtype=dtype, quantize=getattr(config, "quantize", "none"),
+        Architecture.of(model), dtype=dtype, quantize=quantize,
         adapter_params=values(adapter), trained_params=trained,
         kept_params=sum(values(b) for b in batches) + values(shapes.residual),
         adapted_params=values(module_shapes), copies_adapted=shapes.stacked or bool(shapes.residual),
