@@ -4,6 +4,7 @@ message itself or (``shaped_bytes``) from the shapes of its arrays alone."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -55,6 +56,7 @@ class Shaped(NamedTuple):
     same: tuple | None = None
 
 
+@functools.lru_cache(maxsize=None)  # a run's messages repeat a few shapes many times
 def array_bytes(array: Shaped) -> int:
     """Exact serialized size of the Flower Array that would hold ``array``, with its
     chunks, computed without the data.
@@ -90,34 +92,46 @@ def _object_bytes(kind: str, children: int, body: int) -> int:
     return head + len(HEAD_BODY_DIVIDER) + body
 
 
+def array_record_bytes(keys: list[str], arrays: int) -> int:
+    """Exact serialized size of a Flower ArrayRecord's own object (without its arrays)
+    whose ``keys`` name ``arrays`` distinct arrays: its head lists their ids, its body is
+    the JSON of each key's id (flwr.app.message.arrayrecord)."""
+    body = json.dumps({key: "0" * 64 for key in keys}).encode()  # an id is 64 hex digits
+    return _object_bytes("ArrayRecord", arrays, len(body))
+
+
 def shaped_bytes(records: dict) -> int:
     """Exact serialized size of a message's content, as :func:`payload_bytes` counts it,
-    where some arrays are known by shape alone.
+    where the arrays are known by shape alone.
 
-    ``records`` maps each record's name to a Flower record, or to a dict of arrays (an
-    ArrayRecord's content) whose values are numpy arrays or :class:`Shaped`. The records
-    and real arrays are serialized by Flower (an array that occurs twice counts once);
-    each Shaped array stands in the message as a one-value array, distinct unless their
-    ``same`` is equal, whose bytes are swapped for :func:`array_bytes`.
+    ``records`` maps each record's name to a Flower record, or to a dict of
+    :class:`Shaped` arrays (an ArrayRecord's content). Flower serializes the message with
+    a one-value stand-in for each such ArrayRecord; the stand-in's bytes are swapped for
+    the ArrayRecord's own (:func:`array_record_bytes`) and its arrays'
+    (:func:`array_bytes`). As Flower sends it, an object that occurs twice counts once:
+    equal arrays (equal ``same``) and equal ArrayRecords (empty ones, or equal arrays
+    under the same keys).
     """
-    stand_ins: dict = {}  # a Shaped's ``same`` (or a number) -> its stand-in and itself
-    content = {}
+    content, stand_ins, sent = {}, {}, set()  # sent: the arrays counted so far
+    swapped = 0
     for name, record in records.items():
-        if isinstance(record, dict):
-            arrays = {}
-            for key, value in record.items():
-                if isinstance(value, Shaped):
-                    identity = value.same if value.same is not None else len(stand_ins)
-                    if identity not in stand_ins:
-                        stand_ins[identity] = (Array(np.array([len(stand_ins)], np.int64)), value)
-                    arrays[key] = stand_ins[identity][0]
-                else:
-                    arrays[key] = Array(value)
-            record = ArrayRecord(arrays)
-        content[name] = record
-    stand_in = array_bytes(Shaped(np.dtype(np.int64), (1,)))  # each stand-in's own bytes
-    return (serialized_bytes(RecordDict(content))
-            + sum(array_bytes(shaped) - stand_in for _, shaped in stand_ins.values()))
+        if not isinstance(record, dict):
+            content[name] = record
+            continue
+        identities = {key: array.same if array.same is not None else object()
+                      for key, array in record.items()}
+        whole = (tuple(sorted(identities.items()))
+                 if all(isinstance(i, tuple) for i in identities.values()) else object())
+        if whole not in stand_ins:
+            stand_ins[whole] = ArrayRecord({"": Array(np.array([len(stand_ins)], np.int64))})
+            distinct = {identity: record[key] for key, identity in identities.items()}
+            swapped += (array_record_bytes(list(record), len(distinct))
+                        + sum(array_bytes(array) for identity, array in distinct.items()
+                              if identity not in sent)
+                        - serialized_bytes(stand_ins[whole]))
+            sent.update(distinct)
+        content[name] = stand_ins[whole]
+    return serialized_bytes(RecordDict(content)) + swapped
 
 
 def traffic(messages: list[Message]) -> int:
