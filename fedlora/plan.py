@@ -48,6 +48,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedlora import wire
@@ -126,8 +127,9 @@ def meta_model(name: str, target_modules: list[str] | None = None):
         raise FedLoraError(f"--model {name}: not a Hugging Face model config ({err})") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
-    for linear in target_linears(model, target_modules or []).values() if target_modules else ():
-        linear.weight = torch.nn.Parameter(torch.empty(linear.weight.shape), requires_grad=False)
+    if target_modules:
+        for linear in target_linears(model, target_modules).values():
+            linear.weight = torch.nn.Parameter(torch.empty(linear.weight.shape), requires_grad=False)
     return model
 
 
@@ -199,8 +201,6 @@ def prepared(config, model, stored: bool):
 def plan_traffic(config, model=None) -> list[RoundBytes]:
     """The bytes of every client's messages in the initialisation (round 0) and in each
     of ``config.rounds`` rounds, from the server's own code on stand-in replies."""
-    import numpy as np
-
     strategy, config, model, examples, record, grid = prepared(config, model, stored=True)
     generator = np.random.default_rng(config.seed)
     rounds = []
@@ -242,13 +242,55 @@ def shaped_payload(shapes: dict, codec, zero: set[str] = frozenset()) -> tuple[d
     return arrays, header
 
 
+@dataclass
+class KeptShapes:
+    """What the clients keep for the run, by shape, and what each node holds of it: the
+    twin of ``strategies.kept.KeptTensors`` for :func:`plan_run`, where every reply
+    arrives (so every node holds what it was last sent).
+
+    Attributes
+    ----------
+    batches : list of dict
+        The kept batches in order (``frozen/...``, ``merge/...`` keys), sent in fp32.
+    residual : dict
+        Each base-delta increment's shapes, by module path (none: no base delta).
+    codec : Codec
+        How an increment travels (the whole delta: fp32).
+    """
+
+    batches: list[dict]
+    residual: dict
+    codec: object
+    version: int = 0  # increments so far
+    held: dict[int, int] = field(default_factory=dict)  # node -> batches it holds
+    versions: dict[int, int] = field(default_factory=dict)  # node -> version it holds
+
+    def records_for(self, node: int) -> dict:
+        """The message parts that bring ``node`` up to date: ``keep`` (the batches it
+        lacks) and, where it is behind, the last increment or the whole base delta."""
+        from flwr.app import ConfigRecord
+
+        from fedlora.codec import FP32
+
+        first = self.held.get(node, 0)
+        records = {wire.KEEP: {f"{i}/{k}": Shaped(np.dtype(np.float32), shape)
+                               for i, batch in enumerate(self.batches[first:], start=first)
+                               for k, shape in batch.items()}}
+        held = self.versions.get(node, 0)
+        if self.version and held != self.version:
+            behind = held == self.version - 1  # one increment behind: the increment
+            delta, header = shaped_payload(self.residual, self.codec if behind else FP32())
+            records[wire.BASE_DELTA] = delta
+            records[wire.BASE_DELTA_CODEC] = ConfigRecord({**header, wire.FROM: held if behind else 0})
+        self.held[node], self.versions[node] = len(self.batches), self.version
+        return records
+
+
 def plan_run(config, model=None) -> RunPlan:
     """The whole run's traffic (as :func:`plan_traffic` counts it, from shapes alone) and
     one client's peak memory, without a tensor of the model's or the adapter's size."""
-    import numpy as np
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-    from fedlora.codec import FP32
     from strategies.replies import lora_shapes
 
     # --quantize where the run config has it (added beside this planner), else none
@@ -256,11 +298,7 @@ def plan_run(config, model=None) -> RunPlan:
     strategy, config, model, examples, record, grid = prepared(config, model, stored=False)
     generator = np.random.default_rng(config.seed)
     shapes = strategy.initialize_shapes(model)
-    module_shapes = strategy.adapted_shapes(model)
-    batches = [shapes.frozen] if shapes.frozen else []  # what clients keep, in order
-    version = 0  # base-delta increments so far
-    held: dict[int, int] = {}  # node -> batches it holds
-    versions: dict[int, int] = {}  # node -> base-delta version it holds
+    kept = KeptShapes([shapes.frozen] if shapes.frozen else [], shapes.residual, strategy.kept.codec)
     aggregated: dict[int, int] = {}  # node -> last round its reply counted
     rounds = [RoundBytes(0)]
     with dry_run():
@@ -271,44 +309,32 @@ def plan_run(config, model=None) -> RunPlan:
             rounds[0].up[node - 1] = reply_bytes(plan, strategy, examples, node - 1, generator)
         for server_round in range(1, config.rounds + 1):
             row = RoundBytes(server_round)
-            strategy.start_round(server_round)
+            strategy.start_round(server_round)  # what configure_train does, by shape
             nodes = strategy.sample_train_nodes(server_round, grid)
             strategy.server_round, strategy.sampled = server_round, len(nodes)
             strategy.sent_shapes = shapes.sent
-            plan = strategy.plan(record, server_round, task="train")
-            plan = dataclasses.replace(plan, kept_batches=len(batches), base_delta_version=version)
-            zero = shapes.zero if server_round == 1 else set()
+            plan = dataclasses.replace(strategy.plan(record, server_round, task="train"),
+                                       kept_batches=len(kept.batches), base_delta_version=kept.version)
+            meta = {k: torch.empty(shape, device="meta") for k, shape in shapes.sent.items()}
             ranks = []
             for node in nodes:
-                sent = strategy.node_arrays(node, {k: torch.empty(s, device="meta")
-                                                   for k, s in shapes.sent.items()})
-                arrays, header = shaped_payload({k: tuple(v.shape) for k, v in sent.items()},
-                                                strategy.download_codec, zero)
+                sent = {k: tuple(v.shape) for k, v in strategy.node_arrays(node, meta).items()}
+                arrays, header = shaped_payload(sent, strategy.download_codec,
+                                                shapes.zero if server_round == 1 else set())
                 node_plan = dataclasses.replace(plan, aggregated_round=aggregated.get(node, 0))
-                first = held.get(node, 0)
-                records = {wire.CONFIG: node_plan.to_record(), wire.ARRAYS: arrays,
-                           wire.CODEC: ConfigRecord(header),
-                           wire.KEEP: {f"{i}/{k}": Shaped(np.dtype(np.float32), shape)
-                                       for i, batch in enumerate(batches[first:], start=first)
-                                       for k, shape in batch.items()}}
-                if version and versions.get(node, 0) != version:
-                    behind = versions.get(node, 0) == version - 1  # the increment, else all
-                    delta, delta_header = shaped_payload(
-                        shapes.residual, strategy.kept.codec if behind else FP32())
-                    records[wire.BASE_DELTA] = delta
-                    records[wire.BASE_DELTA_CODEC] = ConfigRecord(
-                        {**delta_header, wire.FROM: versions.get(node, 0) if behind else 0})
-                row.down[node - 1] = shaped_bytes(records)
+                row.down[node - 1] = shaped_bytes({
+                    wire.CONFIG: node_plan.to_record(), wire.ARRAYS: arrays,
+                    wire.CODEC: ConfigRecord(header), **kept.records_for(node)})
                 row.up[node - 1] = reply_bytes(node_plan, strategy, examples, node - 1,
                                                generator, ranks)
                 strategy.record_reply(node, MetricRecord({wire.RANK: ranks[-1]}))
-                held[node], versions[node], aggregated[node] = len(batches), version, server_round
+                aggregated[node] = server_round
             if shapes.stacked:  # the round's LoRAs, stacked: every client merges them
-                batches.append({f"merge/{k}": s
-                                for k, s in lora_shapes(module_shapes, sum(ranks)).items()})
-            version += bool(shapes.residual)
+                kept.batches.append({f"merge/{k}": s for k, s in
+                                     lora_shapes(strategy.adapted_shapes(model), sum(ranks)).items()})
+            kept.version += bool(shapes.residual)
             rounds.append(row)
-    return RunPlan(rounds, *(client_peak(config, strategy, model, shapes, batches, quantize,
+    return RunPlan(rounds, *(client_peak(config, strategy, model, shapes, kept.batches, quantize,
                                          checkpointing) for checkpointing in (False, True)))
 
 
