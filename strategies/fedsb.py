@@ -125,7 +125,8 @@ class FedSB(LoraStrategy):
     def scale(self) -> float:
         return 1.0
 
-    def initialize(self, model) -> ArrayRecord:
+    def adapt(self, model) -> None:
+        """Note the adapted modules' shapes; FedLoraError where the rank exceeds one."""
         self.module_shapes = self.adapted_shapes(model)
         smallest = min(min(shape) for shape in self.module_shapes.values())
         if self.rank > smallest:
@@ -133,6 +134,9 @@ class FedSB(LoraStrategy):
                 f"--rank {self.rank} exceeds the smallest adapted dimension ({smallest}); "
                 f"LoRA-SB needs rank <= {smallest}"
             )
+
+    def initialize(self, model) -> ArrayRecord:
+        self.adapt(model)
         if self.init == "gradient":
             return ArrayRecord()  # set by the initialisation round
         generator = torch.Generator().manual_seed(self.seed)
@@ -143,7 +147,7 @@ class FedSB(LoraStrategy):
         return self.set_factors(factors)
 
     def initialize_shapes(self, model) -> TrafficShapes:
-        self.module_shapes = self.adapted_shapes(model)
+        self.adapt(model)
         r = self.rank
         frozen = {}
         for path, (out_features, in_features) in self.module_shapes.items():

@@ -70,6 +70,8 @@ def test_the_plan_is_printed_per_strategy_and_round(tmp_path, capsys):
     (["--model", "tiny-llama", "--target-modules", "qkv"],
      "error: --target-modules qkv matches no module of the model; its linear modules: "
      "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+    (["--model", "tiny-llama", "--strategy", "fedsb", "--rank", "100"],  # planned by shape too
+     "error: --rank 100 exceeds the smallest adapted dimension (32); LoRA-SB needs rank <= 32"),
 ])
 def test_bad_plan_settings_are_one_line_errors(flags, message, capsys):
     assert main(flags) == 2
