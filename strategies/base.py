@@ -29,7 +29,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fedlora import wire
 from fedlora.adapters import fresh_lora_state, target_linears
 from fedlora.aggregate import RunningMean, State, delta_weights
-from fedlora.codec import Codec, encode_payload
+from fedlora.codec import Codec, Shapes, encode_payload
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import Scores
 from fedlora.privacy import Privacy
@@ -45,13 +45,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedlora")
 
-Shapes = dict[str, tuple[int, ...]]
-
-
 @dataclass
 class TrafficShapes:
     """What a method's messages carry beyond the plan, by shape and under the keys they
-    travel with: how the planner (``fedlora.plan.plan_shapes``) counts a whole run of a
+    travel with: how the planner (``fedlora.plan.plan_run``) counts a whole run of a
     model too large to run the method's math on, without a tensor. What varies with the
     round or the node (codecs, sampling, the reply's shapes, a node's own rank) comes from
     the strategy's own hooks.
