@@ -28,6 +28,8 @@ and it is what the client says it is.
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -62,6 +64,7 @@ from fedlora.data import local_examples
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import score
 from fedlora.models import borrowed_model, pick_device
+from fedlora.prompts import fit_examples
 from fedlora.privacy import Privacy
 from fedlora.seeds import stream_seed
 from fedlora.train import train_local, weight_gradients
@@ -102,12 +105,13 @@ def run_plan(msg: Message, context: Context, plan: Plan, model, tokenizer,
     client_id = node_client_id(context)
     frozen, merges = keep_tensors(context, msg.content.get(wire.KEEP), plan.kept_batches)
     base_delta = held_base_delta(context, msg.content, plan.base_delta_version)
-    examples, _ = node_examples(plan, context)
+    examples, _, fitted = node_examples(plan, context, tokenizer)
     if plan.task == "gradient":
         arrays = weight_gradients(
             model, tokenizer, examples[: plan.gradient_examples],
             differentiable_linears(model, config.target_module_list),
             batch_size=config.batch_size, max_length=config.max_length, device=device,
+            chat=config.chat_template,
         )
         metrics = {wire.NUM_EXAMPLES: min(len(examples), plan.gradient_examples)}
         payload, header = encode_payload(arrays, Codec.parse(str(plan.gradient_codec)))
@@ -144,7 +148,8 @@ def run_plan(msg: Message, context: Context, plan: Plan, model, tokenizer,
         adapted, tokenizer, examples,
         steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
         max_length=config.max_length, device=device, dpsgd=dpsgd,
-        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing=config.gradient_checkpointing, chat=config.chat_template,
+        micro_batch_size=config.micro_batch_size,
         seed=stream_seed(config.seed, plan.server_round, partition_id, "batches"),
     )
     state = lora_sb_state(adapted) if plan.adapter == "lorasb" else adapter_state(adapted)
@@ -154,7 +159,7 @@ def run_plan(msg: Message, context: Context, plan: Plan, model, tokenizer,
               if any(t in k for t in trainable) and not any(t in k for t in personal)}
     if plan.upload == "delta":  # what training changed, relative to what was received
         upload = {k: v - received[k] for k, v in upload.items()}
-    metrics = train_metrics(len(examples), stats, rank, dpsgd, config.local_steps)
+    metrics = {**train_metrics(len(examples), stats, rank, dpsgd, config.local_steps), **fitted}
     codec = Codec.parse(config.upload_codec)
     drills = faults.faults_for(partition_id, plan.server_round, config.name)  # drills only
     if set(drills) & set(faults.HOSTILE):
@@ -178,16 +183,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     join_run(context, config.name)
     central = plan.eval_examples is not None  # the server's examples, on this process's model
     if central:
-        examples = plan.eval_examples
         sent = sent_base_delta(msg.content)  # the whole delta, for this evaluation only
         base_delta = sent[1] if sent else {}
     else:
-        _, examples = node_examples(plan, context)
-        if not examples:
-            raise FedLoraError("federated evaluation asked, but this client holds no examples out")
         base_delta = held_base_delta(context, msg.content, plan.base_delta_version)
     state = {k: torch.from_numpy(a.numpy().copy()) for k, a in msg.content[wire.ARRAYS].items()}
     with borrowed_model(config.model, device, config.dtype, config.quantize) as (model, tokenizer):
+        # The server's examples were fitted to --max-length before they were shared out.
+        examples = plan.eval_examples if central else node_examples(plan, context, tokenizer)[1]
+        if not examples:
+            raise FedLoraError("federated evaluation asked, but this client holds no examples out")
         add_to_weights(model, base_delta)
         with lora_applied(model, state, plan.eval_rank, plan.eval_alpha,
                           config.target_module_list) if state else nullcontext(model) as evaluated:
@@ -195,8 +200,10 @@ def evaluate(msg: Message, context: Context) -> Message:
                 load_adapter_state(evaluated, personal_tensors(context), partial=True)
             scores = score(evaluated, tokenizer, examples, plan.label_words,
                            batch_size=config.eval_batch_size, max_length=config.max_length,
-                           device=device, max_new_tokens=config.eval_max_new_tokens)
+                           device=device, max_new_tokens=config.eval_max_new_tokens,
+                           chat=config.chat_template)
     metrics = {**scores.to_record(), **({wire.EVAL_SHARD: plan.eval_shard} if central else {})}
+    give_back_memory(device)
     return Message(content=evaluation_content(metrics, node_client_id(context)), reply_to=msg)
 
 
@@ -205,16 +212,28 @@ def name_markers(names: tuple[str, ...]) -> list[str]:
     return [f".{name}." for name in names]
 
 
-def node_examples(plan: Plan, context: Context):
+def node_examples(plan: Plan, context: Context, tokenizer):
     """(train, held out) examples of this node: its node-config ``data-file``, else its
-    file of ``--client-data``, else its partition of ``--dataset``."""
+    file of ``--client-data``, else its partition of ``--dataset``; conversations cut or
+    left out to fit ``--max-length`` (fedlora.prompts.fit_examples), and how many of the
+    training ones were (metrics ``examples-cut``, ``examples-left-out``, where any were)."""
     config = plan.run
     partition_id = int(context.node_config["partition-id"])
     data_file = context.node_config.get("data-file")
     if not data_file and config.client_data:
         data_file = config.client_data_list[partition_id]
-    return local_examples(config, str(data_file) if data_file else None, partition_id,
-                          int(context.node_config["num-partitions"]), plan.label_words)
+    source = str(data_file) if data_file else f"partition {partition_id}"
+    train, held_out = local_examples(config, str(data_file) if data_file else None, partition_id,
+                                     int(context.node_config["num-partitions"]), plan.label_words)
+    train, cut, left_out = fit_examples(train, tokenizer, config.max_length, source,
+                                        config.chat_template)
+    if held_out:
+        held_out = fit_examples(held_out, tokenizer, config.max_length,
+                                f"{source} (held out)", config.chat_template)[0]
+    if not train:
+        raise FedLoraError(f"{source}: no training example fits --max-length {config.max_length}")
+    fitted = {wire.EXAMPLES_CUT: cut, wire.EXAMPLES_LEFT_OUT: left_out} if cut or left_out else {}
+    return train, held_out, fitted
 
 
 def node_client_id(context: Context) -> str:
@@ -224,9 +243,21 @@ def node_client_id(context: Context) -> str:
 
 def reply(msg: Message, payload: dict, header: dict, metrics: dict, client_id: str,
           device: torch.device) -> Message:
-    """The reply to ``msg`` (fedlora.wire.reply_content). GPU memory is given back before
-    the process waits for the next message."""
+    """The reply to ``msg`` (fedlora.wire.reply_content). Memory is given back before the
+    process waits for the next message (:func:`give_back_memory`)."""
     content = reply_content(payload, header, metrics, client_id)
+    give_back_memory(device)
+    return Message(content=content, reply_to=msg)
+
+
+def give_back_memory(device: torch.device) -> None:
+    """Return the memory a message freed: torch's cached GPU blocks, or on the CPU what
+    glibc's allocator keeps of the freed activations (``malloc_trim``), which an actor
+    waiting for its next message would otherwise hold at its training peak."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Message(content=content, reply_to=msg)
+    elif sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # another C library: nothing to trim
+            pass

@@ -4,7 +4,10 @@ client-side twin of strategies/kept.py.
 
 - kept batches: tensors the server sent once for the whole run (``frozen/...``, loaded
   into every adapter; ``merge/...``, LoRA stacks merged into the base weights);
-- the base delta: a dense change to the base weights, by module path, and its version;
+- the version of the base delta it holds (a dense change to the base weights, by module
+  path). The delta itself is the same for every node of a run (:class:`BaseDeltas`): it
+  is kept once per process and once per machine on disk, not in each node's state, which
+  Flower's simulation holds in one process for every node and ships with every message;
 - personal tensors: what the client trains and keeps for itself (plan ``personal``);
 - error-feedback residuals: what the codec did not send, for either fate of the last reply.
 
@@ -13,6 +16,10 @@ All of it belongs to one run: a plan that names another starts from an empty sta
 """
 
 from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
@@ -23,7 +30,6 @@ from fedlora.errors import FedLoraError
 
 KEPT = "fedlora-kept"  # the context.state record that holds kept tensors
 PERSONAL = "fedlora-personal"  # trained tensors that never leave the client (plan "personal")
-BASE_DELTA = "fedlora-base-delta"  # the dense change to the base weights, by module path
 BASE_DELTA_VERSION = "fedlora-base-delta-version"  # how many increments it sums
 RUN = "fedlora-run"  # the run the node state belongs to
 RESIDUAL = "fedlora-residual"  # the error-feedback residual, for either fate of the last reply
@@ -67,29 +73,104 @@ def keep_tensors(context: Context, message_keep: ArrayRecord | None, batches: in
     return frozen, merges
 
 
+class BaseDeltas:
+    """The base deltas of the runs this machine serves, by run and version, kept once per
+    process (the last two versions of a run in memory) and once per machine (files under
+    ``folder``, which a deployment's fresh process per message reads).
+
+    Every node of a run holds the same delta at a version, bit for bit (strategies/kept.py:
+    an increment is added to the previous version as the server adds it, a whole delta is
+    the server's), so one copy serves them all. Only a version and the one before it are
+    ever built on: older ones are deleted.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.memory: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+
+    def get(self, run: str, version: int) -> dict[str, torch.Tensor] | None:
+        """The delta of ``run`` at ``version`` ({} at version 0), or None if this machine
+        lacks it."""
+        if version == 0:
+            return {}
+        if (run, version) not in self.memory:
+            from safetensors.torch import load_file
+
+            try:
+                self.memory[(run, version)] = load_file(self.path(run, version))
+            except (FileNotFoundError, OSError):
+                return None
+        return self.memory[(run, version)]
+
+    def put(self, run: str, version: int, delta: dict[str, torch.Tensor]) -> None:
+        """Keep ``delta`` as ``run``'s version ``version``; forget versions before the one
+        below it."""
+        from safetensors.torch import save_file
+
+        path = self.path(run, version)
+        if not path.is_file():  # written whole, then renamed: a reader never sees half
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, partial = tempfile.mkstemp(dir=path.parent, suffix=".partial")
+            os.close(handle)
+            save_file({k: v.contiguous() for k, v in delta.items()}, partial)
+            os.replace(partial, path)
+        self.memory[(run, version)] = delta
+        for key in [k for k in self.memory if k[0] == run and k[1] < version - 1]:
+            del self.memory[key]
+        for old in path.parent.glob("*.safetensors"):
+            if int(old.stem) < version - 1:
+                old.unlink(missing_ok=True)
+
+    def path(self, run: str, version: int) -> Path:
+        return self.folder / run / f"{version}.safetensors"
+
+
+BASE_DELTAS = BaseDeltas(Path(tempfile.gettempdir()) / "fedlora-base-delta")
+
+
+def run_key(context: Context) -> str:
+    """The run a node's state belongs to, unique on this machine: Flower's run id (new for
+    each run, a resumed one too) and the run's name (the runs of a comparison share a
+    Flower run)."""
+    record = context.state.get(RUN)
+    name = record.get("name", "") if isinstance(record, ConfigRecord) else ""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{context.run_id}-{name}")
+
+
 def held_base_delta(context: Context, content: RecordDict, version: int) -> dict[str, torch.Tensor]:
     """The dense change to the base weights this node holds once the message's part of it
     is added (plan ``base-delta-version``; none at version 0), by module path.
 
     Raises FedLoraError if the message builds on a version the node does not hold (it
-    lost its state): the server then sends the whole delta next time.
+    lost its state, or this machine its copy): the server then sends the whole delta
+    next time.
     """
-    stored, held = context.state.get(BASE_DELTA), context.state.get(BASE_DELTA_VERSION)
+    held = context.state.get(BASE_DELTA_VERSION)
     held = int(held["version"]) if isinstance(held, ConfigRecord) else 0
-    delta = stored.to_torch_state_dict() if isinstance(stored, ArrayRecord) and held else {}
+    run = run_key(context)
     sent = sent_base_delta(content)
     if sent is not None:
         start, sent = sent
         if start not in (0, held):
             raise FedLoraError(f"the base delta sent builds on version {start}, this client holds "
                                f"version {held}; the server resends it whole")
-        delta = sent if start == 0 else {path: delta[path] + sent[path] for path in sent}
+        delta = sent if start == 0 else BASE_DELTAS.get(run, version)
+        if delta is None:  # no node of this machine has built this version yet
+            before = BASE_DELTAS.get(run, held)
+            if before is None:
+                raise FedLoraError(f"this machine lost base delta version {held}; the server "
+                                   "resends it whole")
+            delta = {path: before[path] + sent[path] for path in sent}
+        BASE_DELTAS.put(run, version, delta)
         held = version
-        context.state[BASE_DELTA] = ArrayRecord(delta)
         context.state[BASE_DELTA_VERSION] = ConfigRecord({"version": held})
     if held != version:
         raise FedLoraError(f"this client holds base delta version {held}, the plan says {version}; "
                            "the server resends it whole")
+    delta = BASE_DELTAS.get(run, version)
+    if delta is None:
+        raise FedLoraError(f"this machine lost base delta version {version}; the server resends "
+                           "it whole")
     return delta
 
 

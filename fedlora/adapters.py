@@ -138,20 +138,13 @@ BASE_DELTA_FILE = "base_delta.safetensors"
 def save_base_delta(base_delta: dict[str, torch.Tensor], folder: str | Path) -> None:
     """Next to a saved adapter, the dense change its base weights need (FedEx-LoRA): the
     global model is the base model, plus ``base_delta.safetensors`` (``<module>.weight``
-    keys) added to those weights, plus the adapter. A README says so."""
+    keys) added to those weights, plus the adapter (the run's model card says so)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({f"{path}.weight": value.contiguous() for path, value in base_delta.items()},
               str(folder / BASE_DELTA_FILE))
-    (folder / "README.md").write_text(
-        f"This adapter belongs on a changed base model: add each tensor of {BASE_DELTA_FILE} "
-        f"({len(base_delta)} dense weight changes, fp32, keys named after the weights they "
-        "change) to the base model's weight of that name, then load the adapter with "
-        "PeftModel.from_pretrained. fedlora.adapters.apply_base_delta(model, folder) does "
-        "the first step.\n"
-    )
 
 
 def apply_base_delta(model, folder: str | Path):

@@ -17,9 +17,10 @@ guessing. Each kind is one small class, registered in :data:`CODECS` by its name
 
 A codec's ``encode`` turns ``{name: tensor}`` into ``{key: numpy array}`` (what an
 ArrayRecord holds); ``decode`` needs the names and shapes the receiver expects and raises
-FedLoraError on any payload that does not fit them; ``payload_bytes`` is the bytes of the
-arrays ``encode`` makes for tensors of given shapes. A new codec is a subclass with its
-``kind`` registered in :data:`CODECS`.
+FedLoraError on any payload that does not fit them; ``encoded_shapes`` is the keys, dtypes
+and shapes of the arrays ``encode`` makes for tensors of given shapes (from which
+``payload_bytes`` follows), without any tensor: what the planner counts a 7B model's
+messages from. A new codec is a subclass with its ``kind`` registered in :data:`CODECS`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from fedlora.errors import FedLoraError
 
 State = dict[str, torch.Tensor]
 Shapes = dict[str, tuple[int, ...]]
+Encoded = dict[str, tuple[np.dtype, tuple[int, ...]]]  # key -> dtype and shape of an array
 
 
 class Codec:
@@ -65,6 +67,13 @@ class Codec:
         """The canonical text, as the payload carries it: ``parse(name)`` gives it back."""
         return self.kind
 
+    @property
+    def separate(self) -> bool:
+        """Whether each tensor encodes to arrays of its own (so two zero tensors of one
+        shape encode to equal arrays, which Flower sends once: the planner counts a fresh
+        LoRA's B so); a global top-k mixes all tensors into one pair of arrays."""
+        return True
+
     def encode(self, state: State) -> dict[str, np.ndarray]:
         """The arrays that carry ``state`` (keys sorted, so both ends agree)."""
         raise NotImplementedError
@@ -74,9 +83,15 @@ class Codec:
         lengths or indices that do not fit."""
         raise NotImplementedError
 
+    def encoded_shapes(self, shapes: Shapes) -> Encoded:
+        """The key, dtype and shape of each array that ``encode`` makes of tensors of
+        ``shapes``."""
+        raise NotImplementedError
+
     def payload_bytes(self, shapes: Shapes) -> int:
         """The bytes of the arrays that ``encode`` makes of tensors of ``shapes``."""
-        raise NotImplementedError
+        return sum(math.prod(shape) * dtype.itemsize
+                   for dtype, shape in self.encoded_shapes(shapes).values())
 
 
 class Dense(Codec):
@@ -98,8 +113,8 @@ class Dense(Codec):
             out[name] = tensor.float().reshape(shapes[name])
         return out
 
-    def payload_bytes(self, shapes: Shapes) -> int:
-        return sum(math.prod(shape) for shape in shapes.values()) * np.dtype(self.dtype).itemsize
+    def encoded_shapes(self, shapes: Shapes) -> Encoded:
+        return {name: (np.dtype(self.dtype), tuple(shapes[name])) for name in sorted(shapes)}
 
     def to_array(self, tensor: torch.Tensor) -> np.ndarray:
         return tensor.to(torch.float32).numpy().astype(self.dtype)
@@ -163,8 +178,12 @@ class Int8(Codec):
             out[name] = torch.from_numpy(values.astype(np.float32) * scale[0]).reshape(shapes[name])
         return out
 
-    def payload_bytes(self, shapes: Shapes) -> int:
-        return sum(math.prod(shape) + 4 for shape in shapes.values())
+    def encoded_shapes(self, shapes: Shapes) -> Encoded:
+        out = {}
+        for name in sorted(shapes):
+            out[name] = (np.dtype(np.int8), tuple(shapes[name]))
+            out[f"{name}/scale"] = (np.dtype(np.float32), (1,))
+        return out
 
 
 @dataclass(frozen=True)
@@ -201,6 +220,10 @@ class TopK(Codec):
         return f"topk:{float(self.density)!r},{self.values}" + (",per-tensor" if self.per_tensor else "")
 
     @property
+    def separate(self) -> bool:
+        return self.per_tensor
+
+    @property
     def value_type(self) -> type:
         return np.float16 if self.values == "fp16" else np.float32
 
@@ -232,11 +255,15 @@ class TopK(Codec):
         return {name: part.reshape(shapes[name])
                 for name, part in zip(names, torch.split(flat, sizes))}
 
-    def payload_bytes(self, shapes: Shapes) -> int:
-        sizes = [math.prod(shape) for shape in shapes.values()]
-        groups = sizes if self.per_tensor else [sum(sizes)]
-        value_size = np.dtype(self.value_type).itemsize
-        return sum(kept(self.density, n) * (value_size + index_dtype(n).itemsize) for n in groups)
+    def encoded_shapes(self, shapes: Shapes) -> Encoded:
+        names = sorted(shapes)
+        groups = ({f"{name}/": math.prod(shapes[name]) for name in names} if self.per_tensor
+                  else {"": sum(math.prod(shapes[name]) for name in names)})
+        out = {}
+        for prefix, size in groups.items():
+            out[f"{prefix}values"] = (np.dtype(self.value_type), (kept(self.density, size),))
+            out[f"{prefix}indices"] = (index_dtype(size), (kept(self.density, size),))
+        return out
 
     def _values(self, values: torch.Tensor) -> np.ndarray:
         return values.to(torch.float16 if self.values == "fp16" else torch.float32).numpy()
@@ -278,8 +305,9 @@ class Sign(Codec):
             out[name] = torch.from_numpy(bits.astype(np.float32) * 2 - 1).reshape(shapes[name])
         return out
 
-    def payload_bytes(self, shapes: Shapes) -> int:
-        return sum(math.ceil(math.prod(shape) / 8) for shape in shapes.values())
+    def encoded_shapes(self, shapes: Shapes) -> Encoded:
+        return {name: (np.dtype(np.uint8), (math.ceil(math.prod(shapes[name]) / 8),))
+                for name in sorted(shapes)}
 
 
 CODECS: dict[str, type[Codec]] = {cls.kind: cls for cls in (FP32, FP16, BF16, Int8, TopK, Sign)}

@@ -29,6 +29,8 @@ from fedlora.errors import FedLoraError
 from fedlora.privacy import check_settings
 
 ALL_LINEAR = "all-linear"  # --target-modules' name for every linear layer but the output head
+# --data-format's choices (fedlora.data reads each)
+DATA_FORMATS = ("auto", "classification", "prompt-response", "messages", "sharegpt", "alpaca")
 
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -69,10 +71,26 @@ class RunConfig:
     text_column: str = field(default="text", metadata={"help": "input text column of a user file"})
     label_column: str = field(default="label", metadata={"help": "label column of a user file"})
     prompt_column: str = field(
-        default="", metadata={"help": "prompt column of a user file (instead of text/label)"}
+        default="", metadata={"help": "prompt column of a user file (instead of text/label; "
+                                      "default with --data-format prompt-response: prompt)"}
     )
     response_column: str = field(
-        default="", metadata={"help": "response column of a user file (with --prompt-column)"}
+        default="", metadata={"help": "response column of a user file (with --prompt-column; "
+                                      "default with --data-format prompt-response: response)"}
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={"choices": DATA_FORMATS,
+                  "help": "the data files' rows: auto (recognised from the columns: messages, "
+                          "conversations (ShareGPT), instruction and output (Alpaca), "
+                          "--prompt-column, else text and label), classification, "
+                          "prompt-response, messages, sharegpt or alpaca"},
+    )
+    chat_template: bool = field(
+        default=False,
+        metadata={"help": "classification and prompt/response examples through the model's "
+                          "chat template (prompt as the user's turn, label word or response "
+                          "as the assistant's); conversations always are"},
     )
     num_clients: int = field(default=4, metadata={"bounds": (1, 10_000, True), "help": "number of clients (data partitions)"})
     rounds: int = field(default=3, metadata={"bounds": (1, 100_000, True), "help": "federated rounds"})
@@ -101,6 +119,13 @@ class RunConfig:
                           "'Learning rates', says where each comes from)"},
     )
     max_length: int = field(default=96, metadata={"bounds": (8, 32_768, True), "help": "max tokens of a prompt and answer"})
+    micro_batch_size: int = field(
+        default=0,
+        metadata={"bounds": (0, 65_536, True), "help": "split each batch into micro-batches of "
+                          "this many examples and accumulate their gradients: the same update "
+                          "(up to float rounding) with the activations of a micro-batch only; "
+                          "0: the whole batch at once; not with --dp sample"},
+    )
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "recompute each layer's activations in the backward pass instead of "
@@ -162,6 +187,13 @@ class RunConfig:
     error_feedback: bool = field(
         default=False,
         metadata={"method": "sparse", "help": "sparse: clients keep what they did not send and add it next round"},
+    )
+    supernode_auth: bool = field(
+        default=False,
+        metadata={"help": "the SuperLink authenticates its SuperNodes (python -m fedlora.deploy "
+                          "--auth, or your own SuperLink with --enable-supernode-auth): the DP "
+                          "accountant keys each client by its node id, which it cannot choose, "
+                          "not by the client-id it reports"},
     )
     max_update_norm: float = field(
         default=0.0,
@@ -262,6 +294,13 @@ class RunConfig:
         default=1,
         metadata={"bounds": (1, 1024, True), "help": "simulation: CPU cores (and torch threads) of each client actor; "
                           "cores / client-cpus clients train at once"},
+    )
+    client_gpus: float = field(
+        default=0.0,
+        metadata={"bounds": (0.0, 64.0, True), "help": "simulation: GPUs of each client actor, "
+                          "fractions allowed (0.25: four clients share one GPU; a fraction is "
+                          "no memory cap: size it by the planner's client memory); 0: one "
+                          "whole GPU per client where the clients use CUDA, none on the CPU"},
     )
     output: str = field(default="runs", metadata={"help": "folder that holds run folders"})
     name: str = field(
@@ -365,6 +404,10 @@ class RunConfig:
             )
         if self.target_modules and not self.target_module_list:
             raise FedLoraError("--target-modules is empty; give e.g. q_proj,v_proj")
+        if self.micro_batch_size and self.dp == "sample":
+            raise FedLoraError("--micro-batch-size with --dp sample: Opacus clips the per-example "
+                               "gradients of a whole Poisson batch in one step; drop it, or use "
+                               "--dp user")
         if self.gradient_checkpointing and self.dp == "sample":
             raise FedLoraError("--gradient-checkpointing runs each layer's forward pass twice, "
                                "which Opacus' per-example gradient hooks would record twice: "
@@ -385,6 +428,9 @@ class RunConfig:
         check_settings(self)
         if bool(self.prompt_column) != bool(self.response_column):
             raise FedLoraError("--prompt-column and --response-column go together; give both")
+        if self.prompt_column and self.data_format not in ("auto", "prompt-response"):
+            raise FedLoraError(f"--prompt-column names prompt/response data, but --data-format "
+                               f"is {self.data_format}")
 
     @property
     def rank_list(self) -> list[int]:

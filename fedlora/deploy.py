@@ -8,7 +8,11 @@ below), streams the run's log and waits for the run to end. The ServerApp writes
 
 Every process it started is stopped when the run ends, fails or is interrupted (Ctrl-C,
 SIGTERM). With ``--tls`` the processes talk over TLS, with trial certificates made by
-``scripts/make_certs.sh``; without it over plain HTTP, which is safe on loopback only.
+``scripts/make_certs.sh``; without it over plain HTTP, which is safe on loopback only. With
+``--auth`` (which implies ``--tls``) the SuperLink admits only the SuperNodes whose public
+keys were registered with it (Flower's SuperNode authentication): each SuperNode gets a
+fresh key pair, its public key is registered (``flwr supernode register``) before it starts,
+and the run keys its clients by their authenticated node ids (``--supernode-auth``).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Federation:
 
     clients: int
     tls: bool = False
+    auth: bool = False  # SuperNode authentication (with TLS)
     ranks: tuple[int, ...] = ()  # node-config rank of each SuperNode, cycled
     devices: tuple[str, ...] = ()  # node-config device of each SuperNode, cycled
     data_files: tuple[str, ...] = ()  # node-config data-file of each SuperNode
@@ -84,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="TLS with trial certificates (scripts/make_certs.sh) instead of plain HTTP",
     )
     group.add_argument(
+        "--auth", action="store_true",
+        help="SuperNode authentication (implies --tls): only SuperNodes whose public keys "
+             "were registered join, and the DP accountant keys clients by their node ids",
+    )
+    group.add_argument(
         "--client-ranks", metavar="R,R,...", default="",
         help="each SuperNode's LoRA rank (node-config rank), cycled; for flora",
     )
@@ -101,7 +111,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[StudyRun], Federatio
         raise FedLoraError("--summarise runs nothing, so it needs no federation: give the same "
                            "study flags to python -m fedlora.simulate --summarise")
     clients = args.pop("clients")
-    tls = args.pop("tls")
+    auth = args.pop("auth")
+    tls = args.pop("tls") or auth
+    if auth:  # the server then trusts node ids, not the clients' word
+        args["supernode_auth"] = True
     ranks = _ranks(args.pop("client_ranks"))
     devices = tuple(comma_list(args.pop("client_devices")))
     for device in devices:
@@ -125,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[StudyRun], Federatio
         if '"' in path:
             raise FedLoraError(f"--client-data: '{path}' has a double quote, which "
                                "flower-supernode's --node-config cannot carry; rename it")
-    return runs, Federation(configs[0].num_clients, tls, ranks, devices, files)
+    return runs, Federation(configs[0].num_clients, tls, auth, ranks, devices, files)
 
 
 def _ranks(text: str) -> tuple[int, ...]:
@@ -149,6 +162,25 @@ def make_certs(folder: Path) -> Path:
     return folder
 
 
+def make_node_key(folder: Path, name: str) -> Path:
+    """A fresh SuperNode key pair, as Flower's authentication reads it: an EC (P-384) private
+    key in OpenSSH format at ``folder/name`` and its public key at ``folder/name.pub``;
+    returns the private key's path."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    folder.mkdir(parents=True, exist_ok=True)
+    private = folder / name
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    private.chmod(0o600)
+    (folder / f"{name}.pub").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return private
+
+
 def write_connection(home: Path, port: int, certs: Path | None) -> None:
     """$FLWR_HOME/config.toml: how ``flwr`` reaches the SuperLink."""
     connection = {"address": f"127.0.0.1:{port}"}
@@ -160,9 +192,11 @@ def write_connection(home: Path, port: int, certs: Path | None) -> None:
     (home / "config.toml").write_text(tomli_w.dumps({"superlink": {CONNECTION: connection}}))
 
 
-def start_federation(federation: Federation, processes: Processes, certs: Path | None) -> int:
-    """Start the SuperLink and the SuperNodes, wait until every node connected; return
-    the SuperLink's port."""
+def start_federation(federation: Federation, processes: Processes, work: Path,
+                     certs: Path | None) -> int:
+    """Start the SuperLink, write the connection ``flwr`` uses ($FLWR_HOME under
+    ``work``), register the SuperNodes' keys where they authenticate, start the
+    SuperNodes and wait until every one connected; return the SuperLink's port."""
     begin = time.perf_counter()
     link_port, *node_ports = free_ports(1 + federation.clients)
     if certs is None:
@@ -175,15 +209,24 @@ def start_federation(federation: Federation, processes: Processes, certs: Path |
     processes.start("superlink", [
         flower_tool("flower-superlink"), *link_tls, "--disable-runtime-dependency-installation",
         "--host", "127.0.0.1", "--port", str(link_port),
+        *(["--enable-supernode-auth"] if federation.auth else []),
     ])
     wait_until(lambda: listening(link_port), "the SuperLink did not listen", processes,
                ["superlink"])
-    print(f"deploy: SuperLink on 127.0.0.1:{link_port} ({'TLS' if certs else 'no TLS'}) "
+    write_connection(work / "flwr-home", link_port, certs)
+    security = "TLS, SuperNode authentication" if federation.auth else "TLS" if certs else "no TLS"
+    print(f"deploy: SuperLink on 127.0.0.1:{link_port} ({security}) "
           f"up after {time.perf_counter() - begin:.1f}s", flush=True)
     nodes = [f"supernode-{i}" for i in range(federation.clients)]
     for i, (name, port) in enumerate(zip(nodes, node_ports)):
+        auth = []
+        if federation.auth:  # registered before it starts: the SuperLink admits no other
+            key = make_node_key(work / "keys", name)
+            flwr_json(processes, f"register-{name}",
+                      ["supernode", "register", f"{key}.pub", CONNECTION])
+            auth = ["--auth-supernode-private-key", str(key)]
         processes.start(name, [
-            flower_tool("flower-supernode"), *node_tls,
+            flower_tool("flower-supernode"), *node_tls, *auth,
             "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
             "--node-config", federation.node_config(i),
         ])
@@ -308,8 +351,7 @@ def deploy(configs: list[RunConfig], federation: Federation) -> list[Path]:
     processes = Processes(flower_env(work / "flwr-home"), log_dir)
     try:
         certs = make_certs(work / "certs") if federation.tls else None
-        port = start_federation(federation, processes, certs)
-        write_connection(work / "flwr-home", port, certs)
+        start_federation(federation, processes, work, certs)
         return [run_once(config, federation, processes, work) for config in configs]
     finally:
         # a second Ctrl-C or SIGTERM must not cut the clean-up short

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 import re
+import string
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
@@ -28,7 +30,8 @@ import torch.nn.functional as F
 
 from fedlora.data import Example
 from fedlora.errors import FedLoraError
-from fedlora.train import answer_ids, answer_logits, forward_logits, make_batch
+from fedlora.prompts import label_answer_ids, prompt_ids
+from fedlora.train import answer_logits, forward_logits, make_batch
 
 # GSM8K-style solutions end in "#### 42"; a generation without it answers with its last number.
 FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
@@ -53,6 +56,8 @@ class Scores:
     correct_counts: list[int] = field(default_factory=list)
     generated: int = 0  # examples decoded (prompt/response data)
     exact_matches: int = 0
+    token_f1_sum: float = 0.0
+    rouge_l_sum: float = 0.0
     numeric_examples: int = 0
     numeric_matches: int = 0
 
@@ -68,7 +73,8 @@ class Scores:
     def metrics(self, prefix: str = "eval_") -> dict[str, float]:
         """Every figure of :data:`METRICS` these counts give (loss per answer token; with
         labels accuracy, macro-F1 and the accuracy of always answering the most common
-        label; with generation exact match, and numeric match), each key with ``prefix``."""
+        label; with generation exact match, token F1, ROUGE-L and numeric match), each key
+        with ``prefix``."""
         return {prefix + m.name: value for m in METRICS if (value := m.value(self)) is not None}
 
     def to_record(self) -> dict:
@@ -84,7 +90,7 @@ class Scores:
         for f in fields(cls):
             key = f.name.replace("_", "-")
             value = record.get(key, [] if f.name.endswith("counts") else 0)
-            if f.name == "loss_sum":
+            if f.name.endswith("_sum"):
                 ok = isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
             elif f.name.endswith("counts"):
                 ok = isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value)
@@ -112,7 +118,8 @@ class Scores:
         elif any(counts):
             raise FedLoraError("label counts sent for a task without labels")
         if not (self.exact_matches <= self.generated <= self.examples
-                and self.numeric_matches <= self.numeric_examples <= self.generated):
+                and self.numeric_matches <= self.numeric_examples <= self.generated
+                and max(self.token_f1_sum, self.rouge_l_sum) <= self.generated):
             raise FedLoraError("generation counts exceed the examples evaluated")
 
 
@@ -194,6 +201,10 @@ METRICS = (
     Metric("exact_match", lambda s: s.exact_matches / s.generated if s.generated else None, True,
            "generation", {"eval_": ("exact match", 11, ".3f"), "val_": ("val exact", 9, ".3f"),
                           "fed_eval_": ("fed exact", 9, ".3f")}, headline=1, worst_client=True),
+    Metric("token_f1", lambda s: s.token_f1_sum / s.generated if s.generated else None, True,
+           "generation", {"eval_": ("token F1", 8, ".3f"), "fed_eval_": ("fed F1", 7, ".3f")}),
+    Metric("rouge_l", lambda s: s.rouge_l_sum / s.generated if s.generated else None, True,
+           "generation", {"eval_": ("ROUGE-L", 7, ".3f"), "fed_eval_": ("fed R-L", 7, ".3f")}),
     Metric("numeric_match", lambda s: s.numeric_matches / s.numeric_examples
            if s.numeric_examples else None, True, "generation"),
 )
@@ -230,6 +241,35 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
+def squad_tokens(text: str) -> list[str]:
+    """SQuAD's answer normalisation, as words: lower case, punctuation and the articles
+    a, an, the removed."""
+    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def token_f1(generated: str, reference: str) -> float:
+    """SQuAD's token-level F1 of a generation against its reference (1 where both
+    normalise to nothing, 0 where only one does)."""
+    predicted, truth = squad_tokens(generated), squad_tokens(reference)
+    if not predicted or not truth:
+        return float(predicted == truth)
+    common = sum((Counter(predicted) & Counter(truth)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(truth)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(generated: str, reference: str) -> float:
+    """ROUGE-L F-measure (longest common subsequence of words), by Google's reference
+    implementation (``rouge-score``; its tokenizer keeps lower-case ASCII letters and
+    digits only)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, generated)["rougeL"].fmeasure
+
+
 def final_number(text: str, marked_only: bool = False) -> str | None:
     """The numeric answer of a text: after ``####`` if present, else (unless
     ``marked_only``) its last number; commas and a trailing ".0" dropped."""
@@ -254,28 +294,33 @@ def score(
     max_length: int,
     device: torch.device,
     max_new_tokens: int = 0,
+    chat: bool = False,
 ) -> Scores:
-    """The counts of ``examples``: labels scored by log-likelihood, or answer loss and,
-    with ``max_new_tokens``, greedy generations matched against the responses. Logits
-    are computed in fp32 whatever the model's dtype. Examples are batched in order of
-    length, so that a batch pads little: the counts do not depend on the order."""
+    """The counts of ``examples``: labels scored by log-likelihood, or answer loss (every
+    assistant turn of a conversation) and, with ``max_new_tokens``, greedy generations of
+    each example's (last) answer matched against it. Logits are computed in fp32 whatever
+    the model's dtype. ``chat``: single-turn examples through the chat template
+    (fedlora.prompts). Examples are batched in order of length, so that a batch pads
+    little: the counts do not depend on the order."""
     model.eval()
     total = Scores()
-    label_ids = label_answer_ids(tokenizer, label_words) if label_words else None
-    lengths = [len(ids) for ids in tokenizer([e.prompt for e in examples]).input_ids]
-    examples = [examples[i] for i in sorted(range(len(examples)), key=lengths.__getitem__)]
+    label_ids = label_answer_ids(tokenizer, label_words, chat) if label_words else None
+    prompts = [prompt_ids(e, tokenizer, max_length, chat) for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
     for begin in range(0, len(examples), batch_size):
-        chunk = examples[begin : begin + batch_size]
+        chosen = order[begin : begin + batch_size]
+        chunk, chunk_prompts = [examples[i] for i in chosen], [prompts[i] for i in chosen]
         if label_ids:
-            total += _score_labels(model, tokenizer, chunk, label_ids, max_length, device)
+            total += _score_labels(model, chunk, chunk_prompts, label_ids, max_length, device)
             continue
-        batch = make_batch(chunk, tokenizer, max_length).to(device)
+        batch = make_batch(chunk, tokenizer, max_length, chat=chat).to(device)
         logits, targets = answer_logits(model, batch, fp32_head=True)
         mask = targets != -100
         total += Scores(examples=len(chunk), tokens=int(mask.sum()),
                         loss_sum=F.cross_entropy(logits[mask], targets[mask], reduction="sum").item())
         if max_new_tokens:
-            total += _score_generations(model, tokenizer, chunk, max_length, max_new_tokens, device)
+            total += _score_generations(model, tokenizer, chunk, chunk_prompts, max_length,
+                                        max_new_tokens, device)
     return total
 
 
@@ -284,24 +329,31 @@ def evaluate(model, tokenizer, examples, label_words, **kwargs) -> dict[str, flo
     return score(model, tokenizer, examples, label_words, **kwargs).metrics()
 
 
-def label_log_likelihoods(model, tokenizer, prompts: list[str], label_ids: list[list[int]],
-                          max_length: int, device: torch.device) -> torch.Tensor:
-    """log p(answer | prompt) of each label's answer tokens (:func:`label_answer_ids`),
-    summed over them: shape (prompts, labels).
+def left_padded(rows: list[list[int]], pad_id: int, device: torch.device):
+    """Token rows padded on the left to one width: (input ids, attention mask, position
+    ids), so that every row ends at the last position."""
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        mask[i, width - len(ids):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    return input_ids, mask, (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def label_log_likelihoods(model, prompts: list[list[int]], label_ids: list[list[int]],
+                          max_length: int, device: torch.device, pad_id: int = 0) -> torch.Tensor:
+    """log p(answer | prompt) of each label's answer tokens
+    (:func:`fedlora.prompts.label_answer_ids`) after each prompt's tokens
+    (:func:`fedlora.prompts.prompt_ids`), summed over them: shape (prompts, labels).
 
     Prompts are cut from the left to leave room for the longest label, then run once;
     each label's tokens continue from the KV cache, which is rewound after each label.
     """
     room = max(1, max_length - max(map(len, label_ids)))
-    prompt_ids = [ids[-room:] for ids in tokenizer(prompts, add_special_tokens=True).input_ids]
-    width = max(map(len, prompt_ids))
-    input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, ids in enumerate(prompt_ids):
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        mask[i, width - len(ids):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    input_ids, mask, positions = left_padded([ids[-room:] for ids in prompts], pad_id, device)
+    width = input_ids.shape[1]
     out = forward_logits(model, True, input_ids=input_ids, attention_mask=mask,
                          position_ids=positions, use_cache=True, logits_to_keep=1)
     first = out.logits[:, -1].log_softmax(dim=-1)  # predicts every label's first token
@@ -325,23 +377,14 @@ def label_log_likelihoods(model, tokenizer, prompts: list[str], label_ids: list[
     return scores
 
 
-def label_answer_ids(tokenizer, label_words: list[str]) -> list[list[int]]:
-    """Each label's answer tokens (" word" and end of sequence), which must differ."""
-    label_ids = [answer_ids(tokenizer, " " + w) for w in label_words]
-    if len(set(map(tuple, label_ids))) < len(label_ids):
-        raise FedLoraError(f"label words {label_words} tokenize alike; they cannot be told apart")
-    return label_ids
-
-
 def _rewind(cache, length: int) -> None:
     """Cut a KV cache back to ``length`` positions (a negative crop removes that many
     tokens, in transformers 4.x and 5 alike)."""
     cache.crop(length - cache.get_seq_length())
 
 
-def _score_labels(model, tokenizer, chunk, label_ids, max_length, device) -> Scores:
-    scores = label_log_likelihoods(model, tokenizer, [e.prompt for e in chunk], label_ids,
-                                   max_length, device)
+def _score_labels(model, chunk, prompts, label_ids, max_length, device) -> Scores:
+    scores = label_log_likelihoods(model, prompts, label_ids, max_length, device)
     truth = torch.tensor([e.label for e in chunk], device=device)
     predicted = scores.argmax(dim=1)
     n = len(label_ids)
@@ -355,21 +398,33 @@ def _score_labels(model, tokenizer, chunk, label_ids, max_length, device) -> Sco
     )
 
 
-def _score_generations(model, tokenizer, chunk, max_length, max_new_tokens, device) -> Scores:
-    """Greedy decoding of each prompt (batched, left-padded, with the KV cache)."""
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a generation: end-of-sequence, and the model's own (a chat
+    model's end of turn, where it differs)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def _score_generations(model, tokenizer, chunk, prompts, max_length, max_new_tokens,
+                       device) -> Scores:
+    """Greedy decoding after each prompt (batched, left-padded, with the KV cache),
+    scored against each example's answer."""
     from transformers import GenerationConfig
 
-    prompts = [Example(e.prompt, "") for e in chunk]
-    batch = make_batch(prompts, tokenizer, max_length).to(device)
+    input_ids, mask, _ = left_padded([ids[-max_length:] for ids in prompts],
+                                     tokenizer.pad_token_id, device)
     settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id)
-    output = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                            generation_config=settings)
-    texts = tokenizer.batch_decode(output[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+                                eos_token_id=stop_token_ids(model, tokenizer))
+    output = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=settings)
+    texts = tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
     scores = Scores(generated=len(chunk))
     for example, text in zip(chunk, texts):
         scores.exact_matches += normalize_answer(text) == normalize_answer(example.answer)
+        scores.token_f1_sum += token_f1(text, example.answer)
+        scores.rouge_l_sum += rouge_l(text, example.answer)
         expected = final_number(example.answer, marked_only=True)
         if expected is not None:
             scores.numeric_examples += 1

@@ -126,8 +126,9 @@ def quantized_load(folder: Path, device: torch.device, dtype: torch.dtype, quant
 
     The weights load in ``dtype`` and are quantised from it. peft's preparation puts what
     stays unquantised (embeddings, norms, the output head) in fp32, as QLoRA does for
-    stable training, and a 4-bit layer computes in the dtype of its input (bitsandbytes'
-    rule): fp32 throughout, on a GPU too. On a CPU with AVX-512 BF16, bitsandbytes would
+    stable training, so the activations between the quantised layers are fp32; a 4-bit
+    layer computes in ``dtype`` (its input cast down, its output back up): fp32 on the CPU,
+    bf16 on a GPU. On a CPU with AVX-512 BF16, bitsandbytes would
     switch a 4-bit layer, at its first forward pass in eval mode, to a packed layout and a
     bf16 kernel, for good: training forward passes after an evaluation would then run that
     kernel, which passes no gradient back to the layers below, and evaluation would round

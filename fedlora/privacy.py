@@ -126,6 +126,9 @@ class Privacy:
         (each stream derives its own seed from it: fedlora.seeds). A
         seeded noise can be recomputed, and so removed, by anyone who knows the seed (the
         clients know the run's ``--seed``): seeds are for experiments only.
+    node_identities : bool
+        Sample level: key each client's accountant by its node id, which an authenticated
+        SuperNode cannot choose (``--supernode-auth``), not by the ``client-id`` it reports.
     """
 
     mode: str
@@ -140,6 +143,7 @@ class Privacy:
     local_steps: int = 10
     rounds: int = 1
     noise_seed: int = -1
+    node_identities: bool = False
 
     @classmethod
     def from_config(cls, config) -> Privacy | None:
@@ -152,7 +156,7 @@ class Privacy:
             target_epsilon=config.dp_target_epsilon, max_epsilon=config.dp_max_epsilon,
             sample_rate=min(1.0, sampled / config.num_clients), clients=config.num_clients,
             batch_size=config.batch_size, local_steps=config.local_steps, rounds=config.rounds,
-            noise_seed=config.dp_noise_seed,
+            noise_seed=config.dp_noise_seed, node_identities=config.supernode_auth,
         )
         if privacy.mode == "user" and privacy.target_epsilon:
             delta = privacy.delta_for(config.num_clients)

@@ -2,9 +2,10 @@
 fedlora.evaluate.
 
 A batch has one of two layouts. Padded: one row per example, padded on the left so that
-every answer ends at the last position; the model then computes vocabulary logits only
-for the last ``max answer length + 1`` positions (``logits_to_keep``), which is where the
-loss and the label-word choice live. That keeps a 135M-parameter model with a 49k
+every example ends at the last position; the model then computes vocabulary logits only
+from just before the earliest answer token on (``logits_to_keep``: the last ``max answer
+length + 1`` positions of single-turn examples), which is where the loss and the
+label-word choice live. That keeps a 135M-parameter model with a 49k
 vocabulary cheap on a CPU. Packed: the examples one after another in a single row, with
 no padding; training uses it wherever the model keeps packed sequences apart (see
 :func:`packs_sequences`), because padding is a third of a padded batch's tokens on short
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from fedlora.data import Example
 from fedlora.errors import FedLoraError
 from fedlora.privacy import DPSGD, make_private
+from fedlora.prompts import encode
 
 
 @dataclass
@@ -32,68 +34,74 @@ class Batch:
     """Token ids, and ``labels`` that are -100 except on answer tokens.
 
     Padded (``packed`` false): one row per example, left-padded; ``keep`` (an int) is how
-    many final positions need logits. Packed: all examples in one row, no attention mask;
-    each example's ``position_ids`` restart at 0, from which transformers builds a
-    block-diagonal causal mask, so that no example sees another; ``keep`` (a tensor) holds
-    the positions whose logits predict an answer token.
+    many final positions need logits (from just before a row's first answer token). Packed:
+    all examples in one row, no attention mask; each example's ``position_ids`` restart at
+    0, from which transformers builds a block-diagonal causal mask, so that no example sees
+    another; ``keep`` (a tensor) holds the positions whose logits predict an answer token.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor
     labels: torch.Tensor
-    answer_lengths: torch.Tensor
     keep: int | torch.Tensor
 
     @property
     def packed(self) -> bool:
         return self.attention_mask is None
 
+    @property
+    def answer_tokens(self) -> int:
+        """How many tokens the loss covers."""
+        return int((self.labels != -100).sum())
+
     def to(self, device: torch.device) -> Batch:
         return Batch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in vars(self).items()})
 
 
-def make_batch(examples: list[Example], tokenizer, max_length: int, packed: bool = False) -> Batch:
-    """Tokenize prompt + answer, cut the prompt from the left to fit, and lay the examples
-    out padded on the left (or ``packed``, see :class:`Batch`).
-
-    A non-empty answer ends with the end-of-sequence token (see :func:`answer_ids`)."""
-    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=True).input_ids
+def make_batch(examples: list[Example], tokenizer, max_length: int, packed: bool = False,
+               chat: bool = False) -> Batch:
+    """Tokenize each example (:func:`fedlora.prompts.encode`: a plain prompt, cut from the
+    left to fit, and its answer ending with end-of-sequence; or a conversation through the
+    chat template, every assistant turn an answer; ``chat``: single-turn examples through
+    the template too) and lay the examples out padded on the left (or ``packed``, see
+    :class:`Batch`)."""
     rows = []
-    for example, prompt in zip(examples, prompts):
-        answer = answer_ids(tokenizer, example.answer)[: max_length // 2]
-        prompt = prompt[-(max_length - len(answer)) :]  # keep the question at the prompt's end
-        rows.append((prompt + answer, len(answer)))
-    answer_lengths = torch.tensor([a for _, a in rows])
+    for example in examples:
+        encoded = encode(example, tokenizer, max_length, chat)
+        if encoded is None:  # fit_examples leaves these out before training
+            raise FedLoraError(f"{example.origin}: its first assistant turn ends beyond "
+                               f"--max-length {max_length}")
+        labels = [t if answer else -100 for t, answer in zip(encoded.ids, encoded.answer_mask)]
+        rows.append((encoded.ids, labels))
     if packed:
-        return _packed_batch(rows, answer_lengths)
+        return _packed_batch(rows)
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (ids, answer_length) in enumerate(rows):
+    for i, (ids, row_labels) in enumerate(rows):
         input_ids[i, width - len(ids) :] = torch.tensor(ids)
         attention_mask[i, width - len(ids) :] = 1
-        labels[i, width - answer_length :] = torch.tensor(ids[len(ids) - answer_length :])
+        labels[i, width - len(ids) :] = torch.tensor(row_labels)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    return Batch(
-        input_ids, attention_mask, position_ids, labels, answer_lengths,
-        keep=int(answer_lengths.max()) + 1,
-    )
+    answered = (labels != -100).any(dim=0).nonzero()
+    return Batch(input_ids, attention_mask, position_ids, labels,
+                 keep=width - int(answered[0]) + 1 if len(answered) else 1)
 
 
-def _packed_batch(rows: list[tuple[list[int], int]], answer_lengths: torch.Tensor) -> Batch:
+def _packed_batch(rows: list[tuple[list[int], list[int]]]) -> Batch:
     ids, positions, labels = [], [], []
-    for row, answer_length in rows:
+    for row, row_labels in rows:
         ids += row
         positions += range(len(row))
-        labels += [-100] * (len(row) - answer_length) + row[len(row) - answer_length :]
+        labels += row_labels
     labels, positions = torch.tensor([labels]), torch.tensor([positions])
     # Position i predicts token i + 1, so the logits needed are those just before each
     # answer token, within the same example.
     keep = torch.nonzero((labels[0, 1:] != -100) & (positions[0, 1:] != 0)).flatten()
-    return Batch(torch.tensor([ids]), None, positions, labels, answer_lengths, keep=keep)
+    return Batch(torch.tensor([ids]), None, positions, labels, keep=keep)
 
 
 def packs_sequences(model) -> bool:
@@ -133,16 +141,6 @@ _PACKING: dict[tuple, bool] = {}  # packs_sequences' answers, a cache
 def transformers_model(model):
     """The transformers model inside peft's wrapper (or ``model`` itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def answer_ids(tokenizer, answer: str) -> list[int]:
-    """The tokens of an answer, ending with end-of-sequence: a label word is then a whole
-    answer, not a prefix of a longer one ("good" of "good fun"), and greedy decoding learns
-    where a response stops."""
-    if not answer:
-        return []
-    ids = tokenizer(answer, add_special_tokens=False).input_ids
-    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
 
 def forward_logits(model, fp32_head: bool = False, **inputs):
@@ -189,15 +187,24 @@ def answer_logits(model, batch: Batch, fp32_head: bool = False) -> tuple[torch.T
     return out.logits[:, :-1], batch.labels[:, -batch.keep + 1 :]
 
 
-def answer_loss(model, batch: Batch, per_example: bool = False) -> torch.Tensor:
-    """Mean cross-entropy over the batch's answer tokens; with ``per_example``, the mean
-    over examples of each example's mean, so that the batch loss is a mean of per-example
-    losses, as per-example gradient clipping (DP-SGD) needs (and a padded batch)."""
+def check_finite(loss: torch.Tensor, lr: float) -> None:
+    """Raise FedLoraError if training diverged."""
+    if not math.isfinite(loss.item()):
+        raise FedLoraError(f"training loss became {loss.item()}; lower --lr (now {lr})")
+
+
+def answer_loss(model, batch: Batch, per_example: bool = False,
+                reduction: str = "mean") -> torch.Tensor:
+    """Mean cross-entropy over the batch's answer tokens (``reduction="sum"``: their sum);
+    with ``per_example``, the mean over examples of each example's mean, so that the batch
+    loss is a mean of per-example losses, as per-example gradient clipping (DP-SGD) needs
+    (and a padded batch)."""
     if per_example and batch.packed:
         raise ValueError("per-example losses need a padded batch (one row per example)")
     logits, targets = answer_logits(model, batch)
     if not per_example:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               reduction=reduction)
     losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # 0 at -100
     answer_tokens = (targets != -100).sum(dim=1)
     return (losses.sum(dim=1) / answer_tokens).mean()
@@ -216,6 +223,8 @@ def train_local(
     device: torch.device,
     dpsgd: DPSGD | None = None,
     gradient_checkpointing: bool = False,
+    chat: bool = False,
+    micro_batch_size: int = 0,
 ) -> dict[str, float]:
     """Train the model's trainable tensors for ``steps`` AdamW steps on ``examples``.
 
@@ -228,6 +237,11 @@ def train_local(
     the server knows. With ``gradient_checkpointing``, each layer's activations are
     recomputed in the backward pass instead of kept (Hugging Face's, non-reentrant: the
     frozen base needs no input gradients), and checkpointing is switched off again after.
+    ``chat``: single-turn examples through the chat template (:func:`make_batch`). With
+    ``micro_batch_size``, a batch's examples go through the model that many at a time and
+    their gradients add up (each micro-batch's loss summed over its answer tokens, divided
+    by the whole batch's): the same step up to float rounding, with one micro-batch's
+    activations held at a time.
     Returns the mean, first and last batch loss and the seconds spent.
     """
     if not examples:
@@ -262,16 +276,28 @@ def train_local(
                     parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
                 optimizer.step()
                 continue
-            batch = make_batch([examples[i] for i in chosen], tokenizer, max_length, packed)
-            batch = batch.to(device)
-            with warnings.catch_warnings():  # Opacus' hooks on layers whose inputs need no grad
-                warnings.filterwarnings("ignore", "Full backward hook is firing")
-                loss = answer_loss(model, batch, per_example=dpsgd is not None)
-                if not math.isfinite(loss.item()):
-                    raise FedLoraError(f"training loss became {loss.item()}; lower --lr (now {lr})")
-                loss.backward()
+            chosen = [examples[i] for i in chosen]
+            if dpsgd is not None:
+                with warnings.catch_warnings():  # Opacus' hooks on layers whose inputs need no grad
+                    warnings.filterwarnings("ignore", "Full backward hook is firing")
+                    loss = answer_loss(model, make_batch(chosen, tokenizer, max_length, False, chat)
+                                       .to(device), per_example=True)
+                    check_finite(loss, lr)
+                    loss.backward()
+            else:
+                step = micro_batch_size or len(chosen)
+                batches = [make_batch(chosen[i : i + step], tokenizer, max_length, packed, chat)
+                           for i in range(0, len(chosen), step)]
+                tokens = sum(b.answer_tokens for b in batches)
+                loss = 0.0
+                for batch in batches:  # one batch: its mean, as torch computes it
+                    part = (answer_loss(model, batch.to(device)) if len(batches) == 1 else
+                            answer_loss(model, batch.to(device), reduction="sum") / tokens)
+                    check_finite(part, lr)
+                    part.backward()
+                    loss += part.detach()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(float(loss))
     finally:
         if dpsgd is not None:
             model.remove_hooks()
@@ -295,6 +321,7 @@ def weight_gradients(
     batch_size: int,
     max_length: int,
     device: torch.device,
+    chat: bool = False,
 ) -> dict[str, torch.Tensor]:
     """sum over batches of d(mean batch loss)/dW for each linear layer W in ``linears``
     (by path): the full-weight gradient LoRA-SB's initialisation starts from. Batches are
@@ -307,7 +334,8 @@ def weight_gradients(
     packed = packs_sequences(model)
     try:
         for begin in range(0, len(examples), batch_size):
-            batch = make_batch(examples[begin : begin + batch_size], tokenizer, max_length, packed)
+            batch = make_batch(examples[begin : begin + batch_size], tokenizer, max_length,
+                               packed, chat)
             answer_loss(model, batch.to(device)).backward()
         return {f"{path}.weight": w.grad.detach().to("cpu", torch.float32) for path, w in weights.items()}
     finally:

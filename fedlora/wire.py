@@ -49,6 +49,10 @@ NUM_EXAMPLES = "num-examples"  # the client's training examples: its weight
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 RANK = "rank"  # the LoRA rank the client trained
+# Conversations of the client's training data cut at a turn boundary to fit --max-length,
+# and left out (the first answer did not fit); sent only where there were any.
+EXAMPLES_CUT = "examples-cut"
+EXAMPLES_LEFT_OUT = "examples-left-out"
 DP_NOISE = "dp-noise"  # DP-SGD: what the server's accountant composes
 DP_SAMPLE_RATE = "dp-sample-rate"
 DP_STEPS = "dp-steps"
@@ -136,7 +140,7 @@ class Plan:
             if isinstance(value, tuple):
                 value = ",".join(value)
             elif name == "eval_examples":
-                value = json.dumps([[e.prompt, e.answer, e.label] for e in value])
+                value = json.dumps([[e.prompt, e.answer, e.label, e.turns] for e in value])
             record[name.replace("_", "-")] = value
         return ConfigRecord(record)
 
@@ -190,12 +194,16 @@ def _typed(key: str, value, kind: type):
 
 
 def _examples(key: str, value) -> list[Example]:
-    """Central evaluation's share of examples, from its JSON ``[prompt, answer, label]``
-    rows, or FedLoraError."""
+    """Central evaluation's share of examples, from its JSON ``[prompt, answer, label,
+    turns]`` rows (``turns``: [role, content] pairs of a conversation, else empty), or
+    FedLoraError."""
     try:
-        return [Example(str(prompt), str(answer), label) for prompt, answer, label in json.loads(str(value))]
+        return [Example(str(prompt), str(answer), label,
+                        tuple((str(role), str(content)) for role, content in turns))
+                for prompt, answer, label, turns in json.loads(str(value))]
     except (json.JSONDecodeError, TypeError, ValueError):
-        raise FedLoraError(f"the plan's '{key}' is no JSON list of [prompt, answer, label] rows") from None
+        raise FedLoraError(f"the plan's '{key}' is no JSON list of [prompt, answer, label, "
+                           "turns] rows") from None
 
 
 def run_record(config: RunConfig, label_words: list[str] | None) -> ConfigRecord:
@@ -268,9 +276,13 @@ def reply_metrics(reply: Message) -> MetricRecord:
     return metrics
 
 
-def client_identity(reply: Message) -> str:
+def client_identity(reply: Message, node_identities: bool = False) -> str:
     """The ``client-id`` a reply names its sender by (its own word: the partition id in
-    simulation, a node-config value in deployment), or FedLoraError."""
+    simulation, a node-config value in deployment), or FedLoraError; with
+    ``node_identities``, its node id instead (``node-<id>``: what an authenticated
+    SuperNode cannot choose)."""
+    if node_identities:
+        return f"node-{reply.metadata.src_node_id}"
     record = reply.content.get(CLIENT)
     client_id = record.get(CLIENT_ID) if isinstance(record, ConfigRecord) else None
     if not isinstance(client_id, str) or not 0 < len(client_id) <= 200:

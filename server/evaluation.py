@@ -19,6 +19,7 @@ from fedlora.data import ServerData
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import Scores, score
 from fedlora.models import load_model, pick_device, restored
+from fedlora.prompts import fit_examples
 from fedlora.wire import check_no_error, reply_metrics
 from server.transport import exchange, traffic
 from strategies.evaluation import example_shards
@@ -62,6 +63,14 @@ class Evaluation:
             self.device = torch.device("cpu")
         self.model, self.tokenizer = load_model(config.model, self.device, config.dtype,
                                                config.quantize)
+        # Conversations that do not fit --max-length are left out here, once, so that a
+        # client scores every example of its share.
+        if self.central:
+            self.central = fit_examples(self.central, self.tokenizer, config.max_length,
+                                        "the evaluation examples", config.chat_template)[0]
+        if self.validation:
+            self.validation = fit_examples(self.validation, self.tokenizer, config.max_length,
+                                           "the validation examples", config.chat_template)[0]
 
     @property
     def num_labels(self) -> int:
@@ -94,7 +103,8 @@ class Evaluation:
         with self.global_adapter(arrays) as evaluated:
             return score(evaluated, self.tokenizer, examples, self.label_words,
                          batch_size=config.eval_batch_size, max_length=config.max_length,
-                         device=self.device, max_new_tokens=config.eval_max_new_tokens)
+                         device=self.device, max_new_tokens=config.eval_max_new_tokens,
+                         chat=config.chat_template)
 
     @contextmanager
     def global_adapter(self, arrays: ArrayRecord):

@@ -180,17 +180,21 @@ def load_checkpoint(folder: Path, strategy, metrics_log: MetricsLog, rounds: int
     return ArrayRecord(checkpoint["arrays"]), done, unfinished
 
 
-def save_outputs(folder: Path, strategy, arrays: ArrayRecord, global_adapter,
-                 rows: list[dict], ended: str) -> None:
-    """The run's adapter, report.png and, last, summary.json. ``global_adapter(arrays)``
-    is the context manager that yields the global model (server.evaluation)."""
+def save_outputs(folder: Path, config: RunConfig, strategy, arrays: ArrayRecord,
+                 evaluation, rows: list[dict], ended: str) -> None:
+    """The run's adapter and its model card, report.png and, last, summary.json.
+    ``evaluation`` (server.evaluation.Evaluation) yields the global model."""
     if strategy.personal:  # no global model: the shared tensors, and what is missing
         save_shared_tensors(arrays.to_torch_state_dict(), folder / "adapter", strategy.personal)
     else:
-        with global_adapter(arrays) as adapted:
+        with evaluation.global_adapter(arrays) as adapted:
             save_adapter(adapted, folder / "adapter")
         if strategy.kept.base_delta:  # the global model is not the base model plus a LoRA
             save_base_delta(strategy.kept.base_delta, folder / "adapter")
+        adapter = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+        (folder / "adapter" / "README.md").write_text(model_card(
+            config, rows, adapter, bool(strategy.kept.base_delta),
+            bool(evaluation.tokenizer.chat_template)))
     from server.report import plot_report  # matplotlib: only once a report is written
 
     plot_report(rows, folder / "report.png")
@@ -200,6 +204,54 @@ def save_outputs(folder: Path, strategy, arrays: ArrayRecord, global_adapter,
         "cumulative_bytes_up": last["cumulative_bytes_up"],
         "cumulative_bytes_down": last["cumulative_bytes_down"],
         "seconds": sum(row["seconds"] for row in rows)}, indent=1) + "\n")
+
+
+def model_card(config: RunConfig, rows: list[dict], adapter: dict, base_delta: bool,
+               chat_template: bool) -> str:
+    """The saved adapter's README: what it is (base model, method, rank and modules, data
+    and how its examples were rendered, the federation), how it scored, its privacy
+    guarantee if any, and how to load it."""
+    from fedlora.data import PROMPT_TEMPLATE
+
+    last = rows[-1]
+    scored = next((r for r in reversed(rows) if any(k in r for k, *_ in metric_columns())), None)
+    figures = [f"{key} {scored[key]:.4g}" for key, *_ in metric_columns()
+               if scored and isinstance(scored.get(key), (int, float))]
+    template = ("the model's chat template" if chat_template
+                else "fedlora's plain chat template (fedlora.prompts.PLAIN_TEMPLATE)")
+    single = (f"through {template}" if config.chat_template
+              else f"as the plain prompt `{PROMPT_TEMPLATE!r}` and its answer")
+    data = (f"one file per client ({config.client_data})" if config.client_data
+            else f"{config.dataset}, partitioned over the clients ({config.partitioning})")
+    privacy = ("none: no differential-privacy guarantee" if config.dp == "off" else
+               f"--dp {config.dp}: epsilon {last.get('epsilon', float('nan')):.4g} at delta "
+               f"{last.get('delta', float('nan')):.3g} after round {last['round']} (the "
+               "assumptions are in docs/privacy.md)")
+    load = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+            f"base = AutoModelForCausalLM.from_pretrained({adapter['base_model_name_or_path']!r})\n")
+    if base_delta:
+        load += ("from fedlora.adapters import apply_base_delta\n"
+                 "base = apply_base_delta(base, 'adapter')  # add base_delta.safetensors first\n")
+    load += "model = PeftModel.from_pretrained(base, 'adapter')\n"
+    return "\n".join([
+        "---", f"base_model: {config.model}", "library_name: peft",
+        f"tags: [lora, federated-learning, fedlora, {config.strategy}]", "---", "",
+        f"# {config.name or 'fedlora run'}: a LoRA adapter trained by federated learning", "",
+        f"- **Base model**: `{config.model}` (`{adapter['base_model_name_or_path']}`)",
+        f"- **Method**: {config.strategy}; rounds: {last['round']}; clients: {config.num_clients}, "
+        f"a fraction {config.fraction_train:g} of them training each round; seed {config.seed}",
+        f"- **LoRA**: rank {adapter['r']}, alpha {adapter['lora_alpha']:g}, modules "
+        f"{', '.join(sorted(adapter['target_modules']))}"
+        + (" (the base weights changed too: base_delta.safetensors)" if base_delta else ""),
+        f"- **Data**: {data}; format {config.data_format}; conversations rendered with "
+        f"{template}, every assistant turn trained; classification and prompt/response "
+        f"examples {single}; at most {config.max_length} tokens",
+        f"- **Evaluation** (round {scored['round'] if scored else '-'}): "
+        + (", ".join(figures) if figures else "none"),
+        f"- **Privacy**: {privacy}",
+        "", "## Load it", "", "```python", load + "```", "",
+        "Written by fedlora; the run's config.toml, metrics.jsonl and summary.json sit beside "
+        "this folder.", ""])
 
 
 class MetricsLog:

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from fedlora.config import RunConfig
 from fedlora.data import server_data
 from fedlora.errors import FedLoraError
-from fedlora.wire import run_record
+from fedlora.wire import EXAMPLES_CUT, EXAMPLES_LEFT_OUT, run_record
 from server.evaluation import Evaluation
 from server.outputs import (METRICS_FILE, MetricsLog, load_checkpoint, make_run_dir,
                             save_checkpoint, save_outputs)
@@ -72,7 +72,7 @@ def run_federation(grid: Grid, config: RunConfig, simulation: bool = False) -> P
         # aggregate is drawn, released and counted once, never drawn again.
         save_checkpoint(folder, server_round, arrays, strategy, row)
         metrics_log.write(evaluated_row(row, evaluation, arrays))
-    save_outputs(folder, strategy, arrays, evaluation.global_adapter, metrics_log.rows, ended)
+    save_outputs(folder, config, strategy, arrays, evaluation, metrics_log.rows, ended)
     return folder
 
 
@@ -131,6 +131,9 @@ def train_round(grid: Grid, strategy, config: RunConfig, record, arrays, server_
     for key in ("aggregation-error", "epsilon", "delta"):
         if key in train_metrics:
             row[key.replace("-", "_")] = float(train_metrics[key])
+    for key in (EXAMPLES_CUT, EXAMPLES_LEFT_OUT):  # the clients' data, fitted
+        if key in train_metrics:
+            row[key.replace("-", "_")] = int(train_metrics[key])
     return new_arrays, {**row, "seconds": time.perf_counter() - start}
 
 

@@ -9,7 +9,8 @@ clients keep.
 A method is a subclass that sets what the client attaches and trains and overrides a few
 small steps: :meth:`initialize`, :meth:`aggregate_means` (or :meth:`aggregate_states`),
 and where needed :meth:`client_terms`, :meth:`expected_shapes`, :meth:`complete`,
-:meth:`client_delta`, :meth:`round_delta`, :meth:`peft_adapter`.
+:meth:`client_delta`, :meth:`round_delta`, :meth:`peft_adapter`, and
+:meth:`initialize_shapes` (its traffic by shape, for the planner).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -27,14 +29,14 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fedlora import wire
 from fedlora.adapters import fresh_lora_state, target_linears
 from fedlora.aggregate import RunningMean, State, delta_weights
-from fedlora.codec import Codec, encode_payload
+from fedlora.codec import Codec, Shapes, encode_payload
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import Scores
 from fedlora.privacy import Privacy
 from fedlora.wire import Plan, run_from_record
 from strategies.evaluation import evaluation_messages, pool_evaluations
 from strategies.kept import KeptTensors
-from strategies.replies import decode_reply
+from strategies.replies import decode_reply, lora_shapes
 from strategies.round import Round
 from strategies.server_privacy import ServerPrivacy
 
@@ -42,6 +44,42 @@ if TYPE_CHECKING:
     from fedlora.data import Example
 
 log = logging.getLogger("fedlora")
+
+@dataclass
+class TrafficShapes:
+    """What a method's messages carry beyond the plan, by shape and under the keys they
+    travel with: how the planner (``fedlora.plan.plan_run``) counts a whole run of a
+    model too large to run the method's math on, without a tensor. What varies with the
+    round or the node (codecs, sampling, the reply's shapes, a node's own rank) comes from
+    the strategy's own hooks.
+
+    Attributes
+    ----------
+    sent : dict
+        The global tensors sent each round (``arrays_to_send``, before ``node_arrays``).
+    zero : set of str
+        Those of ``sent`` that are zero in round 1 (a fresh LoRA's B): Flower sends equal
+        arrays once per message.
+    frozen : dict
+        The kept batch every client receives once before it first trains (keys
+        ``frozen/...``); empty: none.
+    gradient : dict
+        Each client's reply in the initialisation round (``init_reply_shapes``); empty: no
+        such round.
+    stacked : bool
+        Whether each round adds a kept batch: the round's LoRAs stacked, of rank the sum
+        of the replies' ranks, keys ``merge/<peft key>`` (FLoRA).
+    residual : dict
+        The base-delta increment each round adds, by module path; empty: none (FedEx-LoRA
+        sends a dense out x in one).
+    """
+
+    sent: Shapes
+    zero: set[str] = field(default_factory=set)
+    frozen: Shapes = field(default_factory=dict)
+    gradient: Shapes = field(default_factory=dict)
+    stacked: bool = False
+    residual: Shapes = field(default_factory=dict)
 
 
 class LoraStrategy(FedAvg):
@@ -69,6 +107,13 @@ class LoraStrategy(FedAvg):
     - ``config_arguments(config)``: constructor arguments from a RunConfig; a subclass adds
       its own parameters here.
     - ``initialize(model)``: the global state before round 1 (default: a fresh seeded LoRA).
+    - ``initialize_shapes(model)``: what ``initialize`` sets up, by shape, and what the
+      method's messages carry (TrafficShapes), for the planner (default: a fresh LoRA, B
+      zero). A method whose messages carry more than LoRA's overrides it.
+    - ``start_round(server_round)``: what changes with the round before its messages are
+      built (default: nothing; the sparse method's densities).
+    - ``record_reply(node_id, metrics)``: what the strategy notes of a usable reply
+      (default: nothing; HetLoRA's and FlexLoRA's node ranks).
     - ``configure_init`` / ``aggregate_init``: an initialisation round (default: none).
     - ``arrays_to_send(arrays)``: what of the global state is sent each round (default: all).
     - ``trained(server_round)``: what the clients train and upload that round (default:
@@ -291,6 +336,14 @@ class LoraStrategy(FedAvg):
             fresh_lora_state(model, self.rank, self.alpha, list(self.target_modules), self.seed)
         )
 
+    def initialize_shapes(self, model) -> TrafficShapes:
+        """What :meth:`initialize` sets up, by shape alone (no tensor is made: ``model`` may
+        be on the meta device), and what the method's messages carry: the strategy is then
+        ready for :meth:`plan`, :meth:`expected_shapes` and :meth:`node_arrays` on shapes.
+        By default a fresh LoRA of rank ``rank``, its B zero."""
+        sent = lora_shapes(self.adapted_shapes(model), self.rank)
+        return TrafficShapes(sent, zero={k for k in sent if k.endswith("lora_B.weight")})
+
     def configure_init(self, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
         """Messages of an initialisation round before round 1; none by default."""
         return []
@@ -310,6 +363,7 @@ class LoraStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample clients; send each the plan, the global arrays and the kept tensors it lacks."""
+        self.start_round(server_round)
         node_ids = self.sample_train_nodes(server_round, grid)
         self.server_round, self.sampled = server_round, len(node_ids)
         plan = self.plan(config, server_round, task="train")
@@ -325,6 +379,9 @@ class LoraStrategy(FedAvg):
                 payloads[shapes] = encode_payload(state, self.download_codec)
             messages.append(self.message(node, plan, *payloads[shapes]))
         return messages
+
+    def start_round(self, server_round: int) -> None:
+        """What changes with the round before its messages are built (default: nothing)."""
 
     def sample_train_nodes(self, server_round: int, grid: Grid) -> list[int]:
         """The nodes that train this round, once ``min_available_nodes`` are connected.
@@ -432,10 +489,14 @@ class LoraStrategy(FedAvg):
             state = decode_reply(reply, expected_shapes, codec or self.upload_codec,
                                  self.weighted_by_key, dpsgd=sample_level)
             self.kept.confirm(reply.metadata.src_node_id)  # it holds what it was sent
+            self.record_reply(reply.metadata.src_node_id, reply.content[wire.METRICS])
             return state
         except FedLoraError as err:
             self.drop(server_round, reply.metadata.src_node_id, str(err))
             return None
+
+    def record_reply(self, node_id: int, metrics: MetricRecord) -> None:
+        """What the strategy notes of a usable reply of ``node_id`` (default: nothing)."""
 
     def drop(self, server_round: int, node: int, reason: str) -> None:
         """Leave a node's reply out of the round: the reason is logged and kept in

@@ -3,9 +3,11 @@ global model is exact."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from fedlora.aggregate import State, delta_weights, fedex_residual
 from fedlora.errors import FedLoraError
-from strategies.base import LoraStrategy
+from strategies.base import LoraStrategy, TrafficShapes
 
 
 PRODUCT = "product/"  # the client terms that hold s B_k A_k, by module path
@@ -41,6 +43,10 @@ class FedExLoRA(LoraStrategy):
                 "--dp sample, or --strategy fedavg with --dp user"
             )
         self.residual: State = {}  # the last round's, as the clients received it
+
+    def initialize_shapes(self, model) -> TrafficShapes:
+        lora = super().initialize_shapes(model)
+        return dataclasses.replace(lora, residual=self.adapted_shapes(model))
 
     def client_terms(self, state, metrics) -> State:
         """A and B, and s B_k A_k of each module (dense), for sum_k p_k B_k A_k."""

@@ -6,7 +6,7 @@ from flwr.app import ArrayRecord
 
 from fedlora.aggregate import State
 from fedlora.errors import FedLoraError
-from strategies.base import LoraStrategy
+from strategies.base import LoraStrategy, TrafficShapes
 
 
 class FedSALoRA(LoraStrategy):
@@ -39,6 +39,11 @@ class FedSALoRA(LoraStrategy):
         self.module_shapes = self.adapted_shapes(model)
         fresh = super().initialize(model).to_torch_state_dict()
         return ArrayRecord({k: v for k, v in fresh.items() if k.endswith("lora_A.weight")})
+
+    def initialize_shapes(self, model) -> TrafficShapes:
+        self.module_shapes = self.adapted_shapes(model)
+        lora = super().initialize_shapes(model)
+        return TrafficShapes({k: v for k, v in lora.sent.items() if k.endswith("lora_A.weight")})
 
     def aggregate_means(self, means, metrics) -> State:
         return means

@@ -15,7 +15,7 @@ from fedlora.aggregate import State, lora_sb_from_gradient, random_lora_sb
 from fedlora.codec import Codec
 from fedlora.config import ALL_LINEAR
 from fedlora.errors import FedLoraError
-from strategies.base import LoraStrategy
+from strategies.base import LoraStrategy, TrafficShapes
 
 
 def resolved_init(init: str, private: bool) -> str:
@@ -125,7 +125,8 @@ class FedSB(LoraStrategy):
     def scale(self) -> float:
         return 1.0
 
-    def initialize(self, model) -> ArrayRecord:
+    def adapt(self, model) -> None:
+        """Note the adapted modules' shapes; FedLoraError where the rank exceeds one."""
         self.module_shapes = self.adapted_shapes(model)
         smallest = min(min(shape) for shape in self.module_shapes.values())
         if self.rank > smallest:
@@ -133,6 +134,9 @@ class FedSB(LoraStrategy):
                 f"--rank {self.rank} exceeds the smallest adapted dimension ({smallest}); "
                 f"LoRA-SB needs rank <= {smallest}"
             )
+
+    def initialize(self, model) -> ArrayRecord:
+        self.adapt(model)
         if self.init == "gradient":
             return ArrayRecord()  # set by the initialisation round
         generator = torch.Generator().manual_seed(self.seed)
@@ -141,6 +145,17 @@ class FedSB(LoraStrategy):
             for path, (out_features, in_features) in self.module_shapes.items()
         }
         return self.set_factors(factors)
+
+    def initialize_shapes(self, model) -> TrafficShapes:
+        self.adapt(model)
+        r = self.rank
+        frozen = {}
+        for path, (out_features, in_features) in self.module_shapes.items():
+            frozen[f"frozen/{path}.lora_A.weight"] = (r, in_features)
+            frozen[f"frozen/{path}.lora_B.weight"] = (out_features, r)
+        sent = {f"{path}.lora_R.weight": (r, r) for path in self.module_shapes}
+        return TrafficShapes(sent, zero=set(sent) if self.init == "random" else set(), frozen=frozen,
+                             gradient=self.init_reply_shapes() if self.init == "gradient" else {})
 
     def configure_init(self, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
         """Ask every connected client for its gradient estimate (init "gradient")."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord
 
 from fedlora.aggregate import State
-from strategies.base import LoraStrategy
+from strategies.base import LoraStrategy, TrafficShapes
 
 
 class FFALoRA(LoraStrategy):
@@ -25,6 +25,11 @@ class FFALoRA(LoraStrategy):
         state = super().initialize(model).to_torch_state_dict()
         self.keep_frozen({k: v for k, v in state.items() if ".lora_A." in k})
         return ArrayRecord({k: v for k, v in state.items() if ".lora_B." in k})
+
+    def initialize_shapes(self, model) -> TrafficShapes:
+        lora = super().initialize_shapes(model)
+        return TrafficShapes({k: v for k, v in lora.sent.items() if ".lora_B." in k}, lora.zero,
+                             frozen={f"frozen/{k}": v for k, v in lora.sent.items() if ".lora_A." in k})
 
     def aggregate_means(self, means, metrics) -> State:
         return means

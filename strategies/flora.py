@@ -10,7 +10,7 @@ from fedlora import wire
 from fedlora.aggregate import State, concat_lora, delta_weights, stack_lora
 from fedlora.errors import FedLoraError
 from fedlora.wire import Plan
-from strategies.base import LoraStrategy
+from strategies.base import LoraStrategy, TrafficShapes
 from strategies.replies import announced_rank, lora_shapes
 
 
@@ -73,6 +73,10 @@ class FLoRA(LoraStrategy):
     def initialize(self, model) -> ArrayRecord:
         self.module_shapes = self.adapted_shapes(model)
         return ArrayRecord()  # no global adapter yet: the base model is the global state
+
+    def initialize_shapes(self, model) -> TrafficShapes:
+        self.module_shapes = self.adapted_shapes(model)
+        return TrafficShapes({}, stacked=True)  # nothing global is sent: the stacks are kept
 
     def arrays_to_send(self, arrays: ArrayRecord) -> ArrayRecord:
         return ArrayRecord()  # clients start a fresh LoRA; the stacks travel as kept batches

@@ -85,9 +85,13 @@ def decode_reply(reply: Message, expected_shapes: Callable[[MetricRecord], dict]
         value = metrics.get(key, 0.0)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise FedLoraError(f"'{key}' must be a finite number, got {value!r}")
+    for key in (wire.EXAMPLES_CUT, wire.EXAMPLES_LEFT_OUT):
+        value = metrics.get(key, 0)
+        if not isinstance(value, int) or value < 0:
+            raise FedLoraError(f"'{key}' must be a count (an int >= 0), got {value!r}")
     if dpsgd:
         check_dpsgd_metrics(metrics, dpsgd, num_examples)
-        client_identity(reply)
+        client_identity(reply, dpsgd.node_identities)
     if not isinstance(content.get(wire.CODEC), ConfigRecord):
         raise FedLoraError(f"the reply has no ConfigRecord '{wire.CODEC}'")
     named = str(content[wire.CODEC].get("codec", ""))

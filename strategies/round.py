@@ -45,7 +45,7 @@ class Round:
         metrics = reply.content[wire.METRICS]
         privacy = strategy.privacy
         if privacy and privacy.mode == "sample":  # each identity gets an accountant
-            client = client_identity(reply)
+            client = client_identity(reply, privacy.node_identities)
             if not strategy.dp.admits(client, self.clients):
                 strategy.drop(self.server_round, reply.metadata.src_node_id,
                               f"'{wire.CLIENT_ID}' {client!r} would be a client beyond the "
@@ -91,6 +91,9 @@ class Round:
         if metrics:  # a user-level DP round may have drawn no client: no loss to report
             aggregated["train-loss"] = sum(w * float(m.get(wire.TRAIN_LOSS, 0.0))
                                            for m, w in zip(metrics, weights))
+        for key in (wire.EXAMPLES_CUT, wire.EXAMPLES_LEFT_OUT):
+            if any(key in m for m in metrics):
+                aggregated[key] = sum(int(m.get(key, 0)) for m in metrics)
         if strategy.dp:
             strategy.dp.record_round(self.clients, metrics, strategy.weighted_by_key)
             aggregated["epsilon"], aggregated["delta"] = strategy.dp.accountant.spent()

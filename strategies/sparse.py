@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.serverapp import Grid
+from flwr.app import ConfigRecord
 
 from fedlora.aggregate import State
 from fedlora.codec import Codec, TopK
@@ -89,12 +87,10 @@ class SparseLoRA(LoraStrategy):
         """d_t = d_0 * decay^floor((t - 1) / every): rounds count from 1, which uses d_0."""
         return initial * self.density_decay ** ((server_round - 1) // self.density_decay_every)
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def start_round(self, server_round: int) -> None:
+        """The round's codecs, at its densities."""
         self.upload_codec = at_density(self.upload_form, self.density(self.upload_density, server_round))
         self.download_codec = at_density(self.download_form, self.density(self.download_density, server_round))
-        return super().configure_train(server_round, arrays, config, grid)
 
     def plan(self, config: ConfigRecord, server_round: int, task: str) -> Plan:
         plan = super().plan(config, server_round, task)

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from fedlora import wire
 from fedlora.aggregate import State, truncate_lora
 from fedlora.wire import Plan
-from strategies.base import LoraStrategy
+from strategies.base import LoraStrategy, TrafficShapes
 from strategies.replies import announced_rank, lora_shapes
 
 
@@ -52,6 +52,10 @@ class TruncatedRankLoRA(LoraStrategy):
         self.module_shapes = self.adapted_shapes(model)
         return super().initialize(model)  # a fresh LoRA of rank R
 
+    def initialize_shapes(self, model) -> TrafficShapes:
+        self.module_shapes = self.adapted_shapes(model)
+        return super().initialize_shapes(model)  # a fresh LoRA of rank R
+
     def plan(self, config: ConfigRecord, server_round: int, task: str) -> Plan:
         plan = super().plan(config, server_round, task)
         plan.run = dataclasses.replace(plan.run, ranks=",".join(map(str, self.ranks)))
@@ -65,8 +69,5 @@ class TruncatedRankLoRA(LoraStrategy):
     def expected_shapes(self, metrics: MetricRecord) -> dict[str, tuple[int, ...]]:
         return lora_shapes(self.module_shapes, announced_rank(metrics, self.rank))
 
-    def accept(self, server_round, reply, expected_shapes, codec=None):
-        state = super().accept(server_round, reply, expected_shapes, codec)
-        if state is not None:
-            self.node_ranks[reply.metadata.src_node_id] = int(reply.content[wire.METRICS][wire.RANK])
-        return state
+    def record_reply(self, node_id: int, metrics: MetricRecord) -> None:
+        self.node_ranks[node_id] = int(metrics[wire.RANK])

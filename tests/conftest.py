@@ -4,6 +4,7 @@ and the run identity that Flower messages need; and the order in which modules s
 from __future__ import annotations
 
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -146,9 +147,12 @@ def weighted_average(states: list[dict], weights: list[float]) -> dict:
             for key in states[0]}
 
 
-def node_context(node: int, num_partitions: int):
-    """A fresh Flower node context: partition ``node - 1`` of ``num_partitions``, no state."""
+def node_context(node: int, num_partitions: int, run_id: int | None = None):
+    """A fresh Flower node context: partition ``node - 1`` of ``num_partitions``, no state,
+    in a run of its own unless ``run_id`` is given (what a machine keeps per run, such as
+    the base delta, is then its own too)."""
     from flwr.app import Context, RecordDict
 
-    return Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+    run_id = random.randrange(2**62) if run_id is None else run_id  # unique across processes
+    return Context(run_id=run_id, node_id=node, state=RecordDict(), run_config={},
                    node_config={"partition-id": node - 1, "num-partitions": num_partitions})

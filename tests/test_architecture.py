@@ -20,8 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fedlora", "strategies", "server", "client")
-CORE = {"errors", "seeds", "config", "codec", "aggregate", "privacy", "data", "models", "train",
-        "evaluate", "adapters", "wire"}
+CORE = {"errors", "seeds", "config", "codec", "aggregate", "privacy", "data", "prompts", "models",
+        "train", "evaluate", "adapters", "wire", "memory"}
 COMMANDS = {"simulate", "deploy", "plan", "study", "cli", "comparison", "processes"}
 RANK = {"core": 0, "strategies": 1, "client": 1, "server": 2, "commands": 3}
 

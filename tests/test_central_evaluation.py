@@ -46,7 +46,7 @@ def test_a_large_federation_scores_a_few_shares_not_one_per_node():
     assert len(messages) == MAX_EVAL_SHARES < 200
     assert [m.metadata.dst_node_id for m in messages] == list(range(1, MAX_EVAL_SHARES + 1))
     sent = [json.loads(m.content["config"]["eval-examples"]) for m in messages]
-    assert [prompt for share in sent for prompt, _, _ in share] == [e.prompt for e in examples]
+    assert [row[0] for share in sent for row in share] == [e.prompt for e in examples]
     assert [m.content["config"]["eval-shard"] for m in messages] == list(range(MAX_EVAL_SHARES))
 
 
@@ -109,4 +109,4 @@ def test_pooled_shares_equal_the_servers_evaluation_and_a_lost_share_is_scored_t
     assert pooled.correct_counts == expected.correct_counts
     assert math.isclose(pooled.loss_sum, expected.loss_sum, rel_tol=1e-5)
     for context in contexts.values():  # the whole base delta was for that evaluation only
-        assert client.node_state.BASE_DELTA not in context.state
+        assert client.node_state.BASE_DELTA_VERSION not in context.state

@@ -88,10 +88,14 @@ def test_sparse_payload_bytes_are_values_plus_indices_plus_fixed_overhead(state)
 
 @pytest.mark.parametrize("text", ["fp32", "fp16", "bf16", "int8", "sign", "topk:0.1", "topk:0.37,fp16",
                                   "topk:0.05,per-tensor", "topk:1e-4,fp16,per-tensor"])
-def test_a_codec_counts_its_payload_to_the_byte(state, text):
+def test_a_codec_describes_its_payload_from_shapes_alone(state, text):
+    """encoded_shapes (what the planner counts a 7B model's messages from) names every
+    array encode makes, with its dtype and shape; payload_bytes follows from it."""
     codec = Codec.parse(text)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    assert codec.payload_bytes(shapes) == sum(a.nbytes for a in codec.encode(state).values())
+    encoded = codec.encode(state)
+    assert codec.encoded_shapes(shapes) == {k: (a.dtype, a.shape) for k, a in encoded.items()}
+    assert codec.payload_bytes(shapes) == sum(a.nbytes for a in encoded.values())
 
 
 def test_a_new_codec_is_one_registered_class(state, monkeypatch):

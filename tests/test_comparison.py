@@ -47,16 +47,18 @@ def comparison(tmp_path_factory):
 
 def test_the_planner_predicts_every_strategys_bytes_to_the_byte(comparison, example_strategy):
     """python -m fedlora.plan, on the meta-device model, against what the run counted:
-    the initialisation and both rounds, both ways, for every strategy."""
-    from fedlora.plan import plan_traffic
+    the initialisation and both rounds, both ways, for every strategy; the exact planner
+    (the server's code on stand-in replies) and the command's, by shape alone."""
+    from fedlora.plan import plan_run, plan_traffic
     from conftest import parse_configs
 
     folder, rows, _, config = comparison
     configs = parse_configs(["--config", str(config), "--output", str(folder.parent), "--name", "cmp"])
     for each, name in zip(configs, FOLDERS):
-        planned = plan_traffic(each)
-        assert [(sum(r.up.values()), sum(r.down.values())) for r in planned] == [
-            (r["bytes_up"], r["bytes_down"]) for r in rows[name]], name
+        counted = [(r["bytes_up"], r["bytes_down"]) for r in rows[name]]
+        for planner in (plan_traffic, lambda c: plan_run(c).rounds):
+            planned = planner(each)
+            assert [(sum(r.up.values()), sum(r.down.values())) for r in planned] == counted, name
 
 
 def test_exact_methods_are_exact_and_fedavg_is_not(comparison):

@@ -103,7 +103,9 @@ def test_user_jsonl_prompt_response(tmp_path):
 def test_user_file_errors(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("text,label\nfine,1\nbad,0\n")
-    with pytest.raises(FedLoraError, match="has no column 'review'; its columns: text, label"):
+    with pytest.raises(FedLoraError, match=r"has no column 'review' \(read as classification data; --data-format: auto, "
+                       r"classification, prompt-response, messages, sharegpt, alpaca\); its "
+                       "columns: text, label"):
         load_task(RunConfig.from_dict({"dataset": str(path), "text-column": "review", "eval-size": 1}))
     with pytest.raises(FedLoraError, match="--eval-size 2 leaves no training data"):
         load_task(RunConfig.from_dict({"dataset": str(path), "eval-size": 2}))
@@ -152,7 +154,8 @@ def test_a_bad_client_file_says_which_file_and_which_value(tmp_path):
             local_examples(config, path, 0, 1, words)
         assert str(err.value).startswith(message) and "\n" not in str(err.value)
     other = RunConfig.from_dict({"text-column": "body"})
-    with pytest.raises(FedLoraError, match=f"{good} has no column 'body'; its columns: text, label"):
+    with pytest.raises(FedLoraError, match=f"{good} has no column 'body' \\(read as classification data; "
+                       r"--data-format: .*\); its columns: text, label"):
         local_examples(other, str(good), 0, 1, words)
 
 

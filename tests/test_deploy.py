@@ -7,11 +7,13 @@ deployment's descendants while it runs, and checks afterwards that none is left 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -59,14 +61,15 @@ def flower_processes(folder: Path) -> list[psutil.Process]:
 
 
 def run_deploy(tmp_path: Path, *flags: str, terminate_on: str | None = None,
-               kill_on: tuple[str, str] | None = None, timeout: float = 300):
+               kill_on: tuple[str, str] | None = None, on_output=None, timeout: float = 300):
     """Run ``python -m fedlora.deploy`` with ``flags``; return (exit code, output, left).
 
     ``left`` lists the processes the deployment started that still run after it exited.
     With ``terminate_on``, the deployment gets SIGTERM once one of the processes it
     started runs a command line that holds this text. With ``kill_on = (trigger, victim)``,
     once a process's command line holds ``trigger``, the one whose command line holds
-    ``victim`` is killed (SIGKILL).
+    ``victim`` is killed (SIGKILL). With ``on_output = (text, action)``, ``action(output)``
+    is called once the deployment's output holds ``text``.
     """
     output = tmp_path / "deploy.out"
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # deploy's FLWR_HOME goes under it
@@ -83,6 +86,9 @@ def run_deploy(tmp_path: Path, *flags: str, terminate_on: str | None = None,
                 children = psutil.Process(process.pid).children(recursive=True)
             except psutil.NoSuchProcess:
                 children = []
+            if on_output and on_output[0] in output.read_text():
+                on_output[1](output.read_text())
+                on_output = None
             for child in children:
                 seen.setdefault(child.pid, child)
                 if terminate_on and terminate_on in " ".join(_command(child)):
@@ -133,11 +139,12 @@ def check_outputs(run_dir: Path, rounds: int, clients: int, evaluation=CENTRAL_K
     return rows
 
 
-def test_supernodes_with_their_own_files_and_a_server_without_data_over_tls(tmp_path):
-    # One deployment serves three checks: the output contract; a real federation (each
+def test_supernodes_with_their_own_files_and_a_server_without_data_over_tls_with_auth(tmp_path):
+    # One deployment serves four checks: the output contract; a real federation (each
     # SuperNode trains on and evaluates its own file, the server holds no data and
-    # evaluates through the clients); and TLS (plain HTTP is what the killed-SuperNode
-    # test below runs).
+    # evaluates through the clients); TLS (plain HTTP is what the killed-SuperNode test
+    # below runs); and SuperNode authentication: a SuperNode whose key was never
+    # registered tries to join once the SuperLink is up, is refused, and the run goes on.
     sizes = (30, 50)
     files = []
     for i, size in enumerate(sizes):
@@ -145,9 +152,31 @@ def test_supernodes_with_their_own_files_and_a_server_without_data_over_tls(tmp_
         files[-1].write_text("".join(
             json.dumps({"text": f"the film was {'good' if j % 2 else 'bad'} .",
                         "label": ["negative", "positive"][j % 2]}) + "\n" for j in range(size)))
+    intruder = {}
+
+    def intrude(output: str) -> None:  # a SuperNode with a key of its own making
+        port = output.split("deploy: SuperLink on 127.0.0.1:")[1].split(" ")[0]
+        [ca] = tmp_path.glob("fedlora-deploy-*/certs/ca.crt")
+        key = deploy.make_node_key(tmp_path / "intruder", "key")
+        intruder["log"] = tmp_path / "intruder.log"
+        intruder["process"] = subprocess.Popen(
+            [deploy.flower_tool("flower-supernode"), "--root-certificates", str(ca),
+             "--auth-supernode-private-key", str(key), "--superlink", f"127.0.0.1:{port}",
+             "--port", str(deploy.free_ports(1)[0]), "--node-config", "partition-id=1 num-partitions=2"],
+            stdout=intruder["log"].open("w"), stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, stopped below
+            env={**os.environ, "FLWR_HOME": tempfile.mkdtemp(prefix="intruder-")})
+
     code, output, left = run_deploy(
         tmp_path, "--client-data", ",".join(map(str, files)), "--labels", "negative,positive",
-        "--rounds", "1", "--tls", "--name", "tls", *FAST)
+        "--rounds", "1", "--auth", "--name", "tls", *FAST,
+        on_output=("(TLS, SuperNode authentication) up", intrude))
+    try:
+        assert intruder["process"].wait(timeout=60) != 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # it, and what it started
+            os.killpg(intruder["process"].pid, signal.SIGKILL)
+    assert "Failed to activate SuperNode" in intruder["log"].read_text()
     assert code == 0, output[-3000:]
     assert left == []
     run_dir = tmp_path / "runs" / "tls"
@@ -156,8 +185,9 @@ def test_supernodes_with_their_own_files_and_a_server_without_data_over_tls(tmp_
     # Each SuperNode held out a tenth of its own file: 3 of 30 and 5 of 50 examples.
     assert sorted(c["examples"] for c in rows[-1]["fed_eval_by_client"].values()) == [3, 5]
     assert "train loss" in (run_dir / "logs" / "server.log").read_text()  # the streamed table
-    assert "(TLS)" in output
+    assert "(TLS, SuperNode authentication)" in output
     superlink_log = (run_dir / "logs" / "superlink.log").read_text()
+    assert superlink_log.count("[ControlServicer.RegisterNode] Created node_id=") == 2
     assert "--insecure" not in superlink_log
     assert "Uvicorn running on https://127.0.0.1" in superlink_log
     assert not list(tmp_path.glob("fedlora-deploy-*")), "the temporary folder (keys) is gone"

@@ -9,13 +9,13 @@ from fedlora.errors import FedLoraError
 from fedlora.evaluate import (
     Scores,
     final_number,
-    label_answer_ids,
     label_log_likelihoods,
     macro_f1,
     normalize_answer,
     score,
 )
 from fedlora.models import load_model
+from fedlora.prompts import label_answer_ids
 from fedlora.train import train_local
 
 CPU = torch.device("cpu")
@@ -52,7 +52,8 @@ def test_label_scores_are_whole_sequence_log_likelihoods(tiny_model_dir):
     direct = torch.tensor([[direct_log_likelihood(model, tokenizer, e.prompt, w) for w in LABELS]
                            for e in data], dtype=torch.float64)
     label_ids = label_answer_ids(tokenizer, LABELS)
-    batched = label_log_likelihoods(model, tokenizer, [e.prompt for e in data], label_ids, 64, CPU)
+    prompts = [tokenizer(e.prompt).input_ids for e in data]
+    batched = label_log_likelihoods(model, prompts, label_ids, 64, CPU, tokenizer.pad_token_id)
     assert torch.allclose(batched.double(), direct, atol=1e-4)
     predicted = direct.argmax(dim=1)
     truth = torch.tensor([e.label for e in data])

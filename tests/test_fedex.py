@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 from conftest import client_plan, node_context, train_reply
-from client.node_state import held_base_delta
+from client.node_state import BASE_DELTAS, held_base_delta, run_key
 from fedlora.wire import Plan
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 import client.app
 from fedlora.adapters import add_to_weights, apply_base_delta, lora_applied, save_base_delta
@@ -62,13 +62,17 @@ def test_residual_makes_the_average_of_the_factors_exact():
 def test_every_client_holds_the_servers_base_delta_and_a_lagging_one_catches_up(tiny_model_dir, codec):
     """Round 1: nodes 1-3 train; round 2: nodes 1-2; round 3: all. Node 3 missed round 2's
     increment, so round 3 sends it the whole delta in fp32; the others get the increment
-    by the codec. Every node ends with the server's delta, bit for bit."""
+    by the codec. Every node ends with the server's delta, bit for bit; the nodes of a run
+    share one copy of it (client/node_state.py's BaseDeltas), their states hold its version
+    only, and a fresh process (deployment: one per message) reads it from this machine's
+    disk."""
     model = load_model(str(tiny_model_dir), CPU)[0]
     strategy = FedExLoRA(rank=4, alpha=8, target_modules=TARGETS, check_exactness=True,
                          download_codec=codec)
     shapes = strategy.adapted_shapes(model)
     arrays = strategy.initialize(model)
-    contexts = {node: node_context(node, 3) for node in (1, 2, 3)}
+    run = node_context(1, 3).run_id  # one run's nodes: one run id
+    contexts = {node: node_context(node, 3, run) for node in (1, 2, 3)}
     exact_sum = {}  # sum over rounds of the exact residuals, what base + carry must equal
     for server_round, nodes in ((1, [1, 2, 3]), (2, [1, 2]), (3, [1, 2, 3])):
         messages = strategy.configure_train(server_round, arrays, RunConfig().to_dict(), DryRunGrid(nodes))
@@ -90,6 +94,10 @@ def test_every_client_holds_the_servers_base_delta_and_a_lagging_one_catches_up(
             held = held_base_delta(contexts[node], content, int(content["config"]["base-delta-version"]))
             for path, value in strategy.kept.base_delta.items():
                 assert torch.equal(held[path], value), (server_round, node, path)
+        if server_round > 1:  # one copy per process, whichever node built it
+            first, *others = (held_base_delta(contexts[node], RecordDict(), strategy.kept.base_version)
+                              for node in nodes)
+            assert all(first[p] is other[p] for other in others for p in first)
         received = arrays.to_torch_state_dict()
         trained = {node: random_lora(shapes, 4, 10 * server_round + node) for node in nodes}
         replies = [train_reply(node, {k: v - received[k] for k, v in trained[node].items()}, 100 * node)
@@ -106,6 +114,12 @@ def test_every_client_holds_the_servers_base_delta_and_a_lagging_one_catches_up(
         for path, total in exact_sum.items():
             got = strategy.kept.base_delta[path].double() + strategy.kept.carry[path].double()
             assert float((got - total).norm() / total.norm()) < 1e-6
+    for context in contexts.values():  # a version, not the delta: nothing that grows
+        assert all(not isinstance(r, ArrayRecord) for r in context.state.values())
+    BASE_DELTAS.memory.clear()  # a fresh process
+    version = strategy.kept.base_version - 1  # round 3's messages held this version
+    held = held_base_delta(contexts[1], RecordDict(), version)
+    assert set(held) == set(shapes) and BASE_DELTAS.path(run_key(contexts[1]), version).is_file()
 
 
 def test_a_client_that_lost_its_base_delta_or_a_resumed_run_sends_all_of_it(tiny_model_dir, tmp_path):
@@ -190,7 +204,8 @@ def test_clients_train_and_evaluate_on_the_base_plus_the_residual(tiny_model_dir
     evaluation = sorted(strategy.configure_evaluate(2, arrays, plan, DryRunGrid()),
                         key=lambda m: m.metadata.dst_node_id)[0]
     got = client.app.evaluate(evaluation, contexts[1]).content["metrics"]
-    _, held_out = client.app.node_examples(Plan.from_record(evaluation.content["config"]), contexts[1])
+    _, held_out, _ = client.app.node_examples(Plan.from_record(evaluation.content["config"]),
+                                              contexts[1], tokenizer)
     state, rank, alpha = strategy.peft_adapter(arrays)
 
     def scored():

@@ -161,7 +161,7 @@ def test_label_scores_are_compared_in_fp32_on_a_bf16_model(tiny_model_dir):
             with torch.no_grad():
                 out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             position_ids=batch.position_ids, output_hidden_states=True)
-            at = -int(batch.answer_lengths[0]) - 1
+            at = -int((batch.labels[0] != -100).sum()) - 1
             states.append((out.hidden_states[-1][0, at], out.logits[0, at]))
         return states
 
@@ -205,3 +205,22 @@ def test_gradient_checkpointing_trains_to_the_same_adapter_and_is_switched_off_a
     for key, value in plain.items():
         torch.testing.assert_close(recomputed[key], value, rtol=1e-5, atol=1e-6)
     assert any(v.abs().sum() > 0 for k, v in plain.items() if "lora_B" in k)  # it trained
+
+
+def test_micro_batches_make_the_same_updates_as_the_whole_batch(tiny_model_dir):
+    from fedlora.adapters import adapter_state
+
+    results = []
+    for micro in (0, 3, 1):  # the whole batch of 7; 3 + 3 + 1 (uneven); one at a time
+        model, tokenizer = load_model(str(tiny_model_dir), CPU)
+        adapted = attach_lora(model, 4, 8, ["q_proj", "v_proj"], seed=0)
+        stats = train_local(adapted, tokenizer, examples(12), steps=3, batch_size=7, lr=0.05,
+                            max_length=32, seed=1, device=CPU, micro_batch_size=micro)
+        results.append((stats, adapter_state(adapted)))
+    (whole, state), *split = results
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # it trained
+    for stats, other in split:
+        for key in ("train_loss", "first_loss", "last_loss"):
+            assert abs(stats[key] - whole[key]) < 1e-6
+        for key, value in state.items():
+            torch.testing.assert_close(other[key], value, rtol=1e-5, atol=1e-6)

@@ -50,7 +50,7 @@ def test_a_field_left_none_is_not_sent():
     ({"lora-scale": "2"}, "the plan's 'lora-scale' must be a float, got '2'"),
     ({"rank": -2}, "--rank must be in [1, 4096], got -2"),
     ({"task": None}, "the plan has no 'task'"),
-    ({"eval-examples": '[["a prompt"]]'}, "the plan's 'eval-examples' is no JSON list of [prompt, answer, label] rows"),
+    ({"eval-examples": '[["a prompt"]]'}, "the plan's 'eval-examples' is no JSON list of [prompt, answer, label, turns] rows"),
     ({"label-words": "[neg"}, "the plan's 'label-words' is not JSON"),
 ])
 def test_a_malformed_plan_is_refused_in_one_line(change, message):
@@ -90,3 +90,17 @@ def test_a_client_without_the_servers_evaluation_file_trains_and_evaluates(tmp_p
                     if m.metadata.dst_node_id == 1]
     scores = client.app.evaluate(evaluation, context).content["metrics"]
     assert scores["examples"] == 4
+
+
+def test_an_authenticated_node_is_known_by_its_node_id_not_its_word():
+    from flwr.app import ConfigRecord, RecordDict
+
+    from conftest import make_reply
+    from fedlora.privacy import Privacy
+
+    reply = make_reply(7, RecordDict({wire.CLIENT: ConfigRecord({wire.CLIENT_ID: "hospital-a"})}))
+    assert wire.client_identity(reply) == "hospital-a"
+    assert wire.client_identity(reply, node_identities=True) == "node-7"
+    config = RunConfig(dp="sample", supernode_auth=True)
+    assert Privacy.from_config(config).node_identities
+    assert not Privacy.from_config(RunConfig(dp="sample")).node_identities
