@@ -129,7 +129,7 @@ def test_a_client_that_lost_its_base_delta_or_a_resumed_run_sends_all_of_it(tiny
     arrays = strategy.initialize(model)
     config = RunConfig().to_dict()
     for server_round in (1, 2):
-        messages = strategy.configure_train(server_round, arrays, config, DryRunGrid([1]))
+        strategy.configure_train(server_round, arrays, config, DryRunGrid([1]))
         received = arrays.to_torch_state_dict()
         update = {k: v - received[k] for k, v in random_lora(shapes, 4, server_round).items()}
         update2 = {k: v - received[k] for k, v in random_lora(shapes, 4, 9 + server_round).items()}
