@@ -41,7 +41,7 @@ def data_files(tmp_path_factory):
     from fedlora.data import read_frame, read_table
 
     folder = tmp_path_factory.mktemp("data")
-    frame = read_frame("rotten-tomatoes", RunConfig(), "--dataset")
+    frame = read_frame("rotten-tomatoes", "--dataset")
     source = {k: list(zip(frame["text"][frame["label"] == k], frame["label"][frame["label"] == k]))
               for k in (0, 1)}
     source = {k: np.array(v, dtype=object) for k, v in source.items()}
