@@ -21,7 +21,8 @@ torch.set_num_threads(2)
 # instead of one of them running a long module alone at the end. xdist keeps this order with
 # --no-loadscope-reorder.
 LONGEST_FIRST = ("test_deploy.py", "test_study.py", "test_comparison.py", "test_simulation.py",
-                 "test_faults.py", "test_flower_app.py", "test_privacy.py", "test_reproduce.py")
+                 "test_faults.py", "test_flower_app.py", "test_privacy.py", "test_reproduce.py",
+                 "test_chat.py", "test_ray_cluster.py", "test_gpu_check.py")
 
 
 def pytest_collection_modifyitems(items):
