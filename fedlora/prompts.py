@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from fedlora.data import Example
+from fedlora.data import SHOWN_BAD_ROWS, Example
 from fedlora.errors import FedLoraError
 
 log = logging.getLogger("fedlora")
@@ -43,8 +43,6 @@ PLAIN_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
-# How many left-out examples get a line of their own; the rest are counted.
-SHOWN_PROBLEMS = 5
 
 
 @dataclass(frozen=True)
@@ -176,7 +174,7 @@ def fit_examples(examples: list[Example], tokenizer, max_length: int, source: st
     """(the examples that fit ``max_length``, how many of them were cut, how many were
     left out). Only a conversation is cut (at a turn boundary) or left out (its first
     assistant turn ends beyond ``max_length``); a line names each of the first
-    :data:`SHOWN_PROBLEMS` left out, and one more line counts them all."""
+    :data:`fedlora.data.SHOWN_BAD_ROWS` left out, and one more line counts them all."""
     kept, cut, left_out = [], 0, []
     for example in examples:
         if not example.turns:
@@ -188,7 +186,7 @@ def fit_examples(examples: list[Example], tokenizer, max_length: int, source: st
             continue
         cut += encoded.cut
         kept.append(example)
-    for example in left_out[:SHOWN_PROBLEMS]:
+    for example in left_out[:SHOWN_BAD_ROWS]:
         log.warning("%s: its first assistant turn ends beyond --max-length %d; left out",
                     example.origin or source, max_length)
     if cut or left_out:
