@@ -78,10 +78,6 @@ def simulate(configs: list[RunConfig]) -> list[Path]:
         except BaseException as err:  # the engine would log and swallow it
             outcome["error"] = err
 
-    # glibc keeps freed blocks in its heap, so an actor held its training peak for the whole
-    # run (40 % above what autograd saves, docs/results.md); blocks above 128 KiB mmapped
-    # go back to the system when freed. Ray's workers inherit this process's environment.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     flower_log = logging.getLogger("flwr")
     flower_log.addFilter(_drop_run_simulation_notice)
     try:
