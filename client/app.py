@@ -222,8 +222,9 @@ def node_examples(plan: Plan, context: Context, tokenizer):
     data_file = context.node_config.get("data-file")
     if not data_file and config.client_data:
         data_file = config.client_data_list[partition_id]
-    source = str(data_file) if data_file else f"partition {partition_id}"
-    train, held_out = local_examples(config, str(data_file) if data_file else None, partition_id,
+    data_file = str(data_file) if data_file else None
+    source = data_file or f"partition {partition_id}"
+    train, held_out = local_examples(config, data_file, partition_id,
                                      int(context.node_config["num-partitions"]), plan.label_words)
     train, cut, left_out = fit_examples(train, tokenizer, config.max_length, source,
                                         config.chat_template)

@@ -177,7 +177,7 @@ def read_examples(
     given: then every label must be one of them; else the data's own, sorted; None for
     data without labels)."""
     frame = read_frame(name, flag)
-    kind = data_format(frame, config, name)
+    kind = data_format(frame, config)
     if kind in CONVERSATION_FORMATS:
         return conversation_examples(frame, kind, name), None
     if kind == "prompt-response":
@@ -209,8 +209,8 @@ def read_examples(
     return examples, label_words
 
 
-def data_format(frame: pd.DataFrame, config, name: str) -> str:
-    """The format of ``name``'s rows: ``--data-format``, else recognised from its columns
+def data_format(frame: pd.DataFrame, config) -> str:
+    """The format of ``frame``'s rows: ``--data-format``, else recognised from its columns
     (``--prompt-column``: prompt-response; ``messages``; ``conversations``: ShareGPT;
     ``instruction`` and ``output``: Alpaca; else classification)."""
     if config.data_format != "auto":
@@ -525,4 +525,4 @@ def clients_unlabelled(config) -> bool:
     ``--client-data``), is of a format without labels."""
     files = [name for name in config.client_data_list if Path(name).is_file()]
     return bool(files) and data_format(
-        read_frame(files[0], "--client-data"), config, files[0]) != "classification"
+        read_frame(files[0], "--client-data"), config) != "classification"

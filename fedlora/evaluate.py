@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from fedlora.data import Example
 from fedlora.errors import FedLoraError
 from fedlora.prompts import label_answer_ids, prompt_ids
-from fedlora.train import answer_logits, forward_logits, make_batch
+from fedlora.train import answer_logits, forward_logits, left_padded, make_batch
 
 # GSM8K-style solutions end in "#### 42"; a generation without it answers with its last number.
 FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+PUNCTUATION = frozenset(string.punctuation)  # what SQuAD's normalisation removes
 
 
 @dataclass
@@ -244,7 +245,7 @@ def normalize_answer(text: str) -> str:
 def squad_tokens(text: str) -> list[str]:
     """SQuAD's answer normalisation, as words: lower case, punctuation and the articles
     a, an, the removed."""
-    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    text = "".join(c for c in text.lower() if c not in PUNCTUATION)
     return re.sub(r"\b(a|an|the)\b", " ", text).split()
 
 
@@ -329,19 +330,6 @@ def evaluate(model, tokenizer, examples, label_words, **kwargs) -> dict[str, flo
     return score(model, tokenizer, examples, label_words, **kwargs).metrics()
 
 
-def left_padded(rows: list[list[int]], pad_id: int, device: torch.device):
-    """Token rows padded on the left to one width: (input ids, attention mask, position
-    ids), so that every row ends at the last position."""
-    width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        mask[i, width - len(ids):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    return input_ids, mask, (mask.cumsum(dim=1) - 1).clamp(min=0)
-
-
 def label_log_likelihoods(model, prompts: list[list[int]], label_ids: list[list[int]],
                           max_length: int, device: torch.device, pad_id: int = 0) -> torch.Tensor:
     """log p(answer | prompt) of each label's answer tokens
@@ -352,7 +340,8 @@ def label_log_likelihoods(model, prompts: list[list[int]], label_ids: list[list[
     each label's tokens continue from the KV cache, which is rewound after each label.
     """
     room = max(1, max_length - max(map(len, label_ids)))
-    input_ids, mask, positions = left_padded([ids[-room:] for ids in prompts], pad_id, device)
+    input_ids, mask, positions = (t.to(device) for t in left_padded(
+        [ids[-room:] for ids in prompts], pad_id))
     width = input_ids.shape[1]
     out = forward_logits(model, True, input_ids=input_ids, attention_mask=mask,
                          position_ids=positions, use_cache=True, logits_to_keep=1)
@@ -413,8 +402,8 @@ def _score_generations(model, tokenizer, chunk, prompts, max_length, max_new_tok
     scored against each example's answer."""
     from transformers import GenerationConfig
 
-    input_ids, mask, _ = left_padded([ids[-max_length:] for ids in prompts],
-                                     tokenizer.pad_token_id, device)
+    input_ids, mask, _ = (t.to(device) for t in left_padded(
+        [ids[-max_length:] for ids in prompts], tokenizer.pad_token_id))
     settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id,
                                 eos_token_id=stop_token_ids(model, tokenizer))

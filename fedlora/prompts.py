@@ -120,15 +120,32 @@ def encode(example: Example, tokenizer, max_length: int, chat: bool = False) -> 
         if not fitting:
             return None
         return Encoded(whole.ids[: fitting[-1][1]], fitting, cut=True)
-    if chat:  # the template's rendering, its answer span checked like a conversation's
-        whole = conversation_tokens(tokenizer, chat_turns(example, with_answer=True))
-        [(begin, end)] = whole.answers
-        prompt, answer = whole.ids[:begin], whole.ids[begin:end]
+    if chat:
+        prompt, answer = chat_prompt_and_answer(tokenizer, example)
     else:
         prompt, answer = prompt_ids(example, tokenizer, max_length), answer_ids(tokenizer, example.answer)
     answer = answer[: max_length // 2]
     prompt = prompt[-(max_length - len(answer)) :]  # keep the question at the prompt's end
     return Encoded(prompt + answer, [(len(prompt), len(prompt) + len(answer))])
+
+
+def fitted(example: Example, tokenizer, max_length: int, chat: bool = False) -> Encoded:
+    """:func:`encode`, or FedLoraError for a conversation that does not fit
+    (:func:`fit_examples` leaves those out first)."""
+    encoded = encode(example, tokenizer, max_length, chat)
+    if encoded is None:
+        raise FedLoraError(f"{example.origin or 'a conversation'}: its first assistant turn "
+                           f"ends beyond --max-length {max_length}")
+    return encoded
+
+
+def chat_prompt_and_answer(tokenizer, example: Example) -> tuple[list[int], list[int]]:
+    """A single-turn example through the chat template: the tokens before its answer and
+    its answer's (the assistant turn, its end-of-turn included), located as a
+    conversation's are (:func:`conversation_tokens`)."""
+    whole = conversation_tokens(tokenizer, chat_turns(example, with_answer=True))
+    [(begin, end)] = whole.answers
+    return whole.ids[:begin], whole.ids[begin:end]
 
 
 def chat_turns(example: Example, with_answer: bool) -> list[tuple[str, str]]:
@@ -142,10 +159,7 @@ def prompt_ids(example: Example, tokenizer, max_length: int, chat: bool = False)
     """The tokens an answer to ``example`` continues (its last answer, for a conversation),
     uncut for a single-turn example."""
     if example.turns:
-        encoded = encode(example, tokenizer, max_length, chat)
-        if encoded is None:
-            raise FedLoraError(f"{example.origin or 'a conversation'}: its first assistant turn "
-                               f"ends beyond --max-length {max_length}")
+        encoded = fitted(example, tokenizer, max_length, chat)
         return encoded.ids[: encoded.prompt_length]
     if chat:
         return rendered_ids(tokenizer, chat_turns(example, with_answer=False),
@@ -158,10 +172,7 @@ def label_answer_ids(tokenizer, label_words: list[str], chat: bool = False) -> l
     with ``chat`` the assistant turn of the word, its end-of-turn included (the same after
     any user turn: it follows the template's generation prompt)."""
     if chat:
-        turn = Example("x", "")
-        before = len(rendered_ids(tokenizer, chat_turns(turn, False), generation_prompt=True))
-        label_ids = [rendered_ids(tokenizer, chat_turns(Example("x", w), True))[before:]
-                     for w in label_words]
+        label_ids = [chat_prompt_and_answer(tokenizer, Example("x", w))[1] for w in label_words]
     else:
         label_ids = [answer_ids(tokenizer, " " + w) for w in label_words]
     if len(set(map(tuple, label_ids))) < len(label_ids):

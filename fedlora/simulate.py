@@ -110,9 +110,10 @@ def report_client_files(config: RunConfig) -> None:
     same reason."""
     from fedlora.data import declared_label_words, read_examples
 
+    words = declared_label_words(config)
     for name in dict.fromkeys(config.client_data_list):
         try:
-            read_examples(name, config, declared_label_words(config))
+            read_examples(name, config, words)
         except FedLoraError as err:
             logging.getLogger("fedlora").warning("%s", err)
 

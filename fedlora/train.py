@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from fedlora.data import Example
 from fedlora.errors import FedLoraError
 from fedlora.privacy import DPSGD, make_private
-from fedlora.prompts import encode
+from fedlora.prompts import fitted
 
 
 @dataclass
@@ -68,27 +68,29 @@ def make_batch(examples: list[Example], tokenizer, max_length: int, packed: bool
     :class:`Batch`)."""
     rows = []
     for example in examples:
-        encoded = encode(example, tokenizer, max_length, chat)
-        if encoded is None:  # fit_examples leaves these out before training
-            raise FedLoraError(f"{example.origin}: its first assistant turn ends beyond "
-                               f"--max-length {max_length}")
+        encoded = fitted(example, tokenizer, max_length, chat)
         labels = [t if answer else -100 for t, answer in zip(encoded.ids, encoded.answer_mask)]
         rows.append((encoded.ids, labels))
     if packed:
         return _packed_batch(rows)
-    width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (ids, row_labels) in enumerate(rows):
-        input_ids[i, width - len(ids) :] = torch.tensor(ids)
-        attention_mask[i, width - len(ids) :] = 1
-        labels[i, width - len(ids) :] = torch.tensor(row_labels)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    input_ids, attention_mask, position_ids = left_padded([ids for ids, _ in rows],
+                                                          tokenizer.pad_token_id)
+    labels = left_padded([row_labels for _, row_labels in rows], -100)[0]
     answered = (labels != -100).any(dim=0).nonzero()
     return Batch(input_ids, attention_mask, position_ids, labels,
-                 keep=width - int(answered[0]) + 1 if len(answered) else 1)
+                 keep=labels.shape[1] - int(answered[0]) + 1 if len(answered) else 1)
+
+
+def left_padded(rows: list[list[int]], pad_id: int):
+    """Token rows padded on the left with ``pad_id`` to one width: (ids, attention mask,
+    position ids), so that every row ends at the last position."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids, mask, (mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
 def _packed_batch(rows: list[tuple[list[int], list[int]]]) -> Batch:
