@@ -32,9 +32,12 @@ import ctypes
 import sys
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 from flwr.app import Context, Message
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client import faults
 from client.node_state import (
@@ -65,12 +68,22 @@ from fedlora.errors import FedLoraError
 from fedlora.evaluate import score
 from fedlora.models import borrowed_model, pick_device
 from fedlora.prompts import fit_examples
-from fedlora.privacy import Privacy
+from fedlora.privacy import Privacy, clip_update
 from fedlora.seeds import stream_seed
 from fedlora.train import train_local, weight_gradients
-from fedlora.wire import Plan, evaluation_content, reply_content, train_metrics
+from fedlora.secure_aggregation import MAX_WEIGHT
+from fedlora.wire import Plan, evaluation_content, reply_content, secure_reply_content, train_metrics
 
-app = ClientApp()
+
+def secure_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's SecAgg+ client side (``secaggplus_mod``) for the messages of a secure round
+    (they carry its configs); every other message goes straight to the app."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[secure_mod])
 
 
 def client_rank(plan: Plan, node_config, partition_id: int) -> int:
@@ -114,6 +127,9 @@ def run_plan(msg: Message, context: Context, plan: Plan, model, tokenizer,
             chat=config.chat_template,
         )
         metrics = {wire.NUM_EXAMPLES: min(len(examples), plan.gradient_examples)}
+        if config.secure_aggregation:  # the sign codec's votes, +1 for g >= 0, summed masked
+            votes = {k: torch.where(g >= 0, 1.0, -1.0) for k, g in arrays.items()}
+            return secure_reply(msg, plan, votes, MAX_WEIGHT, metrics, client_id, device)
         payload, header = encode_payload(arrays, Codec.parse(str(plan.gradient_codec)))
         return reply(msg, payload, header, metrics, client_id, device)
 
@@ -162,6 +178,9 @@ def run_plan(msg: Message, context: Context, plan: Plan, model, tokenizer,
     metrics = {**train_metrics(len(examples), stats, rank, dpsgd, config.local_steps), **fitted}
     codec = Codec.parse(config.upload_codec)
     drills = faults.faults_for(partition_id, plan.server_round, config.name)  # drills only
+    if config.secure_aggregation:
+        return secure_reply(msg, plan, *secure_update(upload, config, len(examples), drills),
+                            metrics, client_id, device)
     if set(drills) & set(faults.HOSTILE):
         payload, header, metrics = faults.hostile(drills, upload, codec, metrics)
     elif config.error_feedback:
@@ -247,6 +266,41 @@ def reply(msg: Message, payload: dict, header: dict, metrics: dict, client_id: s
     """The reply to ``msg`` (fedlora.wire.reply_content). Memory is given back before the
     process waits for the next message (:func:`give_back_memory`)."""
     content = reply_content(payload, header, metrics, client_id)
+    give_back_memory(device)
+    return Message(content=content, reply_to=msg)
+
+
+def secure_update(upload: dict, config, num_examples: int, drills: list[str]):
+    """What a client sends under secure aggregation, and its weight in the mean: the server
+    cannot clip what it never sees, so the client bounds its own update (``--dp-clip``
+    under user-level DP, every client then weighing the same; ``--max-update-norm``).
+    The ``scale`` drill sends the update x 1,000 unclipped, as an attacker would: SecAgg+'s
+    clipping range bounds each value it can move."""
+    weight = MAX_WEIGHT if config.dp == "user" else num_examples
+    bound = config.dp_clip if config.dp == "user" else config.max_update_norm
+    if bound:
+        upload = {k: v.float() for k, v in clip_update(upload, bound).items()}
+    if "scale" in drills:
+        upload = {k: v * 1000 for k, v in upload.items()}
+    return upload, weight
+
+
+def secure_reply(msg: Message, plan: Plan, values: dict, weight: int, metrics: dict,
+                 client_id: str, device: torch.device) -> Message:
+    """The reply that Flower's ``secaggplus_mod`` masks (fedlora.wire.secure_reply_content):
+    ``values`` by sorted key, the values beyond the plan's clipping range counted (metric
+    ``secure-clipped``: SecAgg+ clips them, and the mean is exact only without any)."""
+    if weight > MAX_WEIGHT:
+        raise FedLoraError(f"{weight} training examples: secure aggregation weighs a client by "
+                           f"at most {MAX_WEIGHT} (fedlora.secure_aggregation.MAX_WEIGHT)")
+    # fp64: Flower quantises to up to 2^30 levels, more than fp32 resolves
+    arrays = [values[k].detach().double().cpu().numpy() for k in sorted(values)]
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise FedLoraError("the update holds non-finite values: not sent")
+    ratio = weight / MAX_WEIGHT  # Flower clips the values times the weight ratio
+    clipped = sum(int((np.abs(a) * ratio > plan.secure_clip).sum()) for a in arrays)
+    content = secure_reply_content(arrays, weight, {**metrics, wire.SECURE_CLIPPED: clipped},
+                                   client_id)
     give_back_memory(device)
     return Message(content=content, reply_to=msg)
 

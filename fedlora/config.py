@@ -27,6 +27,7 @@ from fedlora.codec import Codec
 from fedlora.codec import choices as codec_choices
 from fedlora.errors import FedLoraError
 from fedlora.privacy import check_settings
+from fedlora.secure_aggregation import MIN_CLIENTS
 
 ALL_LINEAR = "all-linear"  # --target-modules' name for every linear layer but the output head
 # --data-format's choices (fedlora.data reads each)
@@ -201,6 +202,13 @@ class RunConfig:
                   "norm before it is aggregated (the robust-aggregation baseline: one client "
                   "cannot move the average further than this); 0: no bound. For the methods "
                   "that average updates; under --dp user, --dp-clip does it"},
+    )
+    secure_aggregation: bool = field(
+        default=False,
+        metadata={"help": "Flower's SecAgg+: the server learns only the weighted sum of the "
+                          "clients' updates, never one of them (docs/privacy.md); for the "
+                          "methods whose aggregate is a weighted mean of updates (fedavg, ffa, "
+                          "fedsb, fedsa, fedsvd, rolora), fp32 uploads, at least 3 clients"},
     )
     dp: str = field(
         default="off",
@@ -425,12 +433,29 @@ class RunConfig:
                 "fp32", "fp16", "bf16", "sign"):
             raise FedLoraError(f"--fedsb-init-codec {self.fedsb_init_codec}: valid choices: "
                                "fp32, fp16, bf16, sign")
+        if self.secure_aggregation:
+            self.check_secure_aggregation()
         check_settings(self)
         if bool(self.prompt_column) != bool(self.response_column):
             raise FedLoraError("--prompt-column and --response-column go together; give both")
         if self.prompt_column and self.data_format not in ("auto", "prompt-response"):
             raise FedLoraError(f"--prompt-column names prompt/response data, but --data-format "
                                f"is {self.data_format}")
+
+    def check_secure_aggregation(self) -> None:
+        """FedLoraError where SecAgg+ could not hide one client in a round's sum (fewer than
+        MIN_CLIENTS, where each would learn the others' update) or has no bound on the
+        values (Fed-SB's gradient: only its sign vote is bounded)."""
+        drawn = max(int(self.num_clients * self.fraction_train), self.min_clients)
+        if self.dp != "user" and drawn < MIN_CLIENTS:
+            raise FedLoraError(f"--secure-aggregation needs at least {MIN_CLIENTS} clients a round "
+                               f"(with fewer each learns the others' update from the sum); "
+                               f"--num-clients {self.num_clients} --fraction-train "
+                               f"{self.fraction_train:g} draws {drawn}")
+        if self.fedsb_init_codec and Codec.parse(self.fedsb_init_codec).kind != "sign":
+            raise FedLoraError(f"--fedsb-init-codec {self.fedsb_init_codec} with "
+                               "--secure-aggregation: a gradient's values have no bound for "
+                               "SecAgg+'s clipping range, its sign vote has; valid choice: sign")
 
     @property
     def rank_list(self) -> list[int]:

@@ -23,7 +23,9 @@ import json
 import typing
 from dataclasses import dataclass
 
+import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
 from fedlora.config import RunConfig
 from fedlora.data import Example
@@ -53,6 +55,7 @@ RANK = "rank"  # the LoRA rank the client trained
 # and left out (the first answer did not fit); sent only where there were any.
 EXAMPLES_CUT = "examples-cut"
 EXAMPLES_LEFT_OUT = "examples-left-out"
+SECURE_CLIPPED = "secure-clipped"  # secure aggregation: values beyond SecAgg+'s range
 DP_NOISE = "dp-noise"  # DP-SGD: what the server's accountant composes
 DP_SAMPLE_RATE = "dp-sample-rate"
 DP_STEPS = "dp-steps"
@@ -105,6 +108,9 @@ class Plan:
         The "evaluate" task's PEFT adapter.
     eval_shard : int or None, eval_examples : list of Example or None
         Central evaluation on clients: the share of the server's examples to score.
+    secure_clip : float or None
+        Secure aggregation: the range [-c, c] SecAgg+ clips each value the client sends to
+        (fedlora.secure_aggregation); the client counts the values beyond it.
 
     A field left None is not sent. The run config's fields are not repeated here: a
     strategy that sets one for its clients (its rank, a round's codec) sets it in ``run``.
@@ -129,6 +135,7 @@ class Plan:
     aggregated_round: int | None = None
     eval_shard: int | None = None
     eval_examples: list[Example] | None = None
+    secure_clip: float | None = None
 
     def to_record(self) -> ConfigRecord:
         """The plan as a ConfigRecord: :func:`run_record`'s keys, then this round's, dashed."""
@@ -253,6 +260,17 @@ def reply_content(payload: dict, header: dict, metrics: dict, client_id: str) ->
         METRICS: MetricRecord(metrics),
         CLIENT: ConfigRecord({CLIENT_ID: client_id}),
     })
+
+
+def secure_reply_content(values: list, weight: int, metrics: dict, client_id: str) -> RecordDict:
+    """A training reply under secure aggregation, in the legacy ``FitRes`` form Flower's
+    ``secaggplus_mod`` reads: ``values`` (numpy arrays, in the order of their sorted keys)
+    are what it masks; ``weight`` is the client's weight in the mean (its examples, or
+    one for every client under user-level DP: ``fedlora.secure_aggregation.MAX_WEIGHT``);
+    the metrics, with the client's identity, travel in the clear."""
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(values), weight,
+                    {**metrics, CLIENT_ID: client_id})
+    return compat.fitres_to_recorddict(fitres, keep_input=False)
 
 
 def evaluation_content(metrics: dict, client_id: str) -> RecordDict:

@@ -19,11 +19,13 @@ from flwr.serverapp import Grid
 from fedlora.config import RunConfig
 from fedlora.data import server_data
 from fedlora.errors import FedLoraError
+from fedlora.secure_aggregation import MIN_CLIENTS
 from fedlora.wire import EXAMPLES_CUT, EXAMPLES_LEFT_OUT, run_record
 from server.evaluation import Evaluation
 from server.outputs import (METRICS_FILE, MetricsLog, load_checkpoint, make_run_dir,
                             save_checkpoint, save_outputs)
 from server.preflight import preflight
+from server.secure import SecureSum, secure_exchange
 from server.transport import Tally, arrivals, traffic
 from strategies import ignored_settings
 
@@ -84,13 +86,19 @@ def initial_round(grid: Grid, strategy, config: RunConfig, record, arrays, evalu
     whose seconds count from ``start``."""
     messages = strategy.configure_init(arrays, record, grid)
     replies = Tally()  # folded as they arrive, like a round's
-    if messages:
+    down = traffic(messages)
+    if messages and config.secure_aggregation:  # Fed-SB's sign votes, summed unseen
+        summed = secure_exchange(grid, messages, strategy.secure_ranges(len(messages)),
+                                 config.round_timeout, "initialisation")
+        arrays = strategy.aggregate_secure_init(summed.mean)
+        replies.replies, replies.bytes, down = len(summed.nodes), summed.bytes_up, summed.bytes_down
+    elif messages:
         arrays = strategy.aggregate_init(replies.count(arrivals(
             grid, messages, config.round_timeout, "initialisation")))
     return arrays, {
         "round": 0, "strategy": config.strategy, "clients": replies.replies,
         **evaluation(arrays, 0),
-        "bytes_up": replies.bytes, "bytes_down": traffic(messages),
+        "bytes_up": replies.bytes, "bytes_down": down,
         "seconds": time.perf_counter() - start,
     }
 
@@ -105,9 +113,18 @@ def train_round(grid: Grid, strategy, config: RunConfig, record, arrays, server_
     start = time.perf_counter()
     messages = list(strategy.configure_train(server_round, arrays, record, grid))
     replies = Tally()  # handed to the strategy as they arrive, counted on the way
-    new_arrays, train_metrics = strategy.aggregate_train(
-        server_round, replies.count(arrivals(grid, messages, config.round_timeout,
-                                             f"round {server_round}")))
+    label = f"round {server_round}"
+    if config.secure_aggregation:  # the strategy gets the sum alone
+        summed = (secure_exchange(grid, messages, strategy.secure_ranges(len(messages)),
+                                  config.round_timeout, label)
+                  if len(messages) >= MIN_CLIENTS else SecureSum())
+        new_arrays, train_metrics = strategy.aggregate_secure(server_round, messages, summed)
+        replies.replies, replies.bytes = len(summed.nodes) + len(strategy.dropped), summed.bytes_up
+        down = summed.bytes_down
+    else:
+        new_arrays, train_metrics = strategy.aggregate_train(
+            server_round, replies.count(arrivals(grid, messages, config.round_timeout, label)))
+        down = traffic(messages)
     if new_arrays is None:
         raise FedLoraError(
             f"round {server_round} failed: {replies.replies - len(strategy.dropped)} of "
@@ -125,12 +142,14 @@ def train_round(grid: Grid, strategy, config: RunConfig, record, arrays, server_
         "dropped": len(messages) - replies.replies + len(strategy.dropped),
         **({"train_loss": float(train_metrics["train-loss"])} if "train-loss" in train_metrics else {}),
         "bytes_up": replies.bytes,
-        "bytes_down": traffic(messages),
+        "bytes_down": down,
         "client_train_seconds": float(train_metrics["train-seconds"]),
     }
-    for key in ("aggregation-error", "epsilon", "delta"):
+    for key in ("aggregation-error", "epsilon", "delta", "secure-error-bound"):
         if key in train_metrics:
             row[key.replace("-", "_")] = float(train_metrics[key])
+    if "secure-clipped" in train_metrics:
+        row["secure_clipped"] = int(train_metrics["secure-clipped"])
     for key in (EXAMPLES_CUT, EXAMPLES_LEFT_OUT):  # the clients' data, fitted
         if key in train_metrics:
             row[key.replace("-", "_")] = int(train_metrics[key])

@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -33,6 +35,8 @@ from fedlora.codec import Codec, Shapes, encode_payload
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import Scores
 from fedlora.privacy import Privacy
+from fedlora.secure_aggregation import (MIN_CLIENTS, SecureRanges, error_bound, secure_ranges,
+                                        update_bound)
 from fedlora.wire import Plan, run_from_record
 from strategies.evaluation import evaluation_messages, pool_evaluations
 from strategies.kept import KeptTensors
@@ -159,6 +163,13 @@ class LoraStrategy(FedAvg):
         to it.
     weighted_by_key : str (default: "num-examples")
         The reply metric that holds a client's number of training examples.
+    secure_aggregation : bool (default: False)
+        Run each training round through Flower's SecAgg+ (server/secure.py): the server
+        learns only the weighted mean of the clients' updates, and this strategy's
+        ``aggregate_means`` gets that mean, never one client's update. Only for methods
+        whose aggregate is a weighted mean of updates (``folds_updates``), with fp32
+        uploads and without ``check_exactness``; clients clip their own updates
+        (``max_update_norm``, user-level DP's clip).
     max_update_norm : float (default: 0.0)
         Bound each client's update to this L2 norm (all its tensors together) before it
         is aggregated, the robust-aggregation baseline against a scaled update; 0: none.
@@ -235,6 +246,7 @@ class LoraStrategy(FedAvg):
         weighted_by_key: str = wire.NUM_EXAMPLES,
         privacy: Privacy | None = None,
         max_update_norm: float = 0.0,
+        secure_aggregation: bool = False,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -265,6 +277,7 @@ class LoraStrategy(FedAvg):
                 f"--dp user cannot protect --strategy {self.name}: its clients upload their "
                 "own adapters, not updates the server can clip, sum and noise; use --dp sample"
             )
+        self.secure_clip = 0.0  # secure aggregation: the plan's clipping range
         self.max_update_norm = max_update_norm
         if max_update_norm and self.upload != "delta":
             raise FedLoraError(f"--max-update-norm bounds updates, and --strategy {self.name}'s "
@@ -278,11 +291,33 @@ class LoraStrategy(FedAvg):
                 "their factors themselves, not an update, and the server would read every entry "
                 "a top-k leaves out as zero; valid choices: fp32, fp16, bf16, int8"
             )
+        self.secure_aggregation = secure_aggregation
+        if secure_aggregation:
+            self.check_secure_aggregation()
         if privacy and privacy.mode == "user" and check_exactness:
             raise FedLoraError(
                 "--check-exactness compares the aggregate with each client's update, which "
                 "--dp user must not release; drop one of them"
             )
+
+    def check_secure_aggregation(self) -> None:
+        """FedLoraError unless SecAgg+'s weighted sum is all this method's aggregation needs."""
+        flag = "--secure-aggregation"
+        if self.upload != "delta":
+            why = "its clients upload their factors themselves, and a mean of factors is not its aggregate"
+        elif not self.folds_updates:
+            why = ("its server needs each client's own tensors (stacks, products, a term of "
+                   "each update), not their sum")
+        elif self.upload_codec.kind != "fp32":
+            raise FedLoraError(f"{flag} sums dense fp32 values: --upload-codec "
+                               f"{self.upload_codec.name} is not one; valid choice: fp32")
+        elif self.check_exactness:
+            raise FedLoraError(f"{flag} hides each client's update, which --check-exactness "
+                               "compares with the aggregate; drop one of them")
+        else:
+            return
+        raise FedLoraError(f"{flag} cannot serve --strategy {self.name}: {why}; valid choices: "
+                           "fedavg, ffa, fedsb, fedsa, fedsvd, rolora")
 
     @classmethod
     def from_config(cls, config) -> LoraStrategy:
@@ -310,6 +345,7 @@ class LoraStrategy(FedAvg):
             download_codec=config.download_codec,
             privacy=Privacy.from_config(config),
             max_update_norm=config.max_update_norm,
+            secure_aggregation=config.secure_aggregation,
         )
 
     @property
@@ -351,6 +387,11 @@ class LoraStrategy(FedAvg):
     def aggregate_init(self, replies: Iterable[Message]) -> ArrayRecord:
         """The global state from the initialisation round's replies (handed over as they
         arrive, like a training round's)."""
+        raise NotImplementedError(f"{self.name} has no initialisation round")
+
+    def aggregate_secure_init(self, mean: list | None) -> ArrayRecord:
+        """The global state from a secure initialisation round (server/secure.py): the
+        mean of what the clients sent, by sorted key (None: the protocol stopped)."""
         raise NotImplementedError(f"{self.name} has no initialisation round")
 
     def init_reply_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -415,10 +456,13 @@ class LoraStrategy(FedAvg):
         run = dataclasses.replace(self.resolve(run), rank=self.rank, alpha=float(self.alpha),
                                   target_modules=",".join(self.target_modules), seed=self.seed,
                                   upload_codec=self.upload_codec.name)
+        if self.secure_aggregation and task == "train":
+            self.secure_clip = update_bound(run)
         return Plan(run, label_words, server_round, task, adapter=self.adapter,
                     trainable=self.trained(server_round), personal=self.personal,
                     upload=self.upload, kept_batches=len(self.kept.batches),
-                    base_delta_version=self.kept.base_version)
+                    base_delta_version=self.kept.base_version,
+                    secure_clip=self.secure_clip if self.secure_aggregation else None)
 
     def trained(self, server_round: int) -> tuple[str, ...]:
         """What the clients train and upload in ``server_round`` (default: ``trainable``;
@@ -458,6 +502,39 @@ class LoraStrategy(FedAvg):
             round_.fold(reply)
             del reply  # let it go before the next one arrives
         return round_.finish()
+
+    def aggregate_secure(self, server_round: int, messages: list[Message], summed) -> tuple[
+            ArrayRecord | None, MetricRecord | None]:
+        """``aggregate_train`` for a secure round: the new global state from the weighted
+        mean of the updates (``summed``: server.secure.SecureSum), never one client's.
+        The metrics add ``secure-error-bound`` (the most a value of that mean can differ
+        from the exact mean of the same clients: fedlora.secure_aggregation.error_bound)
+        and ``secure-clipped`` (values the clients found beyond the clipping range: the
+        bound holds when it is 0)."""
+        self.dropped = []
+        round_ = Round(self, server_round)
+        if summed.mean is not None:
+            expected = self.expected_shapes(MetricRecord())
+            state = {k: torch.from_numpy(np.asarray(a, dtype=np.float64)).reshape(expected[k])
+                     for k, a in zip(sorted(expected), summed.mean)}
+            round_.fold_sum(state, summed.weights, summed.metrics, summed.nodes)
+        elif self.dp and self.dp.user_level and len(messages) < MIN_CLIENTS:
+            self.sampled = 0  # too few drawn to hide in a sum: released as an empty draw's
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if node not in summed.nodes:
+                self.drop(server_round, node, "no part in the secure sum (failed, silent or "
+                                              "too few clients)")
+        arrays, metrics = round_.finish()
+        if metrics is not None and summed.mean is not None:
+            ranges = secure_ranges(len(messages), self.secure_clip)
+            metrics["secure-error-bound"] = error_bound(ranges, summed.weights)
+            metrics["secure-clipped"] = sum(int(m.get(wire.SECURE_CLIPPED, 0)) for m in summed.metrics)
+        return arrays, metrics
+
+    def secure_ranges(self, clients: int) -> SecureRanges:
+        """SecAgg+'s ranges for a training round of ``clients`` (after ``configure_train``)."""
+        return secure_ranges(clients, self.secure_clip)
 
     @property
     def streams(self) -> bool:

@@ -164,6 +164,8 @@ class FedSB(LoraStrategy):
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
         plan = self.plan(config, 0, task="gradient")
         plan.gradient_examples, plan.gradient_codec = self.init_examples, self.init_codec.name
+        if self.secure_aggregation:  # the clients' sign votes, each +-1
+            plan.secure_clip = self.secure_clip = 1.0
         return [
             Message(content=RecordDict({wire.CONFIG: plan.to_record()}),
                     message_type=MessageType.TRAIN, dst_node_id=node)
@@ -186,6 +188,22 @@ class FedSB(LoraStrategy):
         if not sums:
             reasons = "; ".join(reason for _, reason in self.dropped) or "no client replied"
             raise FedLoraError(f"Fed-SB's gradient initialisation got no usable reply: {reasons}")
+        return self.factors_from_gradient(sums)
+
+    def aggregate_secure_init(self, mean: list | None) -> ArrayRecord:
+        """The initialisation from a secure round (server/secure.py): the mean of the
+        clients' sign votes, by sorted key, whose sign is the plain round's (the sum of
+        the sign codec's votes); FedLoraError where the protocol stopped."""
+        if mean is None:
+            raise FedLoraError("Fed-SB's gradient initialisation got no secure sum: too few "
+                               "clients took part")
+        shapes = self.init_reply_shapes()
+        return self.factors_from_gradient({k: torch.from_numpy(a).reshape(shapes[k]).double()
+                                           for k, a in zip(sorted(shapes), mean)})
+
+    def factors_from_gradient(self, sums: dict[str, torch.Tensor]) -> ArrayRecord:
+        """B, A (kept) and R (returned) by the LoRA-SB rule from the clients' summed
+        gradients (only their signs matter)."""
         torch.manual_seed(self.seed)  # svd_lowrank is randomised
         factors = {
             path: lora_sb_from_gradient(sums[f"{path}.weight"], self.rank, self.init_eta)

@@ -71,6 +71,34 @@ class Round:
         if strategy.check_exactness:
             self.deltas.add(strategy.client_delta(state, metrics), weight)
 
+    def fold_sum(self, mean: State, weights: list[int], metrics: list[dict],
+                 nodes: list[int]) -> None:
+        """Add a secure round's result instead of its replies (server/secure.py): the
+        weighted mean of what the clients sent (their updates, clipped by themselves
+        under user-level DP, each then weighing the same), their weights and the metrics
+        that travelled in the clear. Nothing can be left out of a sum after the fact: a
+        client's DP-SGD settings are accounted as its plan gives them, whatever it
+        reports."""
+        strategy, privacy = self.strategy, self.strategy.privacy
+        for node, m in zip(nodes, metrics):
+            client = f"node-{node}" if privacy and privacy.node_identities else str(m.get(wire.CLIENT_ID))
+            m = {k: v for k, v in m.items() if k != wire.CLIENT_ID}
+            if privacy and privacy.mode == "sample":
+                noise, rate = privacy.dpsgd_terms(int(m[wire.NUM_EXAMPLES]))
+                m.update({wire.DP_NOISE: noise, wire.DP_SAMPLE_RATE: rate,
+                          wire.DP_STEPS: privacy.local_steps})
+            self.clients.append(client)
+            self.nodes.append(node)
+            self.metrics.append(MetricRecord(m))
+            strategy.kept.confirm(node)  # it holds what it was sent
+            strategy.record_reply(node, self.metrics[-1])
+        if not nodes:
+            return
+        if privacy and privacy.mode == "user":  # every client weighed the same: n x mean
+            self.clipped.add({k: v.double() * len(nodes) for k, v in mean.items()}, 1.0)
+        else:  # folds_updates: the mean of the updates, the global state added by finish()
+            self.terms.add(mean, 1.0)
+
     def finish(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The new global state and the round's metrics from what was folded in; (None,
         None) when too few replies were valid."""

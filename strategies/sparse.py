@@ -61,6 +61,11 @@ class SparseLoRA(LoraStrategy):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if self.secure_aggregation and upload_density < 1.0:
+            raise FedLoraError(f"--secure-aggregation sums dense vectors, and --strategy sparse "
+                               f"uploads each update's top-k at entries each client picks "
+                               f"(--upload-density {upload_density:g}); valid choices: fedavg, "
+                               "ffa, fedsb, fedsa, fedsvd, rolora")
         self.upload_form = sparse_form(self.upload_codec, upload_density, "upload")
         self.download_form = sparse_form(self.download_codec, download_density, "download")
         self.upload_density, self.download_density = upload_density, download_density

@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fedlora", "strategies", "server", "client")
 CORE = {"errors", "seeds", "config", "codec", "aggregate", "privacy", "data", "prompts", "models",
-        "train", "evaluate", "adapters", "wire", "memory"}
+        "train", "evaluate", "adapters", "wire", "memory", "secure_aggregation"}
 COMMANDS = {"simulate", "deploy", "plan", "study", "cli", "comparison", "processes"}
 RANK = {"core": 0, "strategies": 1, "client": 1, "server": 2, "commands": 3}
 
