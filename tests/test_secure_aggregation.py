@@ -1,0 +1,146 @@
+"""Secure aggregation (Flower's SecAgg+): the ranges and their bound, the client's side,
+the refusals, and a real simulation in which one client drops out mid-protocol."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from client.app import secure_update
+from fedlora.config import RunConfig
+from fedlora.errors import FedLoraError
+from fedlora.privacy import update_norm
+from fedlora.secure_aggregation import (MAX_WEIGHT, MODULUS, adam_update_bound, error_bound,
+                                        secure_ranges, update_bound)
+from strategies import STRATEGIES, resolved
+
+
+def adam_changes(gradients: torch.Tensor, lr: float) -> torch.Tensor:
+    """How far torch's AdamW (no weight decay, fedlora's) moves each value over the rows
+    of ``gradients`` (one row a step)."""
+    value = torch.nn.Parameter(torch.zeros(gradients.shape[1], dtype=torch.float64))
+    optimizer = torch.optim.AdamW([value], lr=lr, weight_decay=0.0)
+    for gradient in gradients:
+        value.grad = gradient.clone()
+        optimizer.step()
+    return value.detach()
+
+
+def test_the_adam_bound_holds_for_any_gradients_and_is_reached_at_step_one():
+    generator = torch.Generator().manual_seed(0)
+    steps, lr = 10, 3e-3
+    bound = adam_update_bound(lr, steps)
+    # 4,000 values at once: signs at random, magnitudes over 12 orders; and Cauchy-Schwarz's
+    # equality case, a gradient growing by b2 / b1 a step, which reaches the bound.
+    signs = torch.randint(0, 2, (steps, 4000), generator=generator, dtype=torch.float64) * 2 - 1
+    magnitudes = 10 ** (torch.rand(steps, 4000, generator=generator, dtype=torch.float64) * 12 - 6)
+    growing = ((0.999 / 0.9) ** torch.arange(steps, dtype=torch.float64))[:, None]
+    changes = adam_changes(torch.cat([signs * magnitudes, growing, -growing], dim=1), lr).abs()
+    assert changes.max() <= bound * (1 + 1e-12)
+    assert changes[-1] == pytest.approx(bound, rel=1e-6)  # no looser than it must be
+    assert adam_update_bound(lr, 1) == pytest.approx(lr, rel=1e-12)
+    assert adam_changes(torch.tensor([[5.0]], dtype=torch.float64), lr).abs().item() == pytest.approx(lr, rel=1e-6)
+
+
+def test_the_ranges_never_wrap_the_modulus_and_weights_travel_exactly():
+    for clients in (3, 4, 5, 100, 1000, 2048):
+        ranges = secure_ranges(clients, 0.1)
+        assert clients * ranges.levels <= MODULUS // 2  # the sum of quantised values fits
+        assert ranges.levels >= MAX_WEIGHT and ranges.levels % MAX_WEIGHT == 0  # w L / MAX integral
+    assert secure_ranges(4, 0.1).levels == 2**29
+    with pytest.raises(ValueError, match="at most 2048"):
+        secure_ranges(2049, 0.1)
+    # n steps over the weight ratios' sum: 4 clients of 1,024 examples
+    ranges = secure_ranges(4, 0.5)
+    assert error_bound(ranges, [1024] * 4) == pytest.approx(4 * (1.0 / 2**29) / (4 * 1024 / MAX_WEIGHT))
+
+
+def test_the_clipping_range_is_the_tightest_bound_the_client_keeps():
+    config = RunConfig(lr=3e-3, local_steps=10)
+    assert update_bound(config) == adam_update_bound(3e-3, 10)
+    assert update_bound(RunConfig(lr=3e-3, local_steps=10, dp="user", dp_clip=0.01)) == 0.01
+    assert update_bound(RunConfig(lr=3e-3, local_steps=10, max_update_norm=0.02)) == 0.02
+    assert update_bound(RunConfig(lr=3e-3, local_steps=10, max_update_norm=0.05)) == adam_update_bound(3e-3, 10)
+
+
+def test_a_client_clips_its_own_update_and_weighs_one_under_user_dp():
+    update = {"a": torch.full((10,), 1.0), "b": torch.full((5,), -2.0)}
+    clipped, weight = secure_update(update, RunConfig(dp="user", dp_clip=0.5), 40, [])
+    assert weight == MAX_WEIGHT and update_norm(clipped) == pytest.approx(0.5, rel=1e-6)
+    bounded, weight = secure_update(update, RunConfig(max_update_norm=0.25), 40, [])
+    assert weight == 40 and update_norm(bounded) == pytest.approx(0.25, rel=1e-6)
+    scaled, _ = secure_update(update, RunConfig(), 40, ["scale"])  # the drill: unclipped x 1,000
+    assert torch.equal(scaled["a"], update["a"] * 1000)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"strategy": "flora"}, "cannot serve --strategy flora: its clients upload their factors"),
+    ({"strategy": "hetlora"}, "cannot serve --strategy hetlora: its clients upload their factors"),
+    ({"strategy": "flexlora"}, "cannot serve --strategy flexlora"),
+    ({"strategy": "fedex"}, "cannot serve --strategy fedex: its server needs each client's own"),
+    ({"strategy": "sparse"}, "top-k at entries each client picks"),
+    ({"strategy": "fedavg", "upload_codec": "fp16"}, "--upload-codec fp16 is not one; valid choice: fp32"),
+    ({"strategy": "fedavg", "check_exactness": True}, "drop one of them"),
+    ({"strategy": "fedavg", "num_clients": 2}, "at least 3 clients a round"),
+    ({"strategy": "fedavg", "num_clients": 4, "fraction_train": 0.5}, "draws 2"),
+    ({"strategy": "fedsb", "fedsb_init_codec": "fp32"}, "its sign vote has; valid choice: sign"),
+])
+def test_what_a_sum_cannot_serve_is_refused_in_one_line(flags, message):
+    config = RunConfig(**{"num_clients": 4, "secure_aggregation": True, **flags})
+    with pytest.raises(FedLoraError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+        config.validate()
+        STRATEGIES[config.strategy].from_config(resolved(config))
+    assert "\n" not in str(err.value)
+
+
+def test_a_secure_round_equals_the_plain_mean_with_a_client_dropping_out(tmp_path, monkeypatch):
+    """Fed-SB, gradient initialisation by sign vote, 4 clients; in round 1 one of them
+    fails after it shared its keys (SecAgg+'s stage 2): its masks are rebuilt from the
+    others' shares. The secure run's initialisation equals the plain run's exactly (votes
+    of +-1 quantise exactly) and its R is the plain R within the reported bound; the
+    strategy's aggregation hook gets that mean and never decodes one client's reply."""
+    from fedlora.simulate import main
+    from strategies.base import LoraStrategy
+    from strategies.fedsb import FedSB
+
+    monkeypatch.setenv("FEDLORA_INJECT_FAULTS", "raise:2@1")
+    flags = ["--model", "tiny-llama", "--strategy", "fedsb", "--fedsb-init", "gradient",
+             "--rank", "4", "--num-clients", "4", "--min-clients", "3", "--rounds", "1",
+             "--local-steps", "3", "--max-length", "48", "--eval-size", "16",
+             "--output", str(tmp_path)]
+    assert main([*flags, "--name", "plain"]) == 0
+    means, accepted = [], []
+    aggregate_means, accept = FedSB.aggregate_means, LoraStrategy.accept
+    monkeypatch.setattr(FedSB, "aggregate_means",
+                        lambda self, m, metrics: means.append(m) or aggregate_means(self, m, metrics))
+    monkeypatch.setattr(LoraStrategy, "accept",
+                        lambda self, *args, **kw: accepted.append(args) or accept(self, *args, **kw))
+    assert main([*flags, "--name", "secure", "--secure-aggregation"]) == 0
+
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+            for name in ("plain", "secure")}
+    assert [(r["clients"], r["dropped"]) for r in rows["secure"][1:]] == [(3, 1)]
+    assert [(r["clients"], r["dropped"]) for r in rows["plain"][1:]] == [(3, 1)]
+    assert rows["secure"][0]["clients"] == 4
+    secure_row = rows["secure"][1]
+    assert secure_row["secure_clipped"] == 0
+    # keys and masked vectors cost more than the plain upload, all counted
+    assert secure_row["bytes_up"] > rows["plain"][1]["bytes_up"] > 0
+    assert rows["secure"][0]["bytes_up"] > rows["plain"][0]["bytes_up"] > 0
+
+    plain, secure = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+                     for name in ("plain", "secure"))
+    for key, value in plain["strategy"]["frozen"].items():  # B and A from the votes
+        assert torch.equal(secure["strategy"]["frozen"][key], value), key
+    bound = secure_row["secure_error_bound"]
+    assert 0 < bound < 1e-6
+    for key, value in plain["arrays"].items():  # R
+        rounding = 2 * value.abs().max().item() * 2**-24  # both stored in fp32
+        assert (secure["arrays"][key] - value).abs().max().item() <= bound + rounding, key
+        assert (secure["arrays"][key] - value).abs().max().item() < 1e-2 * value.abs().max().item()
+    assert accepted == []  # no client's reply was decoded
+    assert len(means) == 1 and means[0].keys() == secure["arrays"].keys()
+    for key, value in means[0].items():
+        assert torch.equal(value, secure["arrays"][key])
+    assert not math.isnan(secure_row["train_loss"])
