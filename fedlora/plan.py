@@ -447,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     as_json = args.pop("json", False)
     try:
         for run in study_from_args(args):
+            if run.config.secure_aggregation:  # four exchanges a round, int64 masked vectors
+                raise FedLoraError("--secure-aggregation: the planner counts plain rounds; "
+                                   "SecAgg+'s traffic is measured by "
+                                   "benchmarks/secure_aggregation.py (docs/results.md)")
             plan = plan_run(run.config)
             print(json.dumps(plan.summary(run.config)) if as_json
                   else f"{table(run.config, plan)}\n", flush=True)
