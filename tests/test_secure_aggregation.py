@@ -94,6 +94,48 @@ def test_what_a_sum_cannot_serve_is_refused_in_one_line(flags, message):
     assert "\n" not in str(err.value)
 
 
+def test_user_dp_noises_the_secure_sum_as_it_noises_the_clipped_replies():
+    """The server adds the same noise to the unmasked sum of the clients' own clips as to
+    the sum of the clips it makes itself, and the accountant counts the round alike."""
+    from types import SimpleNamespace
+
+    from conftest import train_reply
+    from server.secure import SecureSum
+    from strategies import build_strategy
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"m.lora_A.weight": (4, 30), "m.lora_B.weight": (20, 4)}
+    updates = [{k: scale * torch.randn(shape, generator=generator) for k, shape in shapes.items()}
+               for scale in (0.001, 0.5, 3.0)]
+    released, epsilons = [], []
+    for secure in (False, True):
+        config = RunConfig.from_dict({"model": "tiny-llama", "num-clients": 3, "rounds": 3,
+                                      "dp": "user", "dp-clip": 0.3, "dp-noise": 0.8,
+                                      "dp-noise-seed": 5, "secure-aggregation": secure})
+        strategy = build_strategy(config)
+        strategy.global_state = {k: torch.ones(shape) for k, shape in shapes.items()}
+        strategy.sent_shapes = shapes
+        strategy.sampled = strategy.available = 3
+        if secure:  # what SecAgg+ unmasks: the mean of the clients' own clips, equal weights
+            clipped = [secure_update(u, config, 10, [])[0] for u in updates]
+            mean = [sum(c[k].double() for c in clipped).numpy() / 3 for k in sorted(shapes)]
+            metrics = [{"num-examples": 10, "train-loss": 1.0, "train-seconds": 0.1, "rank": 8,
+                        "client-id": str(i)} for i in range(3)]
+            strategy.secure_clip = update_bound(strategy.resolve(config))
+            arrays, result = strategy.aggregate_secure(
+                1, [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=i + 1)) for i in range(3)],
+                SecureSum(mean, [MAX_WEIGHT] * 3, metrics, [1, 2, 3]))
+            assert result["secure-clipped"] == 0 and result["secure-error-bound"] < 1e-9
+        else:
+            arrays, result = strategy.aggregate_train(
+                1, [train_reply(i + 1, u, 10 * (i + 1)) for i, u in enumerate(updates)])
+        released.append(arrays.to_torch_state_dict())
+        epsilons.append(result["epsilon"])
+    for key in shapes:
+        torch.testing.assert_close(released[1][key], released[0][key], rtol=0, atol=1e-6)
+    assert epsilons[0] == epsilons[1] > 0
+
+
 def test_a_secure_round_equals_the_plain_mean_with_a_client_dropping_out(tmp_path, monkeypatch):
     """Fed-SB, gradient initialisation by sign vote, 4 clients; in round 1 one of them
     fails after it shared its keys (SecAgg+'s stage 2): its masks are rebuilt from the
