@@ -22,6 +22,7 @@ torch.set_num_threads(2)
 # --no-loadscope-reorder.
 LONGEST_FIRST = ("test_deploy.py", "test_study.py", "test_comparison.py", "test_simulation.py",
                  "test_faults.py", "test_flower_app.py", "test_privacy.py", "test_reproduce.py",
+                 "test_secure_aggregation.py",
                  "test_chat.py", "test_ray_cluster.py", "test_gpu_check.py")
 
 
