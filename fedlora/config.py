@@ -272,7 +272,9 @@ class RunConfig:
         metadata={"bounds": (0, 1_000_000, True), "help": "validation examples the server holds apart from the evaluation ones "
                           "(from --dataset, else from --eval-dataset) and scores as val_* "
                           "metrics: a grid's values are chosen on them, never on the reported "
-                          "evaluation"},
+                          "evaluation. Taken from the training pool: every client's partition "
+                          "is dealt anew, so runs of different --val-size train on different "
+                          "examples (docs/results.md)"},
     )
     eval_batch_size: int = field(default=32, metadata={"bounds": (1, 65_536, True), "help": "batch size of evaluation"})
     eval_max_new_tokens: int = field(
