@@ -61,7 +61,7 @@ from fedlora.adapters import (
     lora_sb_state,
     merge_lora,
 )
-from fedlora.aggregate import truncate_lora
+from fedlora.aggregate import pad_lora, truncate_lora
 from fedlora.codec import Codec, decode_payload, encode_payload
 from fedlora.data import local_examples
 from fedlora.errors import FedLoraError
@@ -179,6 +179,8 @@ def run_plan(msg: Message, context: Context, plan: Plan, model, tokenizer,
     codec = Codec.parse(config.upload_codec)
     drills = faults.faults_for(partition_id, plan.server_round, config.name)  # drills only
     if config.secure_aggregation:
+        if plan.upload == "weights":  # the update, padded to the global rank, is what sums
+            upload = pad_lora({k: v - received[k] for k, v in upload.items()}, config.rank)
         return secure_reply(msg, plan, *secure_update(upload, config, len(examples), drills),
                             metrics, client_id, device)
     if set(drills) & set(faults.HOSTILE):

@@ -208,7 +208,8 @@ class RunConfig:
         metadata={"help": "Flower's SecAgg+: the server learns only the weighted sum of the "
                           "clients' updates, never one of them (docs/privacy.md); for the "
                           "methods whose aggregate is a weighted mean of updates (fedavg, ffa, "
-                          "fedsb, fedsa, fedsvd, rolora), fp32 uploads, at least 3 clients"},
+                          "fedsb, fedsa, fedsvd, rolora, hetlora), fp32 uploads, at least 3 "
+                          "clients"},
     )
     dp: str = field(
         default="off",

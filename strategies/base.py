@@ -301,23 +301,30 @@ class LoraStrategy(FedAvg):
             )
 
     def check_secure_aggregation(self) -> None:
-        """FedLoraError unless SecAgg+'s weighted sum is all this method's aggregation needs."""
+        """FedLoraError unless SecAgg+'s weighted mean is all this method's aggregation
+        needs (:meth:`secure_refusal`), of dense fp32 uploads, without
+        ``check_exactness``."""
         flag = "--secure-aggregation"
-        if self.upload != "delta":
-            why = "its clients upload their factors themselves, and a mean of factors is not its aggregate"
-        elif not self.folds_updates:
-            why = ("its server needs each client's own tensors (stacks, products, a term of "
-                   "each update), not their sum")
-        elif self.upload_codec.kind != "fp32":
+        why = self.secure_refusal()
+        if why:
+            raise FedLoraError(f"{flag} cannot serve --strategy {self.name}: {why}; valid "
+                               "choices: fedavg, ffa, fedsb, fedsa, fedsvd, rolora, hetlora")
+        if self.upload_codec.kind != "fp32":
             raise FedLoraError(f"{flag} sums dense fp32 values: --upload-codec "
                                f"{self.upload_codec.name} is not one; valid choice: fp32")
-        elif self.check_exactness:
+        if self.check_exactness:
             raise FedLoraError(f"{flag} hides each client's update, which --check-exactness "
                                "compares with the aggregate; drop one of them")
-        else:
-            return
-        raise FedLoraError(f"{flag} cannot serve --strategy {self.name}: {why}; valid choices: "
-                           "fedavg, ffa, fedsb, fedsa, fedsvd, rolora")
+
+    def secure_refusal(self) -> str | None:
+        """Why the weighted mean of the clients' updates cannot make this method's
+        aggregate (None: it can, the method folds updates)."""
+        if self.upload != "delta":
+            return "its clients upload their factors themselves, and a mean of factors is not its aggregate"
+        if not self.folds_updates:
+            return ("its server needs each client's own tensors (stacks, products, a term of "
+                    "each update), not their sum")
+        return None
 
     @classmethod
     def from_config(cls, config) -> LoraStrategy:
@@ -514,10 +521,11 @@ class LoraStrategy(FedAvg):
         self.dropped = []
         round_ = Round(self, server_round)
         if summed.mean is not None:
-            expected = self.expected_shapes(MetricRecord())
+            expected = self.secure_shapes()
             state = {k: torch.from_numpy(np.asarray(a, dtype=np.float64)).reshape(expected[k])
                      for k, a in zip(sorted(expected), summed.mean)}
-            round_.fold_sum(state, summed.weights, summed.metrics, summed.nodes)
+            round_.fold_sum(self.secure_terms(state, summed.weights, summed.metrics),
+                            summed.weights, summed.metrics, summed.nodes)
         elif self.dp and self.dp.user_level and len(messages) < MIN_CLIENTS:
             self.sampled = 0  # too few drawn to hide in a sum: released as an empty draw's
         for message in messages:
@@ -531,6 +539,17 @@ class LoraStrategy(FedAvg):
             metrics["secure-error-bound"] = error_bound(ranges, summed.weights)
             metrics["secure-clipped"] = sum(int(m.get(wire.SECURE_CLIPPED, 0)) for m in summed.metrics)
         return arrays, metrics
+
+    def secure_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes of what every client sends in a secure round (all alike: they
+        are summed); by default a reply's expected shapes."""
+        return self.expected_shapes(MetricRecord())
+
+    def secure_terms(self, mean: State, weights: list[int], metrics: list[dict]) -> State:
+        """The p_k-weighted mean of the method's terms, from the secure mean of what the
+        clients sent (``weights``: their w_k; ``metrics``: theirs, in the clear); by
+        default the mean itself (the clients' updates)."""
+        return mean
 
     def secure_ranges(self, clients: int) -> SecureRanges:
         """SecAgg+'s ranges for a training round of ``clients`` (after ``configure_train``)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedlora import wire
-from fedlora.aggregate import State, keep_components, pad_lora
+from fedlora.aggregate import State, keep_components, pad_lora, truncate_lora
 from strategies.truncated import TruncatedRankLoRA
 
 
@@ -28,6 +28,22 @@ class HetLoRA(TruncatedRankLoRA):
     """
 
     name = "hetlora"
+
+    def secure_refusal(self) -> str | None:
+        return None  # its terms follow from the sum of the updates (secure_terms)
+
+    def secure_terms(self, mean: State, weights: list[int], metrics: list[dict]) -> State:
+        """Under secure aggregation each client sends its update padded to R, pad_R(W_k -
+        trunc_r_k(G)), the masked sum of which gives sum_k p_k pad_R(W_k) once the server
+        adds sum_k p_k pad_R(trunc_r_k(G)): the global factors' first r_k components,
+        weighted by the clients (their ranks and weights travel in the clear)."""
+        total = sum(weights)
+        terms = {k: v.double().clone() for k, v in mean.items()}
+        for weight, m in zip(weights, metrics):
+            held = pad_lora(truncate_lora(self.global_state, int(m[wire.RANK])), self.rank)
+            for key, value in held.items():
+                terms[key] += weight / total * value.double()
+        return terms
 
     def client_terms(self, state, metrics) -> State:
         return pad_lora(state, self.rank)

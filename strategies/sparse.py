@@ -65,7 +65,7 @@ class SparseLoRA(LoraStrategy):
             raise FedLoraError(f"--secure-aggregation sums dense vectors, and --strategy sparse "
                                f"uploads each update's top-k at entries each client picks "
                                f"(--upload-density {upload_density:g}); valid choices: fedavg, "
-                               "ffa, fedsb, fedsa, fedsvd, rolora")
+                               "ffa, fedsb, fedsa, fedsvd, rolora, hetlora")
         self.upload_form = sparse_form(self.upload_codec, upload_density, "upload")
         self.download_form = sparse_form(self.download_codec, download_density, "download")
         self.upload_density, self.download_density = upload_density, download_density

@@ -69,5 +69,8 @@ class TruncatedRankLoRA(LoraStrategy):
     def expected_shapes(self, metrics: MetricRecord) -> dict[str, tuple[int, ...]]:
         return lora_shapes(self.module_shapes, announced_rank(metrics, self.rank))
 
+    def secure_shapes(self) -> dict[str, tuple[int, ...]]:
+        return lora_shapes(self.module_shapes, self.rank)  # every client's padded to R
+
     def record_reply(self, node_id: int, metrics: MetricRecord) -> None:
         self.node_ranks[node_id] = int(metrics[wire.RANK])

@@ -76,7 +76,6 @@ def test_a_client_clips_its_own_update_and_weighs_one_under_user_dp():
 
 @pytest.mark.parametrize("flags, message", [
     ({"strategy": "flora"}, "cannot serve --strategy flora: its clients upload their factors"),
-    ({"strategy": "hetlora"}, "cannot serve --strategy hetlora: its clients upload their factors"),
     ({"strategy": "flexlora"}, "cannot serve --strategy flexlora"),
     ({"strategy": "fedex"}, "cannot serve --strategy fedex: its server needs each client's own"),
     ({"strategy": "sparse"}, "top-k at entries each client picks"),
@@ -134,6 +133,55 @@ def test_user_dp_noises_the_secure_sum_as_it_noises_the_clipped_replies():
     for key in shapes:
         torch.testing.assert_close(released[1][key], released[0][key], rtol=0, atol=1e-6)
     assert epsilons[0] == epsilons[1] > 0
+
+
+def test_hetlora_through_a_secure_sum_is_its_zero_padded_mean():
+    """Clients of ranks 2, 4 and 4 (of R = 8) send their updates padded to R; with the
+    global components each held added back, the server gets HetLoRA's mean of the padded
+    factors exactly, and components no client held keep their global value."""
+    from types import SimpleNamespace
+
+    from conftest import train_reply
+    from fedlora.aggregate import pad_lora, truncate_lora
+    from server.secure import SecureSum
+    from strategies.hetlora import HetLoRA
+    from strategies.replies import lora_shapes
+
+    generator = torch.Generator().manual_seed(1)
+    module_shapes = {"m": (20, 30)}
+    ranks, weights = [2, 4, 4], [10, 30, 60]
+    results = []
+    for secure in (False, True):
+        strategy = HetLoRA(ranks=(2, 4, 8), secure_aggregation=secure)
+        strategy.module_shapes = module_shapes
+        strategy.server_round = 1
+        strategy.global_state = {k: torch.randn(shape, generator=torch.Generator().manual_seed(7))
+                                 for k, shape in lora_shapes(module_shapes, 8).items()}
+        strategy.sent_shapes = {k: tuple(v.shape) for k, v in strategy.global_state.items()}
+        strategy.sampled = strategy.available = 3
+        generator.manual_seed(1)
+        updates = [{k: 0.01 * torch.randn(v.shape, generator=generator)
+                    for k, v in truncate_lora(strategy.global_state, r).items()} for r in ranks]
+        trained = [{k: truncate_lora(strategy.global_state, r)[k] + u[k] for k in u}
+                   for r, u in zip(ranks, updates)]
+        if secure:
+            sent = [pad_lora(u, 8) for u in updates]
+            mean = [sum(w * p[k].double() for w, p in zip(weights, sent)).numpy() / sum(weights)
+                    for k in sorted(sent[0])]
+            metrics = [{"num-examples": w, "train-loss": 1.0, "train-seconds": 0.1, "rank": r,
+                        "client-id": str(i)} for i, (w, r) in enumerate(zip(weights, ranks))]
+            strategy.secure_clip = 0.1
+            arrays, _ = strategy.aggregate_secure(
+                1, [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=i + 1)) for i in range(3)],
+                SecureSum(mean, weights, metrics, [1, 2, 3]))
+        else:
+            arrays, _ = strategy.aggregate_train(1, [train_reply(i + 1, t, w, rank=r) for i, (t, w, r)
+                                                     in enumerate(zip(trained, weights, ranks))])
+        results.append(arrays.to_torch_state_dict())
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=0, atol=1e-6)
+    kept = results[1]["base_model.model.m.lora_A.weight"][4:]  # rows 5-8: no client held them
+    assert torch.equal(kept, strategy.global_state["base_model.model.m.lora_A.weight"][4:])
 
 
 def test_a_secure_round_equals_the_plain_mean_with_a_client_dropping_out(tmp_path, monkeypatch):
