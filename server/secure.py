@@ -25,7 +25,9 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
+from fedlora import wire
 from fedlora.secure_aggregation import MAX_WEIGHT, MODULUS, SecureRanges
+from fedlora.wire import Plan
 from server.transport import exchange, traffic
 
 log = logging.getLogger("fedlora")
@@ -132,7 +134,7 @@ def secure_exchange(grid: Grid, messages: list[Message], ranges: SecureRanges,
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                                     run_config={}),
                             strategy=LegacyRound(grid, messages, summed))
-    server_round = int(messages[0].content["config"]["server-round"]) if messages else 0
+    server_round = Plan.from_record(messages[0].content[wire.CONFIG]).server_round if messages else 0
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     workflow = Workflow(SHARES, THRESHOLD, max_weight=float(MAX_WEIGHT), clipping_range=ranges.clip,
