@@ -22,6 +22,9 @@ class RoLoRA(LoraStrategy):
     """
 
     name = "rolora"
+    # simulations/tune-lr.toml: 3e-3 validates 0.728 ± 0.032 over 3 seeds, against 0.673 at
+    # 1e-3, 0.547 at 1e-2 and 0.510 at 3e-2: LoraStrategy's own value, set here as tuned
+    default_lr = 3e-3
 
     def trained(self, server_round: int) -> tuple[str, ...]:
         return ("lora_B",) if server_round % 2 else ("lora_A",)
