@@ -95,6 +95,10 @@ class FedSB(LoraStrategy):
         if weighting not in ("examples", "uniform"):
             raise FedLoraError(f"unknown Fed-SB weighting '{weighting}'; valid choices: examples, uniform")
         self.init, self.weighting = init, weighting
+        if self.secure_aggregation and weighting == "uniform":
+            raise FedLoraError("--secure-aggregation weighs each client inside the masked sum by "
+                               "the examples it trained on; --fedsb-weighting uniform cannot "
+                               "reweigh it: drop one of them")
         self.init_examples, self.init_eta = init_examples, init_eta
         self.init_codec = Codec.parse(init_codec or "sign")
         if init_codec and self.init_codec.kind != "fp32" and init != "gradient":

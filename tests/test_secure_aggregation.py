@@ -84,6 +84,7 @@ def test_a_client_clips_its_own_update_and_weighs_one_under_user_dp():
     ({"strategy": "fedavg", "num_clients": 2}, "at least 3 clients a round"),
     ({"strategy": "fedavg", "num_clients": 4, "fraction_train": 0.5}, "draws 2"),
     ({"strategy": "fedsb", "fedsb_init_codec": "fp32"}, "its sign vote has; valid choice: sign"),
+    ({"strategy": "fedsb", "fedsb_weighting": "uniform"}, "cannot reweigh it: drop one of them"),
 ])
 def test_what_a_sum_cannot_serve_is_refused_in_one_line(flags, message):
     config = RunConfig(**{"num_clients": 4, "secure_aggregation": True, **flags})
@@ -133,6 +134,55 @@ def test_user_dp_noises_the_secure_sum_as_it_noises_the_clipped_replies():
     for key in shapes:
         torch.testing.assert_close(released[1][key], released[0][key], rtol=0, atol=1e-6)
     assert epsilons[0] == epsilons[1] > 0
+
+
+@pytest.mark.parametrize("name, trained", [
+    ("fedavg", ["lora_A", "lora_B"]), ("ffa", ["lora_B"]), ("fedsb", ["lora_R"]),
+    ("fedsa", ["lora_A"]), ("fedsvd", ["lora_B"]), ("rolora", ["lora_B"]),
+])
+def test_every_method_a_sum_serves_aggregates_the_secure_mean_as_its_replies(name, trained):
+    """The same updates, as replies and as SecAgg+'s mean of them: the same new global
+    state (FedSVD's SVD, RoLoRA's round-1 factor, Fed-SB's R, FedSA's A included)."""
+    from types import SimpleNamespace
+
+    from conftest import train_reply
+    from server.secure import SecureSum
+    from strategies import build_strategy
+
+    shapes = {"lora_A": (4, 30), "lora_B": (20, 4), "lora_R": (4, 4)}
+    keys = {f"base_model.model.m.{t}.weight": shapes[t] for t in trained}
+    others = {f"base_model.model.m.{t}.weight": shapes[t] for t in ("lora_A", "lora_B")
+              if t not in trained and name in ("ffa", "fedsvd", "rolora")}
+    weights = [10, 30, 60]
+    results = []
+    for secure in (False, True):
+        config = RunConfig.from_dict({"model": "tiny-llama", "num-clients": 3, "strategy": name,
+                                      "secure-aggregation": secure})
+        strategy = build_strategy(config)
+        generator = torch.Generator().manual_seed(3)
+        strategy.server_round = 1
+        strategy.global_state = {k: torch.randn(v, generator=generator) for k, v in {**keys, **others}.items()}
+        strategy.sent_shapes = {k: tuple(v.shape) for k, v in strategy.global_state.items()}
+        strategy.sampled = strategy.available = 3
+        strategy.frozen = {}
+        updates = [{k: 0.01 * torch.randn(v, generator=generator) for k, v in keys.items()}
+                   for _ in weights]
+        if secure:
+            mean = [sum(w * u[k].double() for w, u in zip(weights, updates)).numpy() / sum(weights)
+                    for k in sorted(keys)]
+            metrics = [{"num-examples": w, "train-loss": 1.0, "train-seconds": 0.1, "rank": 8,
+                        "client-id": str(i)} for i, w in enumerate(weights)]
+            strategy.secure_clip = 0.1
+            arrays, _ = strategy.aggregate_secure(
+                1, [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=i + 1)) for i in range(3)],
+                SecureSum(mean, weights, metrics, [1, 2, 3]))
+        else:
+            arrays, _ = strategy.aggregate_train(
+                1, [train_reply(i + 1, u, w) for i, (u, w) in enumerate(zip(updates, weights))])
+        results.append(arrays.to_torch_state_dict())
+    assert results[1].keys() == results[0].keys()
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=0, atol=1e-6)
 
 
 def test_hetlora_through_a_secure_sum_is_its_zero_padded_mean():
