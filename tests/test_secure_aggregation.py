@@ -240,23 +240,35 @@ def test_a_secure_round_equals_the_plain_mean_with_a_client_dropping_out(tmp_pat
     others' shares. The secure run's initialisation equals the plain run's exactly (votes
     of +-1 quantise exactly) and its R is the plain R within the reported bound; the
     strategy's aggregation hook gets that mean and never decodes one client's reply."""
-    from fedlora.simulate import main
+    import dataclasses
+
+    from conftest import parse_configs
+    from fedlora.simulate import simulate
     from strategies.base import LoraStrategy
     from strategies.fedsb import FedSB
 
     monkeypatch.setenv("FEDLORA_INJECT_FAULTS", "raise:2@1")
-    flags = ["--model", "tiny-llama", "--strategy", "fedsb", "--fedsb-init", "gradient",
-             "--rank", "4", "--num-clients", "4", "--min-clients", "3", "--rounds", "1",
-             "--local-steps", "3", "--max-length", "48", "--eval-size", "16",
-             "--output", str(tmp_path)]
-    assert main([*flags, "--name", "plain"]) == 0
-    means, accepted = [], []
+    [plain] = parse_configs([
+        "--model", "tiny-llama", "--strategy", "fedsb", "--fedsb-init", "gradient", "--rank", "4",
+        "--num-clients", "4", "--min-clients", "3", "--rounds", "1", "--local-steps", "3",
+        "--max-length", "48", "--eval-size", "16", "--output", str(tmp_path), "--name", "plain"])
+    secure = dataclasses.replace(plain, name="secure", secure_aggregation=True)
+    means, accepted = [], []  # of the secure run
     aggregate_means, accept = FedSB.aggregate_means, LoraStrategy.accept
-    monkeypatch.setattr(FedSB, "aggregate_means",
-                        lambda self, m, metrics: means.append(m) or aggregate_means(self, m, metrics))
-    monkeypatch.setattr(LoraStrategy, "accept",
-                        lambda self, *args, **kw: accepted.append(args) or accept(self, *args, **kw))
-    assert main([*flags, "--name", "secure", "--secure-aggregation"]) == 0
+
+    def recorded_means(self, m, metrics):
+        if self.secure_aggregation:
+            means.append(m)
+        return aggregate_means(self, m, metrics)
+
+    def recorded_accept(self, *args, **kwargs):
+        if self.secure_aggregation:
+            accepted.append(args)
+        return accept(self, *args, **kwargs)
+
+    monkeypatch.setattr(FedSB, "aggregate_means", recorded_means)
+    monkeypatch.setattr(LoraStrategy, "accept", recorded_accept)
+    simulate([plain, secure])  # one engine serves both runs
 
     rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
             for name in ("plain", "secure")}
