@@ -34,8 +34,8 @@ log = logging.getLogger("fedlora")
 
 # A client's private key is shared with every other client of the round, and two thirds
 # of the shares rebuild it: the round survives up to a third of its clients dropping out
-# after they sent their keys, and the server learns one client's values only with more
-# than two thirds of the clients colluding with it.
+# after they sent their keys, and the server learns one client's values only with two
+# thirds of the clients (that many shares) colluding with it.
 SHARES, THRESHOLD = 1.0, 2 / 3
 
 
