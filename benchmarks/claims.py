@@ -126,6 +126,9 @@ COMPARISONS = [
     ("FedEx r8 - HetLoRA r8, q/v", TUNE.format("fedex", "0.003"), TUNE.format("hetlora", "0.003")),
     ("FedEx r8 - FedAvg r8, q/v", TUNE.format("fedex", "0.003"), TUNE.format("fedavg", "0.003")),
     ("sparse 0.1 - FedAvg, 3 rounds", TUNE.format("sparse", "0.003"), TUNE.format("fedavg", "0.003")),
+    # FedSVD and RoLoRA (issue 34): one study at one commit, each at its tuned lr
+    *[(f"{m} r8 - {o} r8, q/v", f"newer-methods/{m}", f"newer-methods/{o}")
+      for m in ("fedsvd", "rolora") for o in ("fedavg", "ffa")],
     # every linear layer
     *[(f"{p}: Fed-SB r{r} - FedAvg r8, all linear", f"frontier-{p}/fedsb/rank{r}", f"frontier-{p}/fedavg")
       for p in ("iid", "dirichlet") for r in (16, 32, 64)],
