@@ -71,10 +71,10 @@ def verdict(summary: Summary, margin: float, words: tuple[str, str, str]) -> str
     return f"inconclusive at {summary.n} seeds"
 
 
-def compare(label: str, a: str, b: str | None) -> dict:
+def compare(label: str, a: str, b: str | None, seeds: tuple[int, ...] = SEEDS) -> dict:
     """A minus B, paired by seed; B None: A minus its own majority class."""
-    arms_a = [run(a, s) for s in SEEDS]
-    arms_b = [run(b, s) for s in SEEDS] if b else None
+    arms_a = [run(a, s) for s in seeds]
+    arms_b = [run(b, s) for s in seeds] if b else None
     if arms_b:
         for x, y in zip(arms_a, arms_b):
             assert x["majority"] == y["majority"], (x["path"], y["path"])  # same reviews
@@ -129,6 +129,8 @@ COMPARISONS = [
     # FedSVD and RoLoRA (issue 34): one study at one commit, each at its tuned lr
     *[(f"{m} r8 - {o} r8, q/v", f"newer-methods/{m}", f"newer-methods/{o}")
       for m in ("fedsvd", "rolora") for o in ("fedavg", "ffa")],
+    # issue 33's re-runs at 5 seeds, one commit each (docs/results.md, "Claims re-run")
+    ("FFA r8 - FedAvg r8, q/v, 5 seeds", "claims-qv/ffa", "claims-qv/fedavg", (0, 1, 2, 3, 4)),
     # every linear layer
     *[(f"{p}: Fed-SB r{r} - FedAvg r8, all linear", f"frontier-{p}/fedsb/rank{r}", f"frontier-{p}/fedavg")
       for p in ("iid", "dirichlet") for r in (16, 32, 64)],
@@ -164,17 +166,17 @@ def main() -> None:
     if args.json:
         print(json.dumps(results, indent=1))
         return
-    print("| A - B | accuracy, points: seeds 0 / 1 / 2, mean [95 % CI] | verdict | eval loss: "
+    print("| A - B | accuracy, points: by seed, mean [95 % CI] | verdict | eval loss: "
           "mean [95 % CI] | verdict | whole-run bytes per client, A / B |")
     print("|---|---|---|---|---|---|")
     for r in results:
         a = r["accuracy_points"]
-        seeds = " / ".join(f"{v:+.1f}" for v in a["per_seed"])
+        per_seed = " / ".join(f"{v:+.1f}" for v in a["per_seed"])
         loss = (f"{r['eval_loss']['mean']:+.3f} [{r['eval_loss']['low']:+.3f}, "
                 f"{r['eval_loss']['high']:+.3f}]") if "eval_loss" in r else "-"
         traffic = f"{r['A']['whole_run_bytes_per_client']:,.0f}" + (
             f" / {r['B']['whole_run_bytes_per_client']:,.0f}" if "B" in r else "")
-        print(f"| {r['label']} | {seeds}: {a['mean']:+.1f} [{a['low']:+.1f}, {a['high']:+.1f}] "
+        print(f"| {r['label']} | {per_seed}: {a['mean']:+.1f} [{a['low']:+.1f}, {a['high']:+.1f}] "
               f"| {r['accuracy_verdict']} | {loss} | {r.get('loss_verdict', '-')} | {traffic} |")
 
 
