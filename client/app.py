@@ -283,7 +283,7 @@ def secure_update(upload: dict, config, num_examples: int, drills: list[str]):
     if bound:
         upload = {k: v.float() for k, v in clip_update(upload, bound).items()}
     if "scale" in drills:
-        upload = {k: v * 1000 for k, v in upload.items()}
+        upload = faults.scaled(upload)
     return upload, weight
 
 

@@ -62,11 +62,16 @@ def inject(partition_id: int, server_round: int, run_name: str = "") -> None:
             os._exit(1)  # the process dies without a reply
 
 
+def scaled(upload: dict) -> dict:
+    """The ``scale`` drill's update: the honest one times 1,000."""
+    return {k: v * 1000 for k, v in upload.items()}
+
+
 def hostile(kinds: list[str], upload: dict, codec: Codec, metrics: dict):
     """The payload, header and metrics of a training reply as the ``kinds`` of attacker
     would send them, instead of the honest client's (``upload`` before encoding)."""
     if "scale" in kinds:
-        upload = {k: v * 1000 for k, v in upload.items()}
+        upload = scaled(upload)
     if "nan" in kinds:
         first = sorted(upload)[0]
         poisoned = upload[first].clone()

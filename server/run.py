@@ -19,13 +19,12 @@ from flwr.serverapp import Grid
 from fedlora.config import RunConfig
 from fedlora.data import server_data
 from fedlora.errors import FedLoraError
-from fedlora.secure_aggregation import MIN_CLIENTS
 from fedlora.wire import EXAMPLES_CUT, EXAMPLES_LEFT_OUT, run_record
 from server.evaluation import Evaluation
 from server.outputs import (METRICS_FILE, MetricsLog, load_checkpoint, make_run_dir,
                             save_checkpoint, save_outputs)
 from server.preflight import preflight
-from server.secure import SecureSum, secure_exchange
+from server.secure import secure_exchange
 from server.transport import Tally, arrivals, traffic
 from strategies import ignored_settings
 
@@ -86,15 +85,16 @@ def initial_round(grid: Grid, strategy, config: RunConfig, record, arrays, evalu
     whose seconds count from ``start``."""
     messages = strategy.configure_init(arrays, record, grid)
     replies = Tally()  # folded as they arrive, like a round's
-    down = traffic(messages)
     if messages and config.secure_aggregation:  # Fed-SB's sign votes, summed unseen
-        summed = secure_exchange(grid, messages, strategy.secure_ranges(len(messages)),
-                                 config.round_timeout, "initialisation")
+        summed = secure_exchange(grid, messages, strategy.secure_clip, config.round_timeout,
+                                 "initialisation")
         arrays = strategy.aggregate_secure_init(summed.mean)
         replies.replies, replies.bytes, down = len(summed.nodes), summed.bytes_up, summed.bytes_down
-    elif messages:
-        arrays = strategy.aggregate_init(replies.count(arrivals(
-            grid, messages, config.round_timeout, "initialisation")))
+    else:
+        down = traffic(messages)
+        if messages:
+            arrays = strategy.aggregate_init(replies.count(arrivals(
+                grid, messages, config.round_timeout, "initialisation")))
     return arrays, {
         "round": 0, "strategy": config.strategy, "clients": replies.replies,
         **evaluation(arrays, 0),
@@ -115,9 +115,8 @@ def train_round(grid: Grid, strategy, config: RunConfig, record, arrays, server_
     replies = Tally()  # handed to the strategy as they arrive, counted on the way
     label = f"round {server_round}"
     if config.secure_aggregation:  # the strategy gets the sum alone
-        summed = (secure_exchange(grid, messages, strategy.secure_ranges(len(messages)),
-                                  config.round_timeout, label)
-                  if len(messages) >= MIN_CLIENTS else SecureSum())
+        summed = secure_exchange(grid, messages, strategy.secure_clip, config.round_timeout,
+                                 label)
         new_arrays, train_metrics = strategy.aggregate_secure(server_round, messages, summed)
         replies.replies, replies.bytes = len(summed.nodes) + len(strategy.dropped), summed.bytes_up
         down = summed.bytes_down

@@ -26,7 +26,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from fedlora import wire
-from fedlora.secure_aggregation import MAX_WEIGHT, MODULUS, SecureRanges
+from fedlora.secure_aggregation import MAX_WEIGHT, MIN_CLIENTS, MODULUS, secure_ranges
 from fedlora.wire import Plan
 from server.transport import exchange, traffic
 
@@ -124,23 +124,29 @@ class Workflow(SecAggPlusWorkflow):
         return proceed
 
 
-def secure_exchange(grid: Grid, messages: list[Message], ranges: SecureRanges,
-                    timeout: float, label: str) -> SecureSum:
+def secure_exchange(grid: Grid, messages: list[Message], clip: float, timeout: float,
+                    label: str) -> SecureSum:
     """Run SecAgg+ over one round's ``messages`` (the clients' training messages, whose
-    plans name the clipping range); return the weighted mean of the values the clients
-    sent and what travelled in the clear. A client that fails or stays silent after it
-    sent its keys is a dropout: its masks are removed with its neighbours' shares."""
+    plans name the clipping range ``clip``: fedlora.secure_aggregation.secure_ranges);
+    return the weighted mean of the values the clients sent and what travelled in the
+    clear. A client that fails or stays silent after it sent its keys is a dropout: its
+    masks are removed with its neighbours' shares. Fewer than MIN_CLIENTS messages are not
+    sent: each client would learn the others' values from the sum."""
     summed = SecureSum()
+    if len(messages) < MIN_CLIENTS:
+        log.warning("%s: %d clients drawn, fewer than secure aggregation's %d: none asked",
+                    label, len(messages), MIN_CLIENTS)
+        return summed
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                                     run_config={}),
                             strategy=LegacyRound(grid, messages, summed))
-    server_round = Plan.from_record(messages[0].content[wire.CONFIG]).server_round if messages else 0
+    server_round = Plan.from_record(messages[0].content[wire.CONFIG]).server_round
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+    ranges = secure_ranges(len(messages), clip)
     workflow = Workflow(SHARES, THRESHOLD, max_weight=float(MAX_WEIGHT), clipping_range=ranges.clip,
                         quantization_range=ranges.levels, modulus_range=MODULUS, timeout=timeout)
-    if len(messages) >= 2:  # Flower's own minimum; the strategy asks for more
-        workflow(CountingGrid(grid, timeout, label, summed), context)
+    workflow(CountingGrid(grid, timeout, label, summed), context)
     if summed.mean is None:
         log.warning("%s: secure aggregation stopped: too few of %d clients took part",
                     label, len(messages))

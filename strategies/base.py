@@ -35,8 +35,7 @@ from fedlora.codec import Codec, Shapes, encode_payload
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import Scores
 from fedlora.privacy import Privacy
-from fedlora.secure_aggregation import (MIN_CLIENTS, SecureRanges, error_bound, secure_ranges,
-                                        update_bound)
+from fedlora.secure_aggregation import MIN_CLIENTS, error_bound, secure_ranges, update_bound
 from fedlora.wire import Plan, run_from_record
 from strategies.evaluation import evaluation_messages, pool_evaluations
 from strategies.kept import KeptTensors
@@ -48,6 +47,9 @@ if TYPE_CHECKING:
     from fedlora.data import Example
 
 log = logging.getLogger("fedlora")
+
+# The built-in methods that --secure-aggregation serves (secure_refusal says why not).
+SECURE_METHODS = "fedavg, ffa, fedsb, fedsa, fedsvd, rolora, hetlora"
 
 @dataclass
 class TrafficShapes:
@@ -308,7 +310,7 @@ class LoraStrategy(FedAvg):
         why = self.secure_refusal()
         if why:
             raise FedLoraError(f"{flag} cannot serve --strategy {self.name}: {why}; valid "
-                               "choices: fedavg, ffa, fedsb, fedsa, fedsvd, rolora, hetlora")
+                               f"choices: {SECURE_METHODS}")
         if self.upload_codec.kind != "fp32":
             raise FedLoraError(f"{flag} sums dense fp32 values: --upload-codec "
                                f"{self.upload_codec.name} is not one; valid choice: fp32")
@@ -535,7 +537,7 @@ class LoraStrategy(FedAvg):
                                               "too few clients)")
         arrays, metrics = round_.finish()
         if metrics is not None and summed.mean is not None:
-            ranges = secure_ranges(len(messages), self.secure_clip)
+            ranges = secure_ranges(len(messages), self.secure_clip)  # as server/secure.py's
             metrics["secure-error-bound"] = error_bound(ranges, summed.weights)
             metrics["secure-clipped"] = sum(int(m.get(wire.SECURE_CLIPPED, 0)) for m in summed.metrics)
         return arrays, metrics
@@ -550,10 +552,6 @@ class LoraStrategy(FedAvg):
         clients sent (``weights``: their w_k; ``metrics``: theirs, in the clear); by
         default the mean itself (the clients' updates)."""
         return mean
-
-    def secure_ranges(self, clients: int) -> SecureRanges:
-        """SecAgg+'s ranges for a training round of ``clients`` (after ``configure_train``)."""
-        return secure_ranges(clients, self.secure_clip)
 
     @property
     def streams(self) -> bool:

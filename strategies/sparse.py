@@ -11,7 +11,7 @@ from fedlora.aggregate import State
 from fedlora.codec import Codec, TopK
 from fedlora.errors import FedLoraError
 from fedlora.wire import Plan
-from strategies.base import LoraStrategy
+from strategies.base import SECURE_METHODS, LoraStrategy
 
 
 class SparseLoRA(LoraStrategy):
@@ -64,8 +64,8 @@ class SparseLoRA(LoraStrategy):
         if self.secure_aggregation and upload_density < 1.0:
             raise FedLoraError(f"--secure-aggregation sums dense vectors, and --strategy sparse "
                                f"uploads each update's top-k at entries each client picks "
-                               f"(--upload-density {upload_density:g}); valid choices: fedavg, "
-                               "ffa, fedsb, fedsa, fedsvd, rolora, hetlora")
+                               f"(--upload-density {upload_density:g}); valid choices: "
+                               f"{SECURE_METHODS}")
         self.upload_form = sparse_form(self.upload_codec, upload_density, "upload")
         self.download_form = sparse_form(self.download_codec, download_density, "download")
         self.upload_density, self.download_density = upload_density, download_density

@@ -94,13 +94,29 @@ def test_what_a_sum_cannot_serve_is_refused_in_one_line(flags, message):
     assert "\n" not in str(err.value)
 
 
+def aggregate_securely(strategy, sent: list[dict], weights: list[int], examples=None, ranks=None):
+    """``strategy.aggregate_secure`` of round 1 as SecAgg+ hands it what the clients
+    ``sent`` (values by key) with ``weights`` in the mean: their weighted mean by sorted key,
+    and each client's metrics in the clear (``examples`` and ``ranks``: default, its weight
+    and rank 8)."""
+    from types import SimpleNamespace
+
+    from server.secure import SecureSum
+
+    examples, ranks = examples or weights, ranks or [8] * len(sent)
+    mean = [sum(w * values[k].double() for w, values in zip(weights, sent)).numpy() / sum(weights)
+            for k in sorted(sent[0])]
+    metrics = [{"num-examples": e, "train-loss": 1.0, "train-seconds": 0.1, "rank": r,
+                "client-id": str(i)} for i, (e, r) in enumerate(zip(examples, ranks))]
+    nodes = list(range(1, len(sent) + 1))
+    messages = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node)) for node in nodes]
+    return strategy.aggregate_secure(1, messages, SecureSum(mean, list(weights), metrics, nodes))
+
+
 def test_user_dp_noises_the_secure_sum_as_it_noises_the_clipped_replies():
     """The server adds the same noise to the unmasked sum of the clients' own clips as to
     the sum of the clips it makes itself, and the accountant counts the round alike."""
-    from types import SimpleNamespace
-
     from conftest import train_reply
-    from server.secure import SecureSum
     from strategies import build_strategy
 
     generator = torch.Generator().manual_seed(0)
@@ -118,13 +134,8 @@ def test_user_dp_noises_the_secure_sum_as_it_noises_the_clipped_replies():
         strategy.sampled = strategy.available = 3
         if secure:  # what SecAgg+ unmasks: the mean of the clients' own clips, equal weights
             clipped = [secure_update(u, config, 10, [])[0] for u in updates]
-            mean = [sum(c[k].double() for c in clipped).numpy() / 3 for k in sorted(shapes)]
-            metrics = [{"num-examples": 10, "train-loss": 1.0, "train-seconds": 0.1, "rank": 8,
-                        "client-id": str(i)} for i in range(3)]
             strategy.secure_clip = update_bound(strategy.resolve(config))
-            arrays, result = strategy.aggregate_secure(
-                1, [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=i + 1)) for i in range(3)],
-                SecureSum(mean, [MAX_WEIGHT] * 3, metrics, [1, 2, 3]))
+            arrays, result = aggregate_securely(strategy, clipped, [MAX_WEIGHT] * 3, [10] * 3)
             assert result["secure-clipped"] == 0 and result["secure-error-bound"] < 1e-9
         else:
             arrays, result = strategy.aggregate_train(
@@ -143,10 +154,7 @@ def test_user_dp_noises_the_secure_sum_as_it_noises_the_clipped_replies():
 def test_every_method_a_sum_serves_aggregates_the_secure_mean_as_its_replies(name, trained):
     """The same updates, as replies and as SecAgg+'s mean of them: the same new global
     state (FedSVD's SVD, RoLoRA's round-1 factor, Fed-SB's R, FedSA's A included)."""
-    from types import SimpleNamespace
-
     from conftest import train_reply
-    from server.secure import SecureSum
     from strategies import build_strategy
 
     shapes = {"lora_A": (4, 30), "lora_B": (20, 4), "lora_R": (4, 4)}
@@ -168,14 +176,8 @@ def test_every_method_a_sum_serves_aggregates_the_secure_mean_as_its_replies(nam
         updates = [{k: 0.01 * torch.randn(v, generator=generator) for k, v in keys.items()}
                    for _ in weights]
         if secure:
-            mean = [sum(w * u[k].double() for w, u in zip(weights, updates)).numpy() / sum(weights)
-                    for k in sorted(keys)]
-            metrics = [{"num-examples": w, "train-loss": 1.0, "train-seconds": 0.1, "rank": 8,
-                        "client-id": str(i)} for i, w in enumerate(weights)]
             strategy.secure_clip = 0.1
-            arrays, _ = strategy.aggregate_secure(
-                1, [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=i + 1)) for i in range(3)],
-                SecureSum(mean, weights, metrics, [1, 2, 3]))
+            arrays, _ = aggregate_securely(strategy, updates, weights)
         else:
             arrays, _ = strategy.aggregate_train(
                 1, [train_reply(i + 1, u, w) for i, (u, w) in enumerate(zip(updates, weights))])
@@ -189,11 +191,8 @@ def test_hetlora_through_a_secure_sum_is_its_zero_padded_mean():
     """Clients of ranks 2, 4 and 4 (of R = 8) send their updates padded to R; with the
     global components each held added back, the server gets HetLoRA's mean of the padded
     factors exactly, and components no client held keep their global value."""
-    from types import SimpleNamespace
-
     from conftest import train_reply
     from fedlora.aggregate import pad_lora, truncate_lora
-    from server.secure import SecureSum
     from strategies.hetlora import HetLoRA
     from strategies.replies import lora_shapes
 
@@ -215,15 +214,9 @@ def test_hetlora_through_a_secure_sum_is_its_zero_padded_mean():
         trained = [{k: truncate_lora(strategy.global_state, r)[k] + u[k] for k in u}
                    for r, u in zip(ranks, updates)]
         if secure:
-            sent = [pad_lora(u, 8) for u in updates]
-            mean = [sum(w * p[k].double() for w, p in zip(weights, sent)).numpy() / sum(weights)
-                    for k in sorted(sent[0])]
-            metrics = [{"num-examples": w, "train-loss": 1.0, "train-seconds": 0.1, "rank": r,
-                        "client-id": str(i)} for i, (w, r) in enumerate(zip(weights, ranks))]
             strategy.secure_clip = 0.1
-            arrays, _ = strategy.aggregate_secure(
-                1, [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=i + 1)) for i in range(3)],
-                SecureSum(mean, weights, metrics, [1, 2, 3]))
+            arrays, _ = aggregate_securely(strategy, [pad_lora(u, 8) for u in updates], weights,
+                                           ranks=ranks)
         else:
             arrays, _ = strategy.aggregate_train(1, [train_reply(i + 1, t, w, rank=r) for i, (t, w, r)
                                                      in enumerate(zip(trained, weights, ranks))])
