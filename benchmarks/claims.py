@@ -36,7 +36,9 @@ def final(rows: list[dict], key: str):
     return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
 
 
-def run(folder: str, seed: int) -> dict:
+def run(folder: str, seed: int, split: str = "eval") -> dict:
+    """One run's final figures on ``split``: eval (the reported evaluation) or val (the
+    validation reviews that choose settings, ``--val-size``)."""
     path = RESULTS / folder / f"seed{seed}"
     rows = [json.loads(line) for line in (path / "metrics.jsonl").open()]
     clients = tomllib.loads((path / "config.toml").read_text())["num-clients"]
@@ -44,9 +46,9 @@ def run(folder: str, seed: int) -> dict:
     return {
         "path": str(path.relative_to(ROOT)),
         "round": rows[-1]["round"],
-        "accuracy": final(rows, "eval_accuracy"),
-        "loss": final(rows, "eval_loss"),
-        "majority": final(rows, "eval_majority_accuracy"),
+        "accuracy": final(rows, f"{split}_accuracy"),
+        "loss": final(rows, f"{split}_loss"),
+        "majority": final(rows, f"{split}_majority_accuracy"),
         "up": rows[-1]["cumulative_bytes_up"],
         "down": rows[-1]["cumulative_bytes_down"],
         "init_up": rows[0]["cumulative_bytes_up"],
@@ -71,10 +73,11 @@ def verdict(summary: Summary, margin: float, words: tuple[str, str, str]) -> str
     return f"inconclusive at {summary.n} seeds"
 
 
-def compare(label: str, a: str, b: str | None, seeds: tuple[int, ...] = SEEDS) -> dict:
-    """A minus B, paired by seed; B None: A minus its own majority class."""
-    arms_a = [run(a, s) for s in seeds]
-    arms_b = [run(b, s) for s in seeds] if b else None
+def compare(label: str, a: str, b: str | None, seeds: tuple[int, ...] = SEEDS,
+            split: str = "eval") -> dict:
+    """A minus B on ``split``, paired by seed; B None: A minus its own majority class."""
+    arms_a = [run(a, s, split) for s in seeds]
+    arms_b = [run(b, s, split) for s in seeds] if b else None
     if arms_b:
         for x, y in zip(arms_a, arms_b):
             assert x["majority"] == y["majority"], (x["path"], y["path"])  # same reviews

@@ -1,7 +1,7 @@
 """One default-job client in one process: its memory after loading, after training and after
 evaluating, and its training time.
 
-    python benchmarks/client_memory.py [--micro-batch-size M]
+    python benchmarks/client_memory.py [--micro-batch-size M] [--gradient-checkpointing]
     MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/client_memory.py   # the simulation's setting
 
 What a simulated client actor does in a round of the default job: SmolLM2 in fp32 on the
@@ -38,8 +38,10 @@ def memory() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--micro-batch-size", type=int, default=0)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    print("imported: ", memory(), flush=True)
     config, cpu = RunConfig(), torch.device("cpu")
     task = load_task(config)
     model, tokenizer = load_model(config.model, cpu)
@@ -50,7 +52,8 @@ def main() -> None:
     begin = time.perf_counter()
     stats = train_local(adapted, tokenizer, client_examples(task, config, 0, 4), steps=10,
                         batch_size=8, lr=3e-3, max_length=config.max_length, seed=0, device=cpu,
-                        micro_batch_size=args.micro_batch_size)
+                        micro_batch_size=args.micro_batch_size,
+                        gradient_checkpointing=args.gradient_checkpointing)
     print(f"trained:   {memory()} ({time.perf_counter() - begin:.1f} s, "
           f"loss {stats['train_loss']:.4f})", flush=True)
     score(adapted, tokenizer, task.eval, task.label_words, batch_size=32,

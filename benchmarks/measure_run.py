@@ -7,7 +7,7 @@ Peak memory is the largest sum of resident memory (RSS) over the whole process t
 simulate process, Ray's daemons and the client actors), sampled every 0.2 s. RSS counts a
 page shared by several processes (torch's libraries, mostly) once in each; the
 proportional set size (PSS) splits it among them, so its sum is what the tree takes from
-the machine. Both are printed. The
+the machine. Both are printed, and each process's PSS at the PSS peak. The
 framework overhead of a round is the round's wall time minus central evaluation minus the
 clients' training time divided by the number of clients that train in parallel (the CPU
 cores over ``--client-cpus`` in simulation), as a share of the round's wall time: what Flower, Ray, model
@@ -28,16 +28,19 @@ import psutil
 from server.outputs import read_rows
 
 
-def tree_memory(process: psutil.Process) -> tuple[int, int]:
-    """Resident bytes (RSS, PSS) of a process and all its descendants, summed."""
+def tree_memory(process: psutil.Process) -> tuple[int, int, list[tuple[str, int]]]:
+    """Resident bytes (RSS, PSS) of a process and all its descendants, summed, and each
+    process's (name, PSS)."""
     rss = pss = 0
+    each = []
     for p in [process, *process.children(recursive=True)]:
         try:
-            memory = p.memory_full_info()
+            memory, name = p.memory_full_info(), p.name()
         except psutil.Error:
             continue
         rss, pss = rss + memory.rss, pss + memory.pss
-    return rss, pss
+        each.append((name, memory.pss))
+    return rss, pss, each
 
 
 def main(flags: list[str]) -> None:
@@ -49,9 +52,12 @@ def main(flags: list[str]) -> None:
     child = subprocess.Popen(command)
     watched = psutil.Process(child.pid)
     peak = peak_pss = 0
+    at_peak: list[tuple[str, int]] = []
     while child.poll() is None:
-        rss, pss = tree_memory(watched)
-        peak, peak_pss = max(peak, rss), max(peak_pss, pss)
+        rss, pss, each = tree_memory(watched)
+        peak = max(peak, rss)
+        if pss > peak_pss:
+            peak_pss, at_peak = pss, each
         time.sleep(0.2)
     wall = time.perf_counter() - start
     if child.returncode != 0:
@@ -62,6 +68,8 @@ def main(flags: list[str]) -> None:
     parallel = max(1, min((os.cpu_count() or 1) // client_cpus, rows[1]["clients"]))
     print(f"\nwall time {wall:.0f} s, peak memory {peak / 2**30:.2f} GiB RSS, "
           f"{peak_pss / 2**30:.2f} GiB PSS (process tree), {parallel} clients train in parallel")
+    print("at the PSS peak, MiB by process: " + ", ".join(
+        f"{name} {pss / 2**20:.0f}" for name, pss in sorted(at_peak, key=lambda x: -x[1])))
     print("round  accuracy  eval_loss  round_s  eval_s  train_s(sum)  overhead")
     overheads = []
     for r in rows:
