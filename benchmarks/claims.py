@@ -10,6 +10,9 @@ claims give, and each arm's whole-run traffic.
 The margins were fixed before the claims were re-judged: +-2 points of accuracy, +-0.01
 of eval loss (per answer token). Bytes in metrics.jsonl are all clients' totals, the
 initialisation included; per client is that divided by the federation's num-clients.
+The comparisons named "val:" are on the validation reviews (``--val-size``): they choose
+Fed-SB's defaults. A comparison whose runs are not all committed yet (a study still
+running) is listed as not run yet.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ RESULTS = ROOT / "docs" / "results"
 ACCURACY_MARGIN = 2.0  # points
 LOSS_MARGIN = 0.01  # eval loss per answer token
 SEEDS = (0, 1, 2)
+FIVE = (0, 1, 2, 3, 4)
 
 
 def final(rows: list[dict], key: str):
@@ -133,7 +137,9 @@ COMPARISONS = [
     *[(f"{m} r8 - {o} r8, q/v", f"newer-methods/{m}", f"newer-methods/{o}")
       for m in ("fedsvd", "rolora") for o in ("fedavg", "ffa")],
     # issue 33's re-runs at 5 seeds, one commit each (docs/results.md, "Claims re-run")
-    ("FFA r8 - FedAvg r8, q/v, 5 seeds", "claims-qv/ffa", "claims-qv/fedavg", (0, 1, 2, 3, 4)),
+    ("FFA r8 - FedAvg r8, q/v, 5 seeds", "claims-qv/ffa", "claims-qv/fedavg", FIVE),
+    *[(f"{p}: Fed-SB r{r} - FedAvg r8, all linear, 5 seeds", f"claims-frontier-{p}/fedsb/rank{r}",
+       f"claims-frontier-{p}/fedavg", FIVE) for p in ("iid", "dirichlet") for r in (16, 32, 64)],
     # every linear layer
     *[(f"{p}: Fed-SB r{r} - FedAvg r8, all linear", f"frontier-{p}/fedsb/rank{r}", f"frontier-{p}/fedavg")
       for p in ("iid", "dirichlet") for r in (16, 32, 64)],
@@ -160,14 +166,34 @@ COMPARISONS = [
       for k in ("no-dp", "user-eps8", "user-eps3")],
 ]
 
+# Fed-SB's defaults, chosen on the validation reviews (docs/results.md, "How Fed-SB's
+# defaults are chosen"): its rank among 16, 32, 64, and its initialisation codec
+CHOICES = [
+    *[(f"val: Fed-SB r{r} - r32, all linear, IID, 5 seeds", f"claims-frontier-iid/fedsb/rank{r}",
+       "claims-frontier-iid/fedsb/rank32", FIVE, "val") for r in (16, 64)],
+    ("val: Fed-SB r16 - r64, all linear, IID, 5 seeds", "claims-frontier-iid/fedsb/rank16",
+     "claims-frontier-iid/fedsb/rank64", FIVE, "val"),
+    ("val: Fed-SB fp32 init - sign init, r32, all linear, IID", "fedsb-init-val/fedsb/rank32",
+     "claims-frontier-iid/fedsb/rank32", SEEDS, "val"),
+]
+
+
+def missing(comparison: tuple) -> list[str]:
+    """The run folders a comparison needs that are not there (yet: a study still running)."""
+    a, b, seeds = comparison[1], comparison[2], (comparison[3:] or (SEEDS,))[0]
+    return [f"{arm}/seed{s}" for arm in (a, b) if arm for s in seeds
+            if not (RESULTS / arm / f"seed{s}" / "metrics.jsonl").is_file()]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     args = parser.parse_args()
-    results = [compare(*c) for c in COMPARISONS]
+    comparisons = COMPARISONS + CHOICES
+    pending = [(c[0], missing(c)) for c in comparisons if missing(c)]
+    results = [compare(*c) for c in comparisons if not missing(c)]
     if args.json:
-        print(json.dumps(results, indent=1))
+        print(json.dumps({"comparisons": results, "pending": dict(pending)}, indent=1))
         return
     print("| A - B | accuracy, points: by seed, mean [95 % CI] | verdict | eval loss: "
           "mean [95 % CI] | verdict | whole-run bytes per client, A / B |")
@@ -181,6 +207,8 @@ def main() -> None:
             f" / {r['B']['whole_run_bytes_per_client']:,.0f}" if "B" in r else "")
         print(f"| {r['label']} | {per_seed}: {a['mean']:+.1f} [{a['low']:+.1f}, {a['high']:+.1f}] "
               f"| {r['accuracy_verdict']} | {loss} | {r.get('loss_verdict', '-')} | {traffic} |")
+    for label, files in pending:
+        print(f"| {label} | not run yet: {len(files)} runs missing, e.g. {files[0]} | | | | |")
 
 
 if __name__ == "__main__":
