@@ -27,17 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fedlora.comparison import Summary  # noqa: E402
+from server.report import latest  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 ACCURACY_MARGIN = 2.0  # points
 LOSS_MARGIN = 0.01  # eval loss per answer token
 SEEDS = (0, 1, 2)
 FIVE = (0, 1, 2, 3, 4)
-
-
-def final(rows: list[dict], key: str):
-    """The last value of ``key`` (server.report.latest, without its import chain)."""
-    return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
 
 
 def run(folder: str, seed: int, split: str = "eval") -> dict:
@@ -50,9 +46,9 @@ def run(folder: str, seed: int, split: str = "eval") -> dict:
     return {
         "path": str(path.relative_to(ROOT)),
         "round": rows[-1]["round"],
-        "accuracy": final(rows, f"{split}_accuracy"),
-        "loss": final(rows, f"{split}_loss"),
-        "majority": final(rows, f"{split}_majority_accuracy"),
+        "accuracy": latest(rows, f"{split}_accuracy"),
+        "loss": latest(rows, f"{split}_loss"),
+        "majority": latest(rows, f"{split}_majority_accuracy"),
         "up": rows[-1]["cumulative_bytes_up"],
         "down": rows[-1]["cumulative_bytes_down"],
         "init_up": rows[0]["cumulative_bytes_up"],
