@@ -124,6 +124,10 @@ TUNE = "tune-lr/{}/lr{}"
 COMPARISONS = [
     # Rotten Tomatoes, 4 IID clients, q and v, 3 rounds of 10 steps, each at its chosen lr
     ("Fed-SB r32 - FedAvg r8, q/v", TUNE.format("fedsb", "0.001"), TUNE.format("fedavg", "0.003")),
+    ("Fed-SB r32 random init - FedAvg r8, q/v", "tune-lr-fedsb-random/fedsb/lr0.01",
+     TUNE.format("fedavg", "0.003")),
+    ("Fed-SB r32 random init - gradient init, q/v", "tune-lr-fedsb-random/fedsb/lr0.01",
+     TUNE.format("fedsb", "0.001")),
     ("FFA r8 - FedAvg r8, q/v", TUNE.format("ffa", "0.01"), TUNE.format("fedavg", "0.003")),
     ("FFA r8 at 3e-3 - FedAvg r8, q/v", TUNE.format("ffa", "0.003"), TUNE.format("fedavg", "0.003")),
     ("FedEx r8 - HetLoRA r8, q/v", TUNE.format("fedex", "0.003"), TUNE.format("hetlora", "0.003")),
