@@ -36,10 +36,14 @@ SEEDS = (0, 1, 2)
 FIVE = (0, 1, 2, 3, 4)
 
 
+def run_path(folder: str, seed: int) -> Path:
+    return RESULTS / folder / f"seed{seed}"
+
+
 def run(folder: str, seed: int, split: str = "eval") -> dict:
     """One run's final figures on ``split``: eval (the reported evaluation) or val (the
     validation reviews that choose settings, ``--val-size``)."""
-    path = RESULTS / folder / f"seed{seed}"
+    path = run_path(folder, seed)
     rows = [json.loads(line) for line in (path / "metrics.jsonl").open()]
     clients = tomllib.loads((path / "config.toml").read_text())["num-clients"]
     trained = [r for r in rows if r["round"] > 0]
@@ -178,20 +182,21 @@ CHOICES = [
 ]
 
 
-def missing(comparison: tuple) -> list[str]:
-    """The run folders a comparison needs that are not there (yet: a study still running)."""
-    a, b, seeds = comparison[1], comparison[2], (comparison[3:] or (SEEDS,))[0]
+def missing(label: str, a: str, b: str | None, seeds: tuple[int, ...] = SEEDS,
+            split: str = "eval") -> list[str]:
+    """The run folders :func:`compare` (same arguments) needs that are not there (yet: a
+    study still running)."""
     return [f"{arm}/seed{s}" for arm in (a, b) if arm for s in seeds
-            if not (RESULTS / arm / f"seed{s}" / "metrics.jsonl").is_file()]
+            if not (run_path(arm, s) / "metrics.jsonl").is_file()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     args = parser.parse_args()
-    comparisons = COMPARISONS + CHOICES
-    pending = [(c[0], missing(c)) for c in comparisons if missing(c)]
-    results = [compare(*c) for c in comparisons if not missing(c)]
+    gaps = [(c, missing(*c)) for c in COMPARISONS + CHOICES]
+    pending = [(c[0], files) for c, files in gaps if files]
+    results = [compare(*c) for c, files in gaps if not files]
     if args.json:
         print(json.dumps({"comparisons": results, "pending": dict(pending)}, indent=1))
         return
