@@ -84,6 +84,33 @@ def resolve_model(name: str) -> Path:
     return path
 
 
+def meta_model(name: str, target_modules: list[str] | None = None):
+    """The model of ``name`` (a packaged name, a Hugging Face folder or its config.json),
+    built on the meta device; with ``target_modules``, those linears get unfilled CPU
+    weights (what the planner's strategies attach adapters to: fedlora.plan)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedlora.adapters import target_linears
+
+    path = Path(name)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FedLoraError(f"--model {name}: no such file")
+        source = path
+    else:
+        source = resolve_model(name)
+    try:
+        hf_config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise FedLoraError(f"--model {name}: not a Hugging Face model config ({err})") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    if target_modules:
+        for linear in target_linears(model, target_modules).values():
+            linear.weight = torch.nn.Parameter(torch.empty(linear.weight.shape), requires_grad=False)
+    return model
+
+
 def load_model(name: str, device: torch.device, dtype: str = "auto", quantize: str = "none"):
     """Load (model, tokenizer) for ``name`` on ``device`` in ``dtype`` (see
     :func:`model_dtype`), in eval mode, weights frozen; with ``quantize`` (``nf4`` or

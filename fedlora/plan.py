@@ -46,7 +46,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,6 +55,7 @@ from fedlora.cli import build_parser as build_command_parser
 from fedlora.cli import study_from_args
 from fedlora.errors import FedLoraError
 from fedlora.memory import Architecture, ClientMemory, client_memory
+from fedlora.models import meta_model
 from fedlora.wire import reply_content, run_record, train_metrics
 from server.dry_run import DryRunGrid, dry_run
 from server.preflight import preflight
@@ -103,34 +103,6 @@ class RunPlan:
             "client_peak_memory_bytes_with_checkpointing": self.memory_checkpointed.total,
             "client_memory": peak.as_dict(),
         }
-
-
-def meta_model(name: str, target_modules: list[str] | None = None):
-    """The model of ``name`` (a packaged name, a Hugging Face folder or its config.json),
-    built on the meta device; with ``target_modules``, those linears get unfilled CPU
-    weights (what :func:`plan_traffic`'s strategies attach adapters to)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fedlora.adapters import target_linears
-    from fedlora.models import resolve_model
-
-    path = Path(name)
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise FedLoraError(f"--model {name}: no such file")
-        source = path
-    else:
-        source = resolve_model(name)
-    try:
-        hf_config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise FedLoraError(f"--model {name}: not a Hugging Face model config ({err})") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
-    if target_modules:
-        for linear in target_linears(model, target_modules).values():
-            linear.weight = torch.nn.Parameter(torch.empty(linear.weight.shape), requires_grad=False)
-    return model
 
 
 def reply_form(plan, strategy, examples: dict[int, int], partition: int, generator):

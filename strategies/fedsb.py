@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -10,11 +12,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlora import wire
-from fedlora.adapters import lora_sb_to_peft
+from fedlora.adapters import lora_sb_to_peft, target_linears
 from fedlora.aggregate import State, lora_sb_from_gradient, random_lora_sb
 from fedlora.codec import Codec
 from fedlora.config import ALL_LINEAR
 from fedlora.errors import FedLoraError
+from fedlora.models import meta_model
 from strategies.base import LoraStrategy, TrafficShapes
 
 
@@ -24,6 +27,14 @@ def resolved_init(init: str, private: bool) -> str:
     if init != "auto":
         return init
     return "random" if private else "gradient"
+
+
+@functools.cache
+def smallest_adapted_dimension(model: str, target_modules: tuple[str, ...]) -> int:
+    """The smallest side of any linear layer of ``model`` that ``target_modules`` adapts,
+    read from the model's config alone (no weights are loaded)."""
+    linears = target_linears(meta_model(model), list(target_modules))
+    return min(min(linear.out_features, linear.in_features) for linear in linears.values())
 
 
 class FedSB(LoraStrategy):
@@ -69,9 +80,10 @@ class FedSB(LoraStrategy):
     default_lr = 1e-3  # simulations/tune-lr.toml, at r = 32 on q and v, gradient initialisation
     # simulations/tune-lr-fedsb-random.toml: from R = 0 and random B, A, R needs 10x the step
     default_lr_random_init = 1e-2
-    # simulations/frontier.toml: r = 32 on every linear layer, as accurate as FedAvg at a
-    # tenth of its upload per round; r = 64 no better, r = 16 still learning at round 3
-    default_rank = 32
+    # Chosen on the validation split (docs/results.md, "How Fed-SB's defaults are chosen":
+    # claims-frontier-iid, every linear layer, 5 seeds): r = 32 was not within 2 points of
+    # r = 64. Capped at the model's smallest adapted dimension (resolve).
+    default_rank = 64
     default_target_modules = ALL_LINEAR
 
     def __init__(
@@ -106,6 +118,18 @@ class FedSB(LoraStrategy):
                                f"initialisation, and --fedsb-init is {init}: drop one of them")
         self.module_shapes: dict[str, tuple[int, int]] = {}
         self.frozen: State = {}
+
+    @classmethod
+    def resolve(cls, config):
+        """As LoraStrategy's, with the default rank capped at the smallest side of any
+        adapted layer of ``config.model`` (LoRA-SB's R is r x r inside both B and A: a
+        rank above it is refused, and a small model's k and v projections may be narrower
+        than 64). A rank that is given is kept; ``adapt`` refuses it if it is too large."""
+        filled = super().resolve(config)
+        if config.rank:
+            return filled
+        smallest = smallest_adapted_dimension(filled.model, tuple(filled.target_module_list))
+        return dataclasses.replace(filled, rank=min(filled.rank, smallest))
 
     @classmethod
     def default_lr_for(cls, config) -> float:

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,21 @@ def test_fedsb_default_learning_rate_follows_its_initialisation():
     assert lr(dp="sample", lr=0.002) == 0.002  # a given --lr always wins
     fedavg = resolved(RunConfig.from_dict({"strategy": "fedavg"})).lr
     assert resolved(RunConfig.from_dict({"strategy": "fedavg", "dp": "sample"})).lr == fedavg  # one lr
+
+
+def test_fedsb_default_rank_is_capped_at_the_smallest_adapted_dimension():
+    # 64 was chosen on validation reviews (docs/results.md); tiny-llama's k and v
+    # projections are 32 wide, and LoRA-SB refuses a rank above any adapted dimension.
+    from strategies.fedsb import FedSB
+
+    def rank(model, **values):
+        return resolved(RunConfig.from_dict({"strategy": "fedsb", "model": model, **values})).rank
+
+    llama_3b = str(Path(__file__).parent.parent / "benchmarks/models/llama-3.2-3b/config.json")
+    assert FedSB.default_rank == 64 and rank(llama_3b) == 64
+    assert rank("tiny-llama") == 32  # all-linear: k_proj and v_proj are 64 x 32
+    assert rank("tiny-llama", **{"target-modules": "q_proj,o_proj"}) == 64  # 64 x 64 only
+    assert rank("tiny-llama", rank=48) == 48  # a given rank is kept (and refused by adapt)
 
 
 def test_a_comparison_gives_one_config_per_strategy_with_its_table(tmp_path):
