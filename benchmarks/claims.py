@@ -144,6 +144,8 @@ COMPARISONS = [
     ("FFA r8 - FedAvg r8, q/v, 5 seeds", "claims-qv/ffa", "claims-qv/fedavg", FIVE),
     *[(f"{p}: Fed-SB r{r} - FedAvg r8, all linear, 5 seeds", f"claims-frontier-{p}/fedsb/rank{r}",
        f"claims-frontier-{p}/fedavg", FIVE) for p in ("iid", "dirichlet") for r in (16, 32, 64)],
+    *[(f"sparse {v} + EF - dense, 15 rounds, 5 seeds", f"claims-sparse-15-{v}-ef/sparse",
+       "claims-sparse-15-dense/fedavg", FIVE) for v in ("0.1", "0.05")],
     # every linear layer
     *[(f"{p}: Fed-SB r{r} - FedAvg r8, all linear", f"frontier-{p}/fedsb/rank{r}", f"frontier-{p}/fedavg")
       for p in ("iid", "dirichlet") for r in (16, 32, 64)],
