@@ -26,7 +26,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from fedlora import wire
-from fedlora.secure_aggregation import MAX_WEIGHT, MIN_CLIENTS, MODULUS, secure_ranges
+from fedlora.secure_aggregation import MAX_WEIGHT, MIN_CLIENTS, MODULUS, SecureRanges, secure_ranges
 from fedlora.wire import Plan
 from server.transport import exchange, traffic
 
@@ -52,6 +52,9 @@ class SecureSum:
         Each summed client's weight w_k, metrics (with its ``client-id``) and node id.
     bytes_up, bytes_down : int
         Payload bytes of every message of the four stages, both ways.
+    ranges : SecureRanges or None
+        The clipping and quantisation ranges the round ran with (the error bound's input);
+        None when no client was asked.
     """
 
     mean: list[np.ndarray] | None = None
@@ -60,6 +63,7 @@ class SecureSum:
     nodes: list[int] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
+    ranges: SecureRanges | None = None
 
 
 class CountingGrid:
@@ -143,7 +147,7 @@ def secure_exchange(grid: Grid, messages: list[Message], clip: float, timeout: f
     server_round = Plan.from_record(messages[0].content[wire.CONFIG]).server_round
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
-    ranges = secure_ranges(len(messages), clip)
+    ranges = summed.ranges = secure_ranges(len(messages), clip)
     workflow = Workflow(SHARES, THRESHOLD, max_weight=float(MAX_WEIGHT), clipping_range=ranges.clip,
                         quantization_range=ranges.levels, modulus_range=MODULUS, timeout=timeout)
     workflow(CountingGrid(grid, timeout, label, summed), context)

@@ -35,7 +35,7 @@ from fedlora.codec import Codec, Shapes, encode_payload
 from fedlora.errors import FedLoraError
 from fedlora.evaluate import Scores
 from fedlora.privacy import Privacy
-from fedlora.secure_aggregation import MIN_CLIENTS, error_bound, secure_ranges, update_bound
+from fedlora.secure_aggregation import MIN_CLIENTS, error_bound, update_bound
 from fedlora.wire import Plan, run_from_record
 from strategies.evaluation import evaluation_messages, pool_evaluations
 from strategies.kept import KeptTensors
@@ -537,8 +537,7 @@ class LoraStrategy(FedAvg):
                                               "too few clients)")
         arrays, metrics = round_.finish()
         if metrics is not None and summed.mean is not None:
-            ranges = secure_ranges(len(messages), self.secure_clip)  # as server/secure.py's
-            metrics["secure-error-bound"] = error_bound(ranges, summed.weights)
+            metrics["secure-error-bound"] = error_bound(summed.ranges, summed.weights)
             metrics["secure-clipped"] = sum(int(m.get(wire.SECURE_CLIPPED, 0)) for m in summed.metrics)
         return arrays, metrics
 

@@ -98,7 +98,7 @@ def aggregate_securely(strategy, sent: list[dict], weights: list[int], examples=
     """``strategy.aggregate_secure`` of round 1 as SecAgg+ hands it what the clients
     ``sent`` (values by key) with ``weights`` in the mean: their weighted mean by sorted key,
     and each client's metrics in the clear (``examples`` and ``ranks``: default, its weight
-    and rank 8)."""
+    and rank 8), at the ranges of the strategy's ``secure_clip``."""
     from types import SimpleNamespace
 
     from server.secure import SecureSum
@@ -110,7 +110,9 @@ def aggregate_securely(strategy, sent: list[dict], weights: list[int], examples=
                 "client-id": str(i)} for i, (e, r) in enumerate(zip(examples, ranks))]
     nodes = list(range(1, len(sent) + 1))
     messages = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node)) for node in nodes]
-    return strategy.aggregate_secure(1, messages, SecureSum(mean, list(weights), metrics, nodes))
+    summed = SecureSum(mean, list(weights), metrics, nodes,
+                       ranges=secure_ranges(len(sent), strategy.secure_clip))
+    return strategy.aggregate_secure(1, messages, summed)
 
 
 def test_user_dp_noises_the_secure_sum_as_it_noises_the_clipped_replies():
