@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import platform
 import subprocess
 import tomllib
 from datetime import datetime
@@ -82,10 +83,12 @@ def make_run_dir(config: RunConfig) -> Path:
 
 def provenance() -> dict:
     """What produced a run: the git commit of this code and whether its Python files or
-    pyproject.toml differed from that commit (``code_changed``), and the versions of the
-    packages its figures depend on. The commit is "unknown" where the code is no git
-    checkout (an installed wheel; Flower's app bundle under ``flwr run``, where
-    ``fedlora.deploy`` records its own checkout's instead)."""
+    pyproject.toml differed from that commit (``code_changed``); the versions of the
+    packages its figures depend on; this machine's architecture and the instruction set
+    torch's CPU kernels use (``cpu``). Packages and CPU change the float rounding: a run
+    repeats to the last digit only where all of these match. The commit is "unknown" where
+    the code is no git checkout (an installed wheel; Flower's app bundle under ``flwr
+    run``, where ``fedlora.deploy`` records its own checkout's instead)."""
     root = Path(__file__).resolve().parents[1]
     code: dict = {"commit": "unknown"}
     try:
@@ -99,6 +102,7 @@ def provenance() -> dict:
             code[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             code[package] = "not installed"
+    code["cpu"] = f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
     return code
 
 

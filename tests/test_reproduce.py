@@ -3,12 +3,12 @@ metrics.jsonl to the last digit (every figure but wall-clock seconds), so a chan
 moves figures is seen here, not later in a study (simulations/reproduce.toml says how to
 commit new files when a change moves them on purpose).
 
-To the last digit holds only with the packages the committed run recorded: another
-release of transformers rounds differently (5.18.0 against 5.25.0 moved round 1's eval
-loss from 10.862691402435303 to 10.862690925598145, docs/results.md, "Claims re-run at 5
-seeds"). With other versions installed, every count and byte must still be equal and
-every other figure within a relative 1e-5, which such rounding stays far inside and a
-change to the method does not.
+To the last digit holds only with the packages and CPU the committed run recorded
+(server.outputs.provenance), which set the float rounding: transformers 5.18.0 gives
+round 1's eval loss 10.862690925598145 where 5.25.0 gives 10.862691402435303
+(docs/results.md, "Claims re-run at 5 seeds"). Elsewhere, every count and byte must still
+be equal and every other figure within a relative 1e-5, which such rounding stays far
+inside and a change to the method does not.
 """
 
 import json
@@ -34,8 +34,8 @@ def figures(folder: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in rows]
 
 
-def packages(record: dict) -> dict:
-    """The package versions of a provenance record."""
+def environment(record: dict) -> dict:
+    """The package versions and CPU of a provenance record."""
     return {k: v for k, v in record.items() if k not in ("commit", "code_changed")}
 
 
@@ -49,12 +49,12 @@ def test_the_committed_run_reproduces_to_the_last_digit(tmp_path):
     again = figures(tmp_path / "docs" / "results" / "reproduce")
     committed = figures(COMMITTED)
     assert [list(row) for row in again] == [list(row) for row in committed]  # keys, in order
-    recorded = packages(tomllib.loads((COMMITTED / "config.toml").read_text())["provenance"])
-    if packages(provenance()) == recorded:
+    recorded = environment(tomllib.loads((COMMITTED / "config.toml").read_text())["provenance"])
+    if environment(provenance()) == recorded:
         assert again == committed
-    else:  # other package versions: floating-point figures to rounding, the rest exact
+    else:  # other packages or CPU: floating-point figures to rounding, the rest exact
         for new, old in zip(again, committed):
             for key, value in old.items():
                 rounded = isinstance(value, float)
                 assert new[key] == (pytest.approx(value, rel=ROUNDING) if rounded else value), (
-                    new["round"], key, f"installed {packages(provenance())}, committed {recorded}")
+                    new["round"], key, f"here {environment(provenance())}, committed {recorded}")

@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import json
+import platform
 import subprocess
 import sys
 import tomllib
@@ -166,6 +167,7 @@ def test_a_run_records_the_code_that_produced_it(run_dir):
                               "pyproject.toml"], capture_output=True, text=True, check=True).stdout
     assert code["commit"] == head and code["code_changed"] == bool(changed.strip())
     assert code["torch"] == torch.__version__ and code["flwr"] == importlib.metadata.version("flwr")
+    assert code["cpu"] == f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
     assert json.loads((run_dir / "summary.json").read_text())["provenance"] == code
 
 
