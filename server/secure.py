@@ -26,7 +26,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from fedlora import wire
-from fedlora.secure_aggregation import MAX_WEIGHT, MIN_CLIENTS, MODULUS, SecureRanges, secure_ranges
+from fedlora.secure_aggregation import (MAX_WEIGHT, MIN_CLIENTS, MODULUS, SecureRanges,
+                                        secure_ranges)
 from fedlora.wire import Plan
 from server.transport import exchange, traffic
 
