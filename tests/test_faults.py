@@ -20,6 +20,12 @@ COMMON = [
 ]
 
 
+def simulate(*flags, faults="", timeout=600):
+    env = {**os.environ, "FEDLORA_INJECT_FAULTS": faults, "FEDLORA_HANG_SECONDS": "80"}
+    return subprocess.run([sys.executable, "-m", "fedlora.simulate", *COMMON, *flags],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def simulate_runs(*command_lines, faults=""):
     """Several runs of one federation under one simulation engine (one start of Ray and
     the client actors), in a process of their own, as ``fedlora.simulate`` runs a study."""
@@ -34,38 +40,21 @@ def simulate_runs(*command_lines, faults=""):
                           timeout=600, env=env)
 
 
-@pytest.fixture(scope="module")
-def drilled(tmp_path_factory):
-    """Three runs of a 4-client federation under one engine, each with its faults: the
-    attack drills (a DP-SGD run and a FLoRA run), then clients that raise or die (last:
-    a client process that dies takes its actor with it)."""
-    output = tmp_path_factory.mktemp("faults")
-    drills = ["--num-clients", "4", "--rounds", "2", "--dp", "sample", "--max-update-norm", "1.0",
-              "--output", str(output), "--name", "drills"]
-    rank = ["--strategy", "flora", "--ranks", "4", "--num-clients", "4", "--rounds", "1",
-            "--output", str(output), "--name", "rank"]
-    failures = ["--num-clients", "4", "--min-clients", "1", "--rounds", "2",
-                "--output", str(output), "--name", "faults"]
-    result = simulate_runs(drills, rank, failures,
-                           faults="header:0@1@drills,nan:1@1@drills,dp-lie:2@1@drills,"
-                                  "scale:3@1@drills,rank:0@1@rank,raise:0@1@faults,exit:2@2@faults")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output, result.stderr
-
-
 def rows_of(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
 
 
-def test_clients_that_raise_or_die_do_not_kill_the_round(drilled):
-    output, stderr = drilled
-    rows = rows_of(output / "faults")
+def test_clients_that_raise_or_die_do_not_kill_the_round(tmp_path):
+    result = simulate("--num-clients", "3", "--min-clients", "1", "--rounds", "2",
+                      "--output", str(tmp_path), "--name", "faults", faults="raise:0@1,exit:2@2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = rows_of(tmp_path / "faults")
     # Round 1: partition 0 raised; its error reply was dropped with the reason. Round 2:
-    # partition 2's process died: the other three carried the round.
-    assert [r["clients"] for r in rows[1:]] == [3, 3]
+    # partition 2's process died: the other two carried the round.
+    assert [r["clients"] for r in rows[1:]] == [2, 2]
     assert [r["dropped"] for r in rows[1:]] == [1, 1]
-    assert "the client failed: " in stderr and "partition 0 raises in round 1" in stderr
-    assert rows[-1]["round"] == 2 and (output / "faults" / "adapter").is_dir()
+    assert "the client failed: " in result.stderr and "partition 0 raises in round 1" in result.stderr
+    assert rows[-1]["round"] == 2 and (tmp_path / "faults" / "adapter").is_dir()
 
 
 class SilentGrid:
@@ -100,18 +89,24 @@ def test_bad_resume_is_a_one_line_error(flags, message, capsys):
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
-def test_attack_drills_are_dropped_with_their_reason_and_the_run_goes_on(drilled):
+def test_attack_drills_are_dropped_with_their_reason_and_the_run_goes_on(tmp_path):
     """The hostile kinds of FEDLORA_INJECT_FAULTS, each against the check that stops it:
     round 1 of a DP-SGD federation has a client lying in its header, one sending a NaN,
     one claiming 2^62 steps without noise, one scaling its update by 1,000 (bounded by
     --max-update-norm, not dropped); a FLoRA client announcing rank 4096."""
-    output, stderr = drilled
-    rows = rows_of(output / "drills")
+    drills = ["--num-clients", "4", "--rounds", "2", "--dp", "sample", "--max-update-norm", "1.0",
+              "--output", str(tmp_path), "--name", "drills"]
+    rank = ["--strategy", "flora", "--ranks", "4", "--num-clients", "4", "--rounds", "1",
+            "--output", str(tmp_path), "--name", "rank"]
+    result = simulate_runs(drills, rank, faults="header:0@1@drills,nan:1@1@drills,"
+                                                "dp-lie:2@1@drills,scale:3@1@drills,rank:0@1@rank")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = rows_of(tmp_path / "drills")
     assert [(r["clients"], r["dropped"]) for r in rows[1:]] == [(1, 3), (4, 0)]
-    assert "'codec' 'fp16' differs from the plan's 'fp32'" in stderr
-    assert "holds NaN or Inf" in stderr
-    assert f"'dp-steps' {2**62} differs from the plan's 5 (--local-steps)" in stderr
+    assert "'codec' 'fp16' differs from the plan's 'fp32'" in result.stderr
+    assert "holds NaN or Inf" in result.stderr
+    assert f"'dp-steps' {2**62} differs from the plan's 5 (--local-steps)" in result.stderr
     assert rows[-1]["epsilon"] < 100  # the liar's zero noise never reached the accountant
 
-    assert [(r["clients"], r["dropped"]) for r in rows_of(output / "rank")[1:]] == [(3, 1)]
-    assert "no valid 'rank' in [1, 4] (got 4096)" in stderr
+    assert [(r["clients"], r["dropped"]) for r in rows_of(tmp_path / "rank")[1:]] == [(3, 1)]
+    assert "no valid 'rank' in [1, 4] (got 4096)" in result.stderr
