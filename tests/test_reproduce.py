@@ -50,11 +50,12 @@ def test_the_committed_run_reproduces_to_the_last_digit(tmp_path):
     committed = figures(COMMITTED)
     assert [list(row) for row in again] == [list(row) for row in committed]  # keys, in order
     recorded = environment(tomllib.loads((COMMITTED / "config.toml").read_text())["provenance"])
-    if environment(provenance()) == recorded:
+    here = environment(provenance())
+    if here == recorded:
         assert again == committed
     else:  # other packages or CPU: floating-point figures to rounding, the rest exact
         for new, old in zip(again, committed):
             for key, value in old.items():
                 rounded = isinstance(value, float)
                 assert new[key] == (pytest.approx(value, rel=ROUNDING) if rounded else value), (
-                    new["round"], key, f"here {environment(provenance())}, committed {recorded}")
+                    new["round"], key, f"here {here}, committed {recorded}")
